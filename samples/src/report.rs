@@ -1,0 +1,96 @@
+//! The one-JSON-object-per-line report that every bench scenario prints.
+
+use serde::Serialize;
+use std::time::Duration;
+
+/// Latencies of individual operations, in the order they were recorded.
+#[derive(Debug, Default, Clone)]
+pub struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    /// An empty set with room for `n` samples.
+    pub fn with_capacity(n: usize) -> Self {
+        Self(Vec::with_capacity(n))
+    }
+
+    /// Records one operation's latency.
+    pub fn record(&mut self, d: Duration) {
+        self.0.push(d);
+    }
+
+    /// Adds every sample of `other`.
+    pub fn extend(&mut self, other: Latencies) {
+        self.0.extend(other.0);
+    }
+
+    /// The `q` quantile (0.0..=1.0) in milliseconds; 0 when nothing was recorded.
+    pub fn quantile_ms(&mut self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        self.0.sort_unstable();
+        let idx = ((self.0.len() - 1) as f64 * q).round() as usize;
+        self.0[idx].as_secs_f64() * 1000.0
+    }
+}
+
+/// One line of bench output, as DESIGN.md fixes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub ops: u64,
+    pub seconds: f64,
+    pub ops_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_ops_per_sec: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    /// Scenario-specific figures (concurrency, replication lag, ...).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Report {
+    /// Builds a report from the operation count, the wall time and the latencies.
+    pub fn new(scenario: &str, ops: u64, elapsed: Duration, mut latencies: Latencies) -> Self {
+        let seconds = elapsed.as_secs_f64();
+        Self {
+            scenario: scenario.to_owned(),
+            ops,
+            seconds,
+            ops_per_sec: ops as f64 / seconds.max(f64::EPSILON),
+            p50_ms: latencies.quantile_ms(0.50),
+            p99_ms: latencies.quantile_ms(0.99),
+            baseline_ops_per_sec: None,
+            ratio: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    /// Records the baseline measured in the same run and the ratio to it.
+    pub fn with_baseline(mut self, baseline: &Report) -> Self {
+        self.baseline_ops_per_sec = Some(baseline.ops_per_sec);
+        self.ratio = Some(self.ops_per_sec / baseline.ops_per_sec.max(f64::EPSILON));
+        self
+    }
+
+    /// Adds a scenario-specific figure.
+    pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// A one-line summary for people.
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "{:<20} {:>9} ops {:>8.2}s {:>10.0} ops/s  p50 {:>7.3} ms  p99 {:>7.3} ms",
+            self.scenario, self.ops, self.seconds, self.ops_per_sec, self.p50_ms, self.p99_ms
+        );
+        if let (Some(b), Some(r)) = (self.baseline_ops_per_sec, self.ratio) {
+            s.push_str(&format!("  baseline {b:.0} ops/s  ratio {r:.2}"));
+        }
+        s
+    }
+}

@@ -1,0 +1,1 @@
+//! Bench scenarios, one module per system under test.
