@@ -1,0 +1,160 @@
+//! [`Bus`]: sending and publishing from outside a handler, and the envelopes every send gets.
+
+use crate::error::BusError;
+use crate::headers::{Headers, format_time, names};
+use crate::message::{CONTENT_TYPE, Message, encode};
+use crate::trace;
+use crate::transport::{Destination, OutgoingMessage, Transport};
+use std::sync::Arc;
+use std::time::SystemTime;
+use uuid::Uuid;
+
+/// Sends and publishes messages, each confirmed by the broker before the call returns.
+///
+/// Get one from a running [`crate::Endpoint`] (replies then come back to that endpoint), or
+/// build a send-only one with [`Bus::new`].
+///
+/// ```
+/// # use rhinobus::{Bus, Message, transport::InMemory};
+/// # use serde::{Deserialize, Serialize};
+/// #[derive(Serialize, Deserialize)]
+/// struct Ping { n: u32 }
+/// impl Message for Ping { const NAME: &'static str = "demo.ping"; }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), rhinobus::BusError> {
+/// let broker = InMemory::new();
+/// broker.declare_queue("pong");
+/// let bus = Bus::new(broker.clone(), "pinger");
+/// let id = bus.send("pong", &Ping { n: 1 }).await?;
+/// assert_eq!(broker.queue_len("pong"), 1);
+/// # let _ = id; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<BusInner>,
+}
+
+struct BusInner {
+    transport: Arc<dyn Transport>,
+    endpoint: String,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("endpoint", &self.inner.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Headers to add to one send, on top of those rhinobus writes.
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// Extra headers; they cannot replace the message id, type or content type.
+    pub headers: Headers,
+}
+
+impl Bus {
+    /// A bus that sends through `transport` in the name of `endpoint`: replies to what it
+    /// sends go to the queue named `endpoint`.
+    pub fn new(transport: impl Transport, endpoint: impl Into<String>) -> Self {
+        Self::from_shared(Arc::new(transport), endpoint.into())
+    }
+
+    pub(crate) fn from_shared(transport: Arc<dyn Transport>, endpoint: String) -> Self {
+        Self {
+            inner: Arc::new(BusInner {
+                transport,
+                endpoint,
+            }),
+        }
+    }
+
+    /// The endpoint this bus sends for.
+    pub fn endpoint(&self) -> &str {
+        &self.inner.endpoint
+    }
+
+    pub(crate) fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    /// Sends `message` to `queue` and returns its message id once the broker confirmed it.
+    /// Fails with [`BusError::Unroutable`] when the queue does not exist.
+    pub async fn send<M: Message>(&self, queue: &str, message: &M) -> Result<Uuid, BusError> {
+        self.send_with(queue, message, SendOptions::default()).await
+    }
+
+    /// [`Bus::send`] with extra headers.
+    pub async fn send_with<M: Message>(
+        &self,
+        queue: &str,
+        message: &M,
+        options: SendOptions,
+    ) -> Result<Uuid, BusError> {
+        let (id, m) = self.envelope(Destination::Queue(queue.into()), message, None, options)?;
+        self.inner.transport.send(vec![m]).await?;
+        Ok(id)
+    }
+
+    /// Publishes `message` to every endpoint subscribed to its type and returns its id once
+    /// the broker confirmed it. Publishing a type nobody subscribes to is not an error.
+    pub async fn publish<M: Message>(&self, message: &M) -> Result<Uuid, BusError> {
+        let (id, m) = self.envelope(
+            Destination::Topic(M::NAME.into()),
+            message,
+            None,
+            SendOptions::default(),
+        )?;
+        self.inner.transport.send(vec![m]).await?;
+        Ok(id)
+    }
+
+    /// Builds the envelope of an outgoing message; `cause` holds the headers of the message
+    /// being handled, whose correlation, conversation and trace it continues.
+    pub(crate) fn envelope<M: Message>(
+        &self,
+        destination: Destination,
+        message: &M,
+        cause: Option<&Headers>,
+        options: SendOptions,
+    ) -> Result<(Uuid, OutgoingMessage), BusError> {
+        let body = encode(message)?;
+        let id = Uuid::now_v7();
+        let id_text = id.to_string();
+        let mut headers = options.headers;
+        let caused = |name: &str| cause.and_then(|h| h.get(name));
+        let conversation = caused(names::CONVERSATION_ID)
+            .or_else(|| caused(names::MESSAGE_ID))
+            .cloned()
+            .unwrap_or_else(|| id_text.clone());
+        if let Some(cause_id) = caused(names::MESSAGE_ID) {
+            headers
+                .entry(names::CORRELATION_ID.into())
+                .or_insert_with(|| cause_id.clone());
+        }
+        if let Some(state) = caused(names::TRACESTATE) {
+            headers.insert(names::TRACESTATE.into(), state.clone());
+        }
+        let traceparent = trace::child_of(caused(names::TRACEPARENT).map(String::as_str));
+        headers.insert(names::TRACEPARENT.into(), traceparent);
+        headers.insert(names::CONVERSATION_ID.into(), conversation);
+        headers
+            .entry(names::REPLY_TO.into())
+            .or_insert_with(|| self.inner.endpoint.clone());
+        headers.insert(names::SOURCE_ENDPOINT.into(), self.inner.endpoint.clone());
+        headers.insert(names::SENT_AT.into(), format_time(SystemTime::now()));
+        headers.insert(names::MESSAGE_TYPE.into(), M::NAME.into());
+        headers.insert(names::CONTENT_TYPE.into(), CONTENT_TYPE.into());
+        headers.insert(names::MESSAGE_ID.into(), id_text);
+        Ok((
+            id,
+            OutgoingMessage {
+                destination,
+                headers,
+                body,
+            },
+        ))
+    }
+}

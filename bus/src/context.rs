@@ -1,0 +1,141 @@
+//! [`Context`]: what a handler sees of the message it handles, and how it sends.
+
+use crate::bus::{Bus, SendOptions};
+use crate::error::BusError;
+use crate::headers::{Headers, names};
+use crate::message::Message;
+use crate::transport::{Destination, OutgoingMessage};
+use std::sync::{Arc, Mutex, PoisonError};
+use uuid::Uuid;
+
+/// The handler's view of the bus while it handles one message.
+///
+/// Sends, publishes and replies are collected, not sent: they leave together, confirmed by
+/// the broker, after every handler of the message succeeded, and only then is the message
+/// acknowledged. If a handler fails, what it sent is discarded and the next attempt starts
+/// afresh.
+#[derive(Clone)]
+pub struct Context {
+    bus: Bus,
+    incoming: Arc<Headers>,
+    attempt: u32,
+    outbox: Arc<Mutex<Vec<OutgoingMessage>>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("endpoint", &self.bus.endpoint())
+            .field("message_id", &self.message_id())
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub(crate) fn new(bus: Bus, incoming: Arc<Headers>, attempt: u32) -> Self {
+        Self {
+            bus,
+            incoming,
+            attempt,
+            outbox: Arc::default(),
+        }
+    }
+
+    /// A context for handling a message outside an endpoint, as test harnesses do: what the
+    /// handler sends is collected and returned by [`Context::take_outgoing`].
+    pub fn detached(bus: Bus, incoming: Headers) -> Self {
+        Self::new(bus, Arc::new(incoming), 1)
+    }
+
+    /// The headers of the message being handled.
+    pub fn headers(&self) -> &Headers {
+        &self.incoming
+    }
+
+    /// The id of the message being handled.
+    pub fn message_id(&self) -> &str {
+        self.header(names::MESSAGE_ID).unwrap_or_default()
+    }
+
+    /// One header of the message being handled.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.incoming.get(name).map(String::as_str)
+    }
+
+    /// Which run of the handlers this is for the current delivery, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The name of the endpoint handling the message.
+    pub fn endpoint(&self) -> &str {
+        self.bus.endpoint()
+    }
+
+    /// Sends `message` to `queue` once the handlers succeeded.
+    pub fn send<M: Message>(&self, queue: &str, message: &M) -> Result<Uuid, BusError> {
+        self.send_with(queue, message, SendOptions::default())
+    }
+
+    /// [`Context::send`] with extra headers.
+    pub fn send_with<M: Message>(
+        &self,
+        queue: &str,
+        message: &M,
+        options: SendOptions,
+    ) -> Result<Uuid, BusError> {
+        self.stage(Destination::Queue(queue.into()), message, options)
+    }
+
+    /// Publishes `message` to its subscribers once the handlers succeeded.
+    pub fn publish<M: Message>(&self, message: &M) -> Result<Uuid, BusError> {
+        self.publish_with(message, SendOptions::default())
+    }
+
+    /// [`Context::publish`] with extra headers.
+    pub fn publish_with<M: Message>(
+        &self,
+        message: &M,
+        options: SendOptions,
+    ) -> Result<Uuid, BusError> {
+        self.stage(Destination::Topic(M::NAME.into()), message, options)
+    }
+
+    /// Sends `message` to the reply address of the message being handled. Saga headers of
+    /// the message being handled go back with the reply, so that it finds its saga.
+    pub fn reply<M: Message>(&self, message: &M) -> Result<Uuid, BusError> {
+        let queue = self
+            .header(names::REPLY_TO)
+            .ok_or(BusError::NoReplyAddress)?
+            .to_owned();
+        let mut options = SendOptions::default();
+        for name in [names::SAGA_ID, names::SAGA_TYPE] {
+            if let Some(v) = self.incoming.get(name) {
+                options.headers.insert(name.into(), v.clone());
+            }
+        }
+        self.send_with(&queue, message, options)
+    }
+
+    /// Everything sent so far, taken out of the context.
+    pub fn take_outgoing(&self) -> Vec<OutgoingMessage> {
+        std::mem::take(&mut *self.outbox.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn stage<M: Message>(
+        &self,
+        destination: Destination,
+        message: &M,
+        options: SendOptions,
+    ) -> Result<Uuid, BusError> {
+        let (id, m) = self
+            .bus
+            .envelope(destination, message, Some(&self.incoming), options)?;
+        self.outbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(m);
+        Ok(id)
+    }
+}

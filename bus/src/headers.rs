@@ -1,0 +1,91 @@
+//! Envelope headers: the names rhinobus writes, and the map that carries them.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+/// Envelope headers. Values are text so that they read the same in the RabbitMQ management
+/// UI, in `rhinobus errors show` and in code.
+pub type Headers = BTreeMap<String, String>;
+
+/// Header names. Every header rhinobus writes starts with `rhinobus-`, except the W3C trace
+/// context headers, which keep their standard names so that other tools understand them.
+pub mod names {
+    /// Unique id of this message (UUID v7).
+    pub const MESSAGE_ID: &str = "rhinobus-message-id";
+    /// Wire name of the message type ([`crate::Message::NAME`]).
+    pub const MESSAGE_TYPE: &str = "rhinobus-message-type";
+    /// Content type of the body.
+    pub const CONTENT_TYPE: &str = "rhinobus-content-type";
+    /// Id of the message this one answers or was caused by.
+    pub const CORRELATION_ID: &str = "rhinobus-correlation-id";
+    /// Id shared by every message of one conversation (the first message's id).
+    pub const CONVERSATION_ID: &str = "rhinobus-conversation-id";
+    /// Queue that replies go to.
+    pub const REPLY_TO: &str = "rhinobus-reply-to";
+    /// When the message was sent (RFC 3339, UTC).
+    pub const SENT_AT: &str = "rhinobus-sent-at";
+    /// Endpoint that sent the message.
+    pub const SOURCE_ENDPOINT: &str = "rhinobus-source-endpoint";
+    /// How many delayed retries this message has been through.
+    pub const DELAYED_RETRIES: &str = "rhinobus-delayed-retries";
+    /// Id of the saga instance that sent the message or that a reply goes back to.
+    pub const SAGA_ID: &str = "rhinobus-saga-id";
+    /// Type of that saga.
+    pub const SAGA_TYPE: &str = "rhinobus-saga-type";
+
+    /// Prefix of the headers a failure adds; a replay moves them aside.
+    pub const FAILURE_PREFIX: &str = "rhinobus-failure-";
+    /// Queue the message failed in.
+    pub const FAILURE_SOURCE_QUEUE: &str = "rhinobus-failure-source-queue";
+    /// Endpoint the message failed in.
+    pub const FAILURE_ENDPOINT: &str = "rhinobus-failure-endpoint";
+    /// When it failed (RFC 3339, UTC).
+    pub const FAILURE_TIME: &str = "rhinobus-failure-time";
+    /// How many times the handlers ran before it was given up.
+    pub const FAILURE_ATTEMPTS: &str = "rhinobus-failure-attempts";
+    /// Why it failed, in one word: `handler`, `decode`, `unknown-type`, `no-handler`, ...
+    pub const FAILURE_REASON: &str = "rhinobus-failure-reason";
+    /// Rust type of the error.
+    pub const FAILURE_ERROR_TYPE: &str = "rhinobus-failure-error-type";
+    /// The error's message.
+    pub const FAILURE_ERROR_MESSAGE: &str = "rhinobus-failure-error-message";
+    /// The error's chain of causes, one per line.
+    pub const FAILURE_ERROR_CHAIN: &str = "rhinobus-failure-error-chain";
+    /// Prefix that a replay gives to the failure headers it moves aside.
+    pub const PREVIOUS_FAILURE_PREFIX: &str = "rhinobus-previous-failure-";
+    /// How many times this message has landed in an error queue.
+    pub const FAILED_TIMES: &str = "rhinobus-failed-times";
+    /// When the message was last replayed from an error queue.
+    pub const REPLAYED_AT: &str = "rhinobus-replayed-at";
+    /// How many times it was replayed.
+    pub const REPLAY_COUNT: &str = "rhinobus-replay-count";
+
+    /// W3C trace context: `00-<trace id>-<parent span id>-<flags>`.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace context: vendor-specific state, carried unchanged.
+    pub const TRACESTATE: &str = "tracestate";
+}
+
+/// Formats a time as RFC 3339 in UTC with milliseconds, the format of every time header.
+pub fn format_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Parses a time header written by [`format_time`] (any RFC 3339 UTC time).
+pub fn parse_time(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(s).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn time_headers_round_trip_to_the_millisecond() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_763_000_000_123);
+        let s = format_time(t);
+        assert_eq!(s, "2025-11-13T02:13:20.123Z");
+        assert_eq!(parse_time(&s), Some(t));
+    }
+}

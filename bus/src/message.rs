@@ -1,0 +1,111 @@
+//! Typed messages with stable wire names, and their MessagePack encoding.
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// A message that travels on the bus.
+///
+/// The wire name identifies the type on the wire and in the error queue; it must not change
+/// when the Rust type is renamed or moved, so it is spelled out instead of derived from
+/// `std::any::type_name`.
+///
+/// ```
+/// use rhinobus::Message;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// struct CallMade {
+///     account: String,
+///     seconds: u32,
+/// }
+///
+/// impl Message for CallMade {
+///     const NAME: &'static str = "billing.call-made";
+/// }
+/// ```
+pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The stable wire name, e.g. `"billing.call-made"`.
+    const NAME: &'static str;
+}
+
+/// The content type of every body rhinobus writes: MessagePack with named fields.
+pub const CONTENT_TYPE: &str = "application/msgpack";
+
+/// Why a body could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The value could not be written as MessagePack.
+    #[error("cannot encode {type_name} as MessagePack: {source}")]
+    Encode {
+        /// The wire name of the message.
+        type_name: &'static str,
+        /// What the encoder said.
+        source: rmp_serde::encode::Error,
+    },
+    /// The bytes are not a valid MessagePack body of the expected type.
+    #[error("cannot decode body as {type_name}: {source}")]
+    Decode {
+        /// The wire name of the message.
+        type_name: &'static str,
+        /// What the decoder said.
+        source: rmp_serde::decode::Error,
+    },
+}
+
+/// Encodes a message as MessagePack with named fields, so that readers of an older or newer
+/// version of the type can skip fields they do not know.
+pub fn encode<M: Message>(message: &M) -> Result<Vec<u8>, CodecError> {
+    rmp_serde::to_vec_named(message).map_err(|source| CodecError::Encode {
+        type_name: M::NAME,
+        source,
+    })
+}
+
+/// Decodes a MessagePack body as `M`.
+pub fn decode<M: Message>(body: &[u8]) -> Result<M, CodecError> {
+    rmp_serde::from_slice(body).map_err(|source| CodecError::Decode {
+        type_name: M::NAME,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct V1 {
+        id: u32,
+    }
+    impl Message for V1 {
+        const NAME: &'static str = "test.v";
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct V2 {
+        id: u32,
+        #[serde(default)]
+        note: Option<String>,
+    }
+    impl Message for V2 {
+        const NAME: &'static str = "test.v";
+    }
+
+    #[test]
+    fn new_optional_fields_do_not_break_old_or_new_readers() {
+        let old = encode(&V1 { id: 7 }).unwrap();
+        assert_eq!(decode::<V2>(&old).unwrap(), V2 { id: 7, note: None });
+        let new = encode(&V2 {
+            id: 8,
+            note: Some("x".into()),
+        })
+        .unwrap();
+        assert_eq!(decode::<V1>(&new).unwrap(), V1 { id: 8 });
+    }
+
+    #[test]
+    fn garbage_is_a_decode_error_not_a_panic() {
+        let err = decode::<V1>(&[0xc1, 0xff, 0x00]).unwrap_err();
+        assert!(err.to_string().contains("test.v"), "{err}");
+    }
+}

@@ -1,0 +1,194 @@
+//! The per-message pipeline of an endpoint: find the handlers, run them with retries, send
+//! what they sent, and settle the delivery (ack, delay, or error queue).
+
+use crate::bus::Bus;
+use crate::context::Context;
+use crate::error::{ErrorKind, HandlerError};
+use crate::handler::Handlers;
+use crate::headers::{Headers, names};
+use crate::recoverability::{Failure, Recoverability};
+use crate::trace;
+use crate::transport::{DelayQueue, Delivery};
+use futures_util::FutureExt;
+use rand::Rng;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use tracing::{Instrument, debug, error, field, info_span, warn};
+
+pub(crate) struct Pipeline {
+    pub(crate) bus: Bus,
+    pub(crate) handlers: Handlers,
+    pub(crate) policy: Recoverability,
+    pub(crate) queue: String,
+    pub(crate) delay_queues: Vec<DelayQueue>,
+}
+
+/// How a delivery is to be settled.
+enum Outcome {
+    /// Handled and everything it sent is confirmed: remove it.
+    Handled,
+    /// Every immediate retry failed: wait in a delay queue, then come back.
+    Delay { queue: String, round: u32 },
+    /// Give up: to the error queue.
+    Fail(Failure),
+}
+
+/// Why running the handlers once did not succeed.
+enum RunError {
+    Decode(crate::message::CodecError),
+    Handler(HandlerError),
+}
+
+impl Pipeline {
+    pub(crate) async fn process(&self, delivery: Box<dyn Delivery>) {
+        let headers = Arc::new(delivery.headers().clone());
+        let get = |name| headers.get(name).map_or("", String::as_str);
+        let span = info_span!(
+            "message",
+            endpoint = %self.bus.endpoint(),
+            message_id = %get(names::MESSAGE_ID),
+            message_type = %get(names::MESSAGE_TYPE),
+            trace_id = %trace::trace_id(get(names::TRACEPARENT)).unwrap_or(""),
+            redelivered = delivery.redelivered(),
+            attempt = field::Empty,
+        );
+        async {
+            let outcome = self.handle(delivery.body(), &headers).await;
+            self.settle(delivery, &headers, outcome).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn handle(&self, body: &[u8], headers: &Arc<Headers>) -> Outcome {
+        let Some(message_type) = headers.get(names::MESSAGE_TYPE) else {
+            return Outcome::Fail(self.rejection(
+                "missing-type",
+                format!("the message has no {} header", names::MESSAGE_TYPE),
+            ));
+        };
+        let Some(handlers) = self.handlers.for_type(message_type) else {
+            return Outcome::Fail(self.rejection(
+                "no-handler",
+                format!(
+                    "endpoint {} has no handler for message type {message_type:?}",
+                    self.bus.endpoint()
+                ),
+            ));
+        };
+        let (mut attempt, mut failures, mut conflicts) = (0u32, 0u32, 0u32);
+        loop {
+            attempt += 1;
+            tracing::Span::current().record("attempt", attempt);
+            let ctx = Context::new(self.bus.clone(), headers.clone(), attempt);
+            let error = match run(handlers, body, &ctx).await {
+                Ok(()) => match self.bus.transport().send(ctx.take_outgoing()).await {
+                    Ok(()) => return Outcome::Handled,
+                    Err(e) => HandlerError::from(e),
+                },
+                Err(RunError::Decode(e)) => {
+                    return Outcome::Fail(Failure {
+                        reason: "decode",
+                        error_type: std::any::type_name::<crate::message::CodecError>().into(),
+                        message: e.to_string(),
+                        causes: Vec::new(),
+                        attempts: attempt,
+                    });
+                }
+                Err(RunError::Handler(e)) => e,
+            };
+            if error.kind() == ErrorKind::Conflict && conflicts < self.policy.conflict_retries {
+                conflicts += 1;
+                debug!(error = %error, conflicts, "conflict; running again on fresh state");
+                let max = self.policy.conflict_jitter.as_micros() as u64;
+                let jitter = rand::rng().random_range(0..=max);
+                tokio::time::sleep(std::time::Duration::from_micros(jitter)).await;
+                continue;
+            }
+            failures += 1;
+            if failures <= self.policy.immediate_retries {
+                warn!(error = %error, failures, "handler failed; retrying");
+                continue;
+            }
+            let rounds_done = headers
+                .get(names::DELAYED_RETRIES)
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0);
+            if let Some(q) = self.delay_queues.get(rounds_done) {
+                warn!(error = %error, delay = ?q.delay, "immediate retries spent; delaying");
+                return Outcome::Delay {
+                    queue: q.name.clone(),
+                    round: rounds_done as u32 + 1,
+                };
+            }
+            error!(error = %error, attempts = attempt, "giving up; moving to the error queue");
+            return Outcome::Fail(Failure {
+                reason: "handler",
+                error_type: error.error_type().into(),
+                message: error.to_string(),
+                causes: error.causes(),
+                attempts: attempt,
+            });
+        }
+    }
+
+    /// A message that no handler can take: straight to the error queue, no retries.
+    fn rejection(&self, reason: &'static str, message: String) -> Failure {
+        error!(reason, "{message}; moving to the error queue");
+        Failure {
+            reason,
+            error_type: "rhinobus::Rejected".into(),
+            message,
+            causes: Vec::new(),
+            attempts: 0,
+        }
+    }
+
+    async fn settle(&self, delivery: Box<dyn Delivery>, headers: &Headers, outcome: Outcome) {
+        let result = match outcome {
+            Outcome::Handled => delivery.ack().await,
+            Outcome::Delay { queue, round } => {
+                let mut extra = Headers::new();
+                extra.insert(names::DELAYED_RETRIES.into(), round.to_string());
+                delivery.forward(&queue, extra).await
+            }
+            Outcome::Fail(failure) => {
+                let extra = failure.headers(headers, self.bus.endpoint(), &self.queue);
+                delivery.forward(&self.policy.error_queue, extra).await
+            }
+        };
+        if let Err(e) = result {
+            // The delivery was not removed, so the broker hands it out again.
+            warn!(error = %e, "could not settle the message; it will be redelivered");
+        }
+    }
+}
+
+/// Runs every handler of the message once, in registration order, sharing one context.
+async fn run(
+    handlers: &[crate::handler::ErasedHandler],
+    body: &[u8],
+    ctx: &Context,
+) -> Result<(), RunError> {
+    let mut runs = Vec::with_capacity(handlers.len());
+    for h in handlers {
+        runs.push(h(body, ctx.clone()).map_err(RunError::Decode)?);
+    }
+    for handling in runs {
+        AssertUnwindSafe(handling)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(panicked(panic)))
+            .map_err(RunError::Handler)?;
+    }
+    Ok(())
+}
+
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a handler panicked".into());
+    HandlerError::msg(format!("handler panicked: {text}"))
+}

@@ -1,0 +1,106 @@
+//! Transports move envelopes between queues: [`RabbitMq`] for production and [`InMemory`] for
+//! tests and the samples' embedded default. Both give the endpoint the same semantics: a
+//! delivery stays owned by the endpoint until it is acked or forwarded, and whatever is
+//! neither goes back to its queue.
+
+mod memory;
+mod rabbitmq;
+
+pub use memory::InMemory;
+pub use rabbitmq::RabbitMq;
+
+use crate::error::BusError;
+use crate::headers::Headers;
+use async_trait::async_trait;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Where an outgoing message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// Point to point: straight into the named queue, which must exist.
+    Queue(String),
+    /// Publish: to every queue subscribed to this message type.
+    Topic(String),
+}
+
+/// A message ready to leave: its headers and its encoded body.
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    /// Where it goes.
+    pub destination: Destination,
+    /// Its envelope headers.
+    pub headers: Headers,
+    /// Its encoded body.
+    pub body: Vec<u8>,
+}
+
+/// A queue with messages delayed by a fixed time before they return to an endpoint queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelayQueue {
+    /// The queue's name.
+    pub name: String,
+    /// How long messages wait in it.
+    pub delay: Duration,
+}
+
+/// Everything an endpoint needs declared before it consumes.
+#[derive(Debug, Clone)]
+pub struct EndpointTopology {
+    /// The endpoint's name, used for the connection name.
+    pub endpoint: String,
+    /// The endpoint's durable input queue.
+    pub queue: String,
+    /// Message types (wire names) whose publications the queue receives.
+    pub subscriptions: Vec<String>,
+    /// The error queue.
+    pub error_queue: String,
+    /// Delay queues for delayed retries, shortest first; they feed back into `queue`.
+    pub delay_queues: Vec<DelayQueue>,
+    /// How many unacknowledged deliveries the endpoint takes at once.
+    pub prefetch: u16,
+}
+
+/// A message received from a queue, owned by the endpoint until it is settled.
+///
+/// Dropping a delivery without settling it returns it to its queue (as a broker does when a
+/// consumer goes away), so a panic or a shutdown never loses it.
+#[async_trait]
+pub trait Delivery: Send + Sync {
+    /// The envelope headers.
+    fn headers(&self) -> &Headers;
+    /// The body, byte for byte as it was sent.
+    fn body(&self) -> &[u8];
+    /// Whether the broker delivered it before (a previous consumer did not settle it).
+    fn redelivered(&self) -> bool;
+    /// Removes it from its queue.
+    async fn ack(self: Box<Self>) -> Result<(), BusError>;
+    /// Copies it unchanged, plus `extra` headers (which replace headers of the same name),
+    /// into `queue`, waits for the broker to confirm the copy, and only then removes the
+    /// original. A crash in between can duplicate the message, never lose it.
+    async fn forward(self: Box<Self>, queue: &str, extra: Headers) -> Result<(), BusError>;
+}
+
+/// The stream of deliveries of an endpoint queue.
+pub type Deliveries = mpsc::Receiver<Box<dyn Delivery>>;
+
+/// A way to move messages: declare an endpoint, consume its queue, publish with confirms.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Declares the endpoint's topology and starts consuming its queue. Deliveries keep coming
+    /// across reconnects until `stop` is cancelled; then the stream ends.
+    async fn start(
+        &self,
+        topology: &EndpointTopology,
+        stop: CancellationToken,
+    ) -> Result<Deliveries, BusError>;
+
+    /// Sends every message and returns once the broker has confirmed all of them. A message
+    /// sent to a queue that does not exist is an error ([`BusError::Unroutable`]); a publish
+    /// that no queue subscribes to is not.
+    async fn send(&self, messages: Vec<OutgoingMessage>) -> Result<(), BusError>;
+
+    /// Releases connections after the endpoint stopped. Pending confirms are awaited first.
+    async fn close(&self);
+}

@@ -1,0 +1,484 @@
+//! The RabbitMQ transport (lapin): one connection per transport, kept alive by a supervisor
+//! that reconnects with back-off and restores the topology and consumers.
+//!
+//! Topology, declared idempotently when an endpoint starts and after every reconnect:
+//! - a durable topic exchange (`rhinobus` by default) that publications go through, with the
+//!   message type's wire name as the routing key;
+//! - the endpoint's durable input queue, bound to the exchange once per subscribed type;
+//! - the durable error queue;
+//! - one durable delay queue per delayed-retry level (`<queue>.delay.<n>`), whose messages
+//!   expire after the level's delay and are dead-lettered back into the input queue.
+
+pub(crate) mod amqp;
+mod delivery;
+
+use self::amqp::Routing;
+use super::{Deliveries, Destination, EndpointTopology, OutgoingMessage, Transport};
+use crate::error::BusError;
+use async_trait::async_trait;
+use delivery::RabbitDelivery;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+use tokio::sync::{Mutex, Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// The default RabbitMQ address, overridden by `RHINOBUS_AMQP_URL`.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The RabbitMQ transport.
+///
+/// ```no_run
+/// use rhinobus::transport::RabbitMq;
+///
+/// let transport = RabbitMq::new("amqp://guest:guest@127.0.0.1:5672/%2f")
+///     .connection_name("billing-worker-1");
+/// ```
+#[derive(Clone)]
+pub struct RabbitMq {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RabbitMq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitMq")
+            .field("url", &redact(&self.inner.url))
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    url: String,
+    exchange: String,
+    connection_name: StdMutex<Option<String>>,
+    connect_timeout: Duration,
+    confirm_timeout: Duration,
+    /// The live connection, if there is one.
+    link: watch::Sender<Option<Arc<Link>>>,
+    /// Consumers to restore after every reconnect.
+    consumers: Mutex<Vec<ConsumerRegistration>>,
+    supervisor: std::sync::Once,
+    /// Wakes the supervisor when a user of the link saw it break.
+    broken: Notify,
+    shutdown: CancellationToken,
+}
+
+/// One live connection and its confirm-mode publishing channel.
+pub(crate) struct Link {
+    generation: u64,
+    connection: Connection,
+    publisher: Channel,
+}
+
+struct ConsumerRegistration {
+    topology: EndpointTopology,
+    deliveries: mpsc::Sender<Box<dyn super::Delivery>>,
+    stop: CancellationToken,
+    started_on: Option<u64>,
+}
+
+impl RabbitMq {
+    /// A transport for the broker at `url` (`amqp://user:pass@host:port/vhost`). Nothing
+    /// connects until an endpoint starts or a message is sent.
+    pub fn new(url: impl Into<String>) -> Self {
+        let (link, _) = watch::channel(None);
+        Self {
+            inner: Arc::new(Inner {
+                url: url.into(),
+                exchange: "rhinobus".into(),
+                connection_name: StdMutex::new(None),
+                connect_timeout: Duration::from_secs(10),
+                confirm_timeout: Duration::from_secs(30),
+                link,
+                consumers: Mutex::new(Vec::new()),
+                supervisor: std::sync::Once::new(),
+                broken: Notify::new(),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// A transport for `RHINOBUS_AMQP_URL`, or [`DEFAULT_URL`] when it is not set.
+    pub fn from_env() -> Self {
+        Self::new(std::env::var("RHINOBUS_AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.into()))
+    }
+
+    /// The connection name shown by `rabbitmqctl list_connections client_properties` and the
+    /// management UI. Defaults to `rhinobus:<endpoint>:<pid>` for the first endpoint started.
+    pub fn connection_name(self, name: impl Into<String>) -> Self {
+        *self.inner.connection_name.lock().expect("not poisoned") = Some(name.into());
+        self
+    }
+
+    /// Waits for a live connection, starting the supervisor on first use.
+    pub(crate) async fn link(&self) -> Result<Arc<Link>, BusError> {
+        let inner = &self.inner;
+        inner.supervisor.call_once(|| {
+            tokio::spawn(supervise(self.inner.clone()));
+        });
+        let mut rx = inner.link.subscribe();
+        let wait = rx.wait_for(|l| l.is_some());
+        match tokio::time::timeout(inner.connect_timeout, wait).await {
+            Ok(Ok(link)) => Ok(link.clone().expect("waited for some")),
+            Ok(Err(_)) => Err(BusError::ShutDown),
+            Err(_) => Err(BusError::Transport(format!(
+                "cannot reach RabbitMQ at {} within {:?}; is it running? \
+                 (set RHINOBUS_AMQP_URL to point elsewhere)",
+                redact(&inner.url),
+                inner.connect_timeout
+            ))),
+        }
+    }
+
+    /// Tells the supervisor that `link` broke, so that it reconnects now.
+    fn report_broken(&self, link: &Link) {
+        if self.inner.link.borrow().as_ref().map(|l| l.generation) == Some(link.generation) {
+            self.inner.broken.notify_one();
+        }
+    }
+
+    async fn send_once(&self, link: &Link, messages: &[OutgoingMessage]) -> Result<(), BusError> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            let (exchange, key, routing) = match &m.destination {
+                Destination::Queue(q) => ("", q.as_str(), Routing::Required),
+                Destination::Topic(t) => {
+                    (self.inner.exchange.as_str(), t.as_str(), Routing::Optional)
+                }
+            };
+            let props = amqp::properties_for(&m.headers);
+            let confirm = amqp::publish(&link.publisher, exchange, key, &m.body, props).await?;
+            pending.push(amqp::confirmed(
+                confirm,
+                routing,
+                key,
+                self.inner.confirm_timeout,
+            ));
+        }
+        futures_util::future::try_join_all(pending).await?;
+        Ok(())
+    }
+
+    /// Publishes a copy of a received message into `queue` and waits for the confirm.
+    pub(crate) async fn republish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        props: lapin::BasicProperties,
+    ) -> Result<(), BusError> {
+        let link = self.link().await?;
+        let confirm = amqp::publish(&link.publisher, "", queue, body, props)
+            .await
+            .inspect_err(|_| self.report_broken(&link))?;
+        amqp::confirmed(
+            confirm,
+            Routing::Required,
+            queue,
+            self.inner.confirm_timeout,
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl Transport for RabbitMq {
+    async fn start(
+        &self,
+        topology: &EndpointTopology,
+        stop: CancellationToken,
+    ) -> Result<Deliveries, BusError> {
+        self.inner
+            .connection_name
+            .lock()
+            .expect("not poisoned")
+            .get_or_insert_with(|| {
+                format!("rhinobus:{}:{}", topology.endpoint, std::process::id())
+            });
+        let link = self.link().await?;
+        let (tx, rx) = mpsc::channel(usize::from(topology.prefetch.max(1)));
+        self.inner
+            .consumers
+            .lock()
+            .await
+            .push(ConsumerRegistration {
+                topology: topology.clone(),
+                deliveries: tx,
+                stop,
+                started_on: None,
+            });
+        // Declare and consume now, so that a bad topology is reported to the caller.
+        self.ensure_consumers(&link).await?;
+        Ok(rx)
+    }
+
+    async fn send(&self, messages: Vec<OutgoingMessage>) -> Result<(), BusError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.confirm_timeout;
+        loop {
+            let link = self.link().await?;
+            match self.send_once(&link, &messages).await {
+                // A broken connection leaves the fate of the batch unknown: send it again on
+                // the next connection. Receivers may see duplicates, never a gap.
+                Err(BusError::Transport(e)) if tokio::time::Instant::now() < deadline => {
+                    warn!(error = %e, "publish failed; resending on a new connection");
+                    self.report_broken(&link);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn close(&self) {
+        self.inner.shutdown.cancel();
+        let link = self.inner.link.send_replace(None);
+        if let Some(link) = link {
+            let _ = link.publisher.wait_for_confirms().await;
+            let _ = link.connection.close(200, "endpoint stopped".into()).await;
+        }
+    }
+}
+
+impl RabbitMq {
+    /// Declares and starts every registered consumer not yet running on `link`; forgets the
+    /// ones whose endpoint stopped.
+    async fn ensure_consumers(&self, link: &Link) -> Result<(), BusError> {
+        let mut consumers = self.inner.consumers.lock().await;
+        consumers.retain(|c| !c.stop.is_cancelled());
+        for c in consumers.iter_mut() {
+            if c.started_on == Some(link.generation) {
+                continue;
+            }
+            let channel = link.connection.create_channel().await?;
+            declare(&channel, &self.inner.exchange, &c.topology).await?;
+            channel
+                .basic_qos(c.topology.prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    c.topology.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            c.started_on = Some(link.generation);
+            tokio::spawn(consume(
+                self.clone(),
+                link.generation,
+                channel,
+                consumer,
+                c.deliveries.clone(),
+                c.stop.clone(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Declares an endpoint's exchange, queues, delay queues and bindings.
+async fn declare(channel: &Channel, exchange: &str, t: &EndpointTopology) -> Result<(), BusError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for queue in [&t.queue, &t.error_queue] {
+        channel
+            .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+            .await?;
+    }
+    for d in &t.delay_queues {
+        let mut args = FieldTable::default();
+        let ttl = i64::try_from(d.delay.as_millis()).unwrap_or(i64::MAX);
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(t.queue.as_str().into()),
+        );
+        channel
+            .queue_declare(d.name.as_str().into(), durable, args)
+            .await?;
+    }
+    for message_type in &t.subscriptions {
+        channel
+            .queue_bind(
+                t.queue.as_str().into(),
+                exchange.into(),
+                message_type.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Feeds one consumer's deliveries to its endpoint until it stops or the connection breaks.
+async fn consume(
+    transport: RabbitMq,
+    generation: u64,
+    channel: Channel,
+    mut consumer: lapin::Consumer,
+    deliveries: mpsc::Sender<Box<dyn super::Delivery>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => {
+                // Stop taking new messages; the ones already taken finish and are settled on
+                // this channel, and whatever the broker had sent ahead is requeued when the
+                // channel closes.
+                let _ = channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await;
+                return;
+            }
+            next = consumer.next() => next,
+        };
+        match next {
+            Some(Ok(d)) => {
+                let delivery = RabbitDelivery::new(transport.clone(), d);
+                if deliveries.send(Box::new(delivery)).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "consumer failed; reconnecting");
+                break;
+            }
+            None => {
+                debug!("consumer stream ended; reconnecting");
+                break;
+            }
+        }
+    }
+    let current = transport.inner.link.borrow().as_ref().map(|l| l.generation);
+    if current == Some(generation) {
+        transport.inner.broken.notify_one();
+    }
+}
+
+/// Keeps one connection alive: connects with back-off, restores consumers, and starts over
+/// when the connection breaks.
+async fn supervise(inner: Arc<Inner>) {
+    let transport = RabbitMq { inner };
+    let inner = &transport.inner;
+    let mut generation = 0;
+    let mut backoff = Duration::from_millis(100);
+    while !inner.shutdown.is_cancelled() {
+        generation += 1;
+        match connect(inner, generation).await {
+            Ok((link, mut events)) => {
+                let link = Arc::new(link);
+                info!(generation, "connected to RabbitMQ");
+                inner.link.send_replace(Some(link.clone()));
+                if let Err(e) = transport.ensure_consumers(&link).await {
+                    warn!(error = %e, "could not restore consumers; reconnecting");
+                } else {
+                    backoff = Duration::from_millis(100);
+                    tokio::select! {
+                        _ = inner.shutdown.cancelled() => return,
+                        _ = inner.broken.notified() => {}
+                        _ = async {
+                            while let Some(event) = events.next().await {
+                                if let Event::Error(e) = event {
+                                    warn!(error = %e, "RabbitMQ connection failed");
+                                    return;
+                                }
+                            }
+                        } => {}
+                    }
+                }
+                inner.link.send_replace(None);
+                let _ = link.connection.close(320, "reconnecting".into()).await;
+            }
+            Err(e) => warn!(error = %e, url = %redact(&inner.url), "cannot connect to RabbitMQ"),
+        }
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+type EventStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
+
+async fn connect(inner: &Inner, generation: u64) -> Result<(Link, EventStream), BusError> {
+    let name = inner
+        .connection_name
+        .lock()
+        .expect("not poisoned")
+        .clone()
+        .unwrap_or_else(|| format!("rhinobus:client:{}", std::process::id()));
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let connection = tokio::time::timeout(
+        inner.connect_timeout,
+        Connection::connect(&inner.url, props),
+    )
+    .await
+    .map_err(|_| BusError::Timeout(inner.connect_timeout))??;
+    let events: EventStream = Box::pin(connection.events_listener());
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((
+        Link {
+            generation,
+            connection,
+            publisher,
+        },
+        events,
+    ))
+}
+
+/// The URL without its password, for logs and errors.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://localhost"), "amqp://localhost");
+    }
+}
