@@ -1,1 +1,25 @@
-//! placeholder
+//! rhinobus-dht: a versioned, persistent hash table on fjall, served over TCP.
+//!
+//! # Layout
+//! - [`storage`]: the persistent hash table — versions and siblings, optimistic writes, lists,
+//!   expiry, atomic batches, durability. Everything else is a way to reach it.
+//! - [`version`]: version and list-item ids, unique across nodes and restarts.
+//! - [`routing`]: the 1024 hash ranges and the versioned [`Topology`] that maps them to nodes.
+//!
+//! # Versions and siblings
+//! A key holds one or more siblings. A put names the versions it replaces (its parents); it
+//! supersedes exactly those and leaves the others in place, so concurrent writers never lose
+//! each other's work: the next reader sees both and merges. Writers that prefer to be told set
+//! `optimistic` and get a [`Conflict`] instead.
+
+pub mod routing;
+pub mod storage;
+pub mod version;
+
+pub use routing::{RANGE_COUNT, RangeAssignment, RangeId, Topology, TopologyError};
+pub use storage::{
+    AddItemRequest, Batch, Change, Conflict, Durability, GetRequest, ListItem, MAX_KEY_LEN,
+    MAX_PARENTS, MAX_VALUE_LEN, Op, OpResult, PutOutcome, PutRequest, RemoveItemRequest,
+    RemoveOutcome, RemoveRequest, Sibling, Storage, StorageError, StorageOptions,
+};
+pub use version::{ItemId, ParseVersionError, Version};

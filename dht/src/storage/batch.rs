@@ -1,0 +1,556 @@
+//! A batch: reads and writes against one consistent view, committed as one fjall write batch.
+
+use super::layout::{
+    self, ItemRecord, VersionRecord, expiry_key, id_of, item_key, parse_expiry_key, version_key,
+};
+use super::{
+    AddItemRequest, Change, Conflict, Inner, ListItem, Op, OpResult, PutOutcome, PutRequest,
+    RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError, check_key,
+    check_parents, check_value, ms_system_time, now_ms, system_time_ms,
+};
+use crate::routing::key_digest;
+use crate::version::{ItemId, Version};
+use bytes::Bytes;
+use fjall::{Keyspace, Readable, Snapshot};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The operations of one atomic batch; see [`Storage::batch`](super::Storage::batch).
+///
+/// Writes are buffered in memory and reads consult that buffer first, so a batch sees its own
+/// writes. Nothing reaches disk until the batch's closure returns `Ok`.
+pub struct Batch<'a> {
+    inner: &'a Inner,
+    snapshot: Snapshot,
+    now_ms: u64,
+    versions: Overlay,
+    superseded: Overlay,
+    expiry: Overlay,
+    items: Overlay,
+    changes: Vec<Change>,
+}
+
+/// Pending writes to one keyspace: `None` deletes.
+#[derive(Default)]
+struct Overlay(BTreeMap<Vec<u8>, Option<Vec<u8>>>);
+
+impl Overlay {
+    fn set(&mut self, k: &[u8], v: Vec<u8>) {
+        self.0.insert(k.to_vec(), Some(v));
+    }
+
+    fn delete(&mut self, k: &[u8]) {
+        self.0.insert(k.to_vec(), None);
+    }
+
+    fn get(&self, k: &[u8]) -> Option<&Option<Vec<u8>>> {
+        self.0.get(k)
+    }
+
+    /// Entries under `prefix`, merged over what the snapshot holds.
+    fn scan_prefix(
+        &self,
+        snapshot: &Snapshot,
+        keyspace: &Keyspace,
+        prefix: &[u8],
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StorageError> {
+        let mut out = BTreeMap::new();
+        for kv in snapshot.prefix(keyspace, prefix) {
+            let (k, v) = kv.into_inner()?;
+            out.insert(k.to_vec(), v.to_vec());
+        }
+        for (k, v) in self
+            .0
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
+            match v {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        Ok(out)
+    }
+}
+
+fn decode_version(k: &[u8], v: &[u8]) -> Result<(Version, VersionRecord), StorageError> {
+    let id = id_of(k).ok_or_else(|| StorageError::Corrupt {
+        what: "version key",
+        detail: format!("{} bytes", k.len()),
+    })?;
+    let record: VersionRecord = rmp_serde::from_slice(v).map_err(|e| StorageError::Corrupt {
+        what: "version record",
+        detail: e.to_string(),
+    })?;
+    Ok((Version::from_bytes(id), record))
+}
+
+fn decode_item(k: &[u8], v: &[u8]) -> Result<(ItemId, ItemRecord), StorageError> {
+    let id = id_of(k).ok_or_else(|| StorageError::Corrupt {
+        what: "item key",
+        detail: format!("{} bytes", k.len()),
+    })?;
+    let record: ItemRecord = rmp_serde::from_slice(v).map_err(|e| StorageError::Corrupt {
+        what: "list item",
+        detail: e.to_string(),
+    })?;
+    Ok((ItemId::from_bytes(id), record))
+}
+
+fn is_live(record: &VersionRecord, now_ms: u64) -> bool {
+    record.expires_at_ms.is_none_or(|at| at > now_ms)
+}
+
+fn to_sibling(version: Version, record: VersionRecord) -> Sibling {
+    Sibling {
+        version,
+        value: record.value,
+        expires_at: record.expires_at_ms.map(ms_system_time),
+    }
+}
+
+/// The lock-free read path of [`Storage::get`](super::Storage::get).
+pub(super) fn read_siblings(
+    inner: &Inner,
+    key: &[u8],
+    now_ms: u64,
+) -> Result<Vec<Sibling>, StorageError> {
+    let mut out = Vec::new();
+    for kv in inner.versions.prefix(key_digest(key)) {
+        let (k, v) = kv.into_inner()?;
+        let (version, record) = decode_version(&k, &v)?;
+        if record.key == key && is_live(&record, now_ms) {
+            out.push(to_sibling(version, record));
+        }
+    }
+    Ok(out)
+}
+
+/// The lock-free read path of [`Storage::get_items`](super::Storage::get_items).
+pub(super) fn read_items(inner: &Inner, key: &[u8]) -> Result<Vec<ListItem>, StorageError> {
+    let mut out = Vec::new();
+    for kv in inner.items.prefix(key_digest(key)) {
+        let (k, v) = kv.into_inner()?;
+        let (id, record) = decode_item(&k, &v)?;
+        if record.key == key {
+            out.push(ListItem {
+                id,
+                value: record.value,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn dedup(versions: &[Version]) -> Vec<Version> {
+    let mut seen = BTreeSet::new();
+    versions
+        .iter()
+        .copied()
+        .filter(|v| seen.insert(*v))
+        .collect()
+}
+
+impl<'a> Batch<'a> {
+    pub(super) fn new(inner: &'a Inner) -> Self {
+        Self {
+            inner,
+            snapshot: inner.db.snapshot(),
+            now_ms: now_ms(),
+            versions: Overlay::default(),
+            superseded: Overlay::default(),
+            expiry: Overlay::default(),
+            items: Overlay::default(),
+            changes: Vec::new(),
+        }
+    }
+
+    /// Every version stored for `key`, expired or not, oldest first.
+    fn stored_versions(&self, key: &[u8]) -> Result<Vec<(Version, VersionRecord)>, StorageError> {
+        let entries =
+            self.versions
+                .scan_prefix(&self.snapshot, &self.inner.versions, &key_digest(key))?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
+            let (version, record) = decode_version(&k, &v)?;
+            if record.key == key {
+                out.push((version, record));
+            }
+        }
+        Ok(out)
+    }
+
+    fn overlay_or_snapshot(
+        &self,
+        overlay: &Overlay,
+        keyspace: &Keyspace,
+        k: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        match overlay.get(k) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.snapshot.get(keyspace, k)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Whether `version` of `key` is stored or was superseded here, i.e. whether this table has
+    /// seen it.
+    pub fn knows_version(&self, key: &[u8], version: Version) -> Result<bool, StorageError> {
+        let k = version_key(key, version);
+        Ok(self
+            .overlay_or_snapshot(&self.versions, &self.inner.versions, &k)?
+            .is_some()
+            || self
+                .overlay_or_snapshot(&self.superseded, &self.inner.superseded, &k)?
+                .is_some())
+    }
+
+    /// Whether superseding `version` would change anything: it is not yet tombstoned.
+    fn is_live_or_unknown(&self, key: &[u8], version: Version) -> Result<bool, StorageError> {
+        Ok(self
+            .overlay_or_snapshot(
+                &self.superseded,
+                &self.inner.superseded,
+                &version_key(key, version),
+            )?
+            .is_none())
+    }
+
+    /// Deletes `version` of `key` if stored and leaves a tombstone either way, so it can never
+    /// come back.
+    fn supersede(&mut self, key: &[u8], version: Version, record: Option<&VersionRecord>) {
+        let k = version_key(key, version);
+        if let Some(record) = record {
+            self.versions.delete(&k);
+            if let Some(at) = record.expires_at_ms {
+                self.expiry.delete(&expiry_key(at, &k));
+            }
+        }
+        self.superseded
+            .set(&k, layout::tombstone_value(self.now_ms).to_vec());
+    }
+
+    fn store_version(&mut self, version: Version, record: &VersionRecord) {
+        let k = version_key(&record.key, version);
+        if let Some(at) = record.expires_at_ms {
+            self.expiry.set(&expiry_key(at, &k), Vec::new());
+        }
+        self.versions.set(&k, layout::encode(record));
+    }
+
+    /// Supersedes `parents` (and any expired versions) of `key`, returning which parents were
+    /// current. With `optimistic`, first checks that `parents` are exactly the current versions.
+    fn supersede_parents(
+        &mut self,
+        key: &[u8],
+        parents: &[Version],
+        optimistic: bool,
+    ) -> Result<Vec<Version>, StorageError> {
+        let stored = self.stored_versions(key)?;
+        let now = self.now_ms;
+        let live: Vec<Version> = stored
+            .iter()
+            .filter(|(_, r)| is_live(r, now))
+            .map(|(v, _)| *v)
+            .collect();
+        if optimistic {
+            let want: BTreeSet<Version> = parents.iter().copied().collect();
+            let have: BTreeSet<Version> = live.iter().copied().collect();
+            if want != have {
+                return Err(Conflict {
+                    parents: parents.to_vec(),
+                    current: live,
+                }
+                .into());
+            }
+        }
+        let parent_set: BTreeSet<Version> = parents.iter().copied().collect();
+        let mut superseded = Vec::new();
+        for (version, record) in &stored {
+            let expired = !is_live(record, now);
+            if parent_set.contains(version) {
+                if !expired {
+                    superseded.push(*version);
+                }
+            } else if !expired {
+                continue;
+            }
+            self.supersede(key, *version, Some(record));
+        }
+        // Parents not stored here still get a tombstone: if that version reaches this table
+        // later (replication), it must arrive already superseded.
+        for p in dedup(parents) {
+            if !stored.iter().any(|(v, _)| *v == p) {
+                self.supersede(key, p, None);
+            }
+        }
+        Ok(superseded)
+    }
+
+    /// Every current, unexpired sibling of `key`, including this batch's writes.
+    pub fn get(&self, key: &[u8]) -> Result<Vec<Sibling>, StorageError> {
+        check_key(key)?;
+        let now = self.now_ms;
+        Ok(self
+            .stored_versions(key)?
+            .into_iter()
+            .filter(|(_, r)| is_live(r, now))
+            .map(|(v, r)| to_sibling(v, r))
+            .collect())
+    }
+
+    /// Writes a new version; see [`PutRequest`].
+    pub fn put(&mut self, request: PutRequest) -> Result<PutOutcome, StorageError> {
+        check_key(&request.key)?;
+        check_value(&request.value)?;
+        check_parents(&request.parents)?;
+        let superseded =
+            self.supersede_parents(&request.key, &request.parents, request.optimistic)?;
+        let version = Version::new();
+        let record = VersionRecord {
+            key: request.key.clone(),
+            value: request.value.clone(),
+            expires_at_ms: request.expires_at.map(system_time_ms),
+        };
+        self.store_version(version, &record);
+        self.changes.push(Change::Put {
+            key: request.key,
+            version,
+            parents: dedup(&request.parents),
+            value: request.value,
+            expires_at: request.expires_at,
+        });
+        Ok(PutOutcome {
+            version,
+            superseded,
+        })
+    }
+
+    /// Removes versions of a key; see [`RemoveRequest`].
+    pub fn remove(&mut self, request: RemoveRequest) -> Result<RemoveOutcome, StorageError> {
+        check_key(&request.key)?;
+        check_parents(&request.parents)?;
+        let removed = self.supersede_parents(&request.key, &request.parents, request.optimistic)?;
+        if !request.parents.is_empty() {
+            self.changes.push(Change::Remove {
+                key: request.key,
+                parents: dedup(&request.parents),
+            });
+        }
+        Ok(RemoveOutcome { removed })
+    }
+
+    /// Adds an item to a list and returns its id.
+    pub fn add_item(&mut self, request: AddItemRequest) -> Result<ItemId, StorageError> {
+        check_key(&request.key)?;
+        check_value(&request.value)?;
+        let id = ItemId::new();
+        self.store_item(&request.key, id, &request.value);
+        self.changes.push(Change::AddItem {
+            key: request.key,
+            id,
+            value: request.value,
+        });
+        Ok(id)
+    }
+
+    fn store_item(&mut self, key: &Bytes, id: ItemId, value: &Bytes) {
+        let record = ItemRecord {
+            key: key.clone(),
+            value: value.clone(),
+        };
+        self.items.set(&item_key(key, id), layout::encode(&record));
+    }
+
+    /// Removes an item from a list; `false` if it was not there.
+    pub fn remove_item(&mut self, request: RemoveItemRequest) -> Result<bool, StorageError> {
+        check_key(&request.key)?;
+        let was_there = self.drop_item(&request.key, request.id)?;
+        self.changes.push(Change::RemoveItem {
+            key: request.key,
+            id: request.id,
+        });
+        Ok(was_there)
+    }
+
+    fn drop_item(&mut self, key: &[u8], id: ItemId) -> Result<bool, StorageError> {
+        let k = item_key(key, id);
+        let was_there = match self.overlay_or_snapshot(&self.items, &self.inner.items, &k)? {
+            Some(v) => decode_item(&k, &v)?.1.key == key,
+            None => false,
+        };
+        if was_there {
+            self.items.delete(&k);
+        }
+        // Item ids are unique, so the tombstone shares the versions' keyspace safely.
+        self.superseded
+            .set(&k, layout::tombstone_value(self.now_ms).to_vec());
+        Ok(was_there)
+    }
+
+    /// Every item of the list under `key`, including this batch's writes.
+    pub fn get_items(&self, key: &[u8]) -> Result<Vec<ListItem>, StorageError> {
+        check_key(key)?;
+        let entries =
+            self.items
+                .scan_prefix(&self.snapshot, &self.inner.items, &key_digest(key))?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
+            let (id, record) = decode_item(&k, &v)?;
+            if record.key == key {
+                out.push(ListItem {
+                    id,
+                    value: record.value,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one [`Op`].
+    pub fn execute(&mut self, op: Op) -> Result<OpResult, StorageError> {
+        Ok(match op {
+            Op::Get(r) => OpResult::Siblings(self.get(&r.key)?),
+            Op::Put(r) => OpResult::Put(self.put(r)?),
+            Op::Remove(r) => OpResult::Removed(self.remove(r)?),
+            Op::AddItem(r) => OpResult::ItemAdded(self.add_item(r)?),
+            Op::RemoveItem(r) => OpResult::ItemRemoved(self.remove_item(r)?),
+            Op::GetItems(r) => OpResult::Items(self.get_items(&r.key)?),
+        })
+    }
+
+    /// Applies a change made on another replica. Idempotent and independent of order: a version
+    /// already stored or already superseded is ignored, and the parents it names are superseded
+    /// whether or not they have arrived yet. Returns whether anything changed.
+    ///
+    /// The change is not recorded in [`changes`](Self::changes): it is someone else's write.
+    pub fn apply_change(&mut self, change: &Change) -> Result<bool, StorageError> {
+        match change {
+            Change::Put {
+                key,
+                version,
+                parents,
+                value,
+                expires_at,
+            } => {
+                check_key(key)?;
+                check_value(value)?;
+                check_parents(parents)?;
+                // Parents are superseded even when this version itself was already removed:
+                // a removal can overtake the write it removes, and the write's own
+                // supersessions must still happen.
+                let mut changed = false;
+                for p in parents {
+                    changed |= self.is_live_or_unknown(key, *p)?;
+                }
+                self.supersede_parents(key, parents, false)?;
+                if self.knows_version(key, *version)? {
+                    return Ok(changed);
+                }
+                let record = VersionRecord {
+                    key: key.clone(),
+                    value: value.clone(),
+                    expires_at_ms: expires_at.map(system_time_ms),
+                };
+                self.store_version(*version, &record);
+                Ok(true)
+            }
+            Change::Remove { key, parents } => {
+                check_key(key)?;
+                check_parents(parents)?;
+                let mut changed = false;
+                for p in parents {
+                    changed |= self.is_live_or_unknown(key, *p)?;
+                }
+                self.supersede_parents(key, parents, false)?;
+                Ok(changed)
+            }
+            Change::AddItem { key, id, value } => {
+                check_key(key)?;
+                check_value(value)?;
+                let k = item_key(key, *id);
+                let known = self
+                    .overlay_or_snapshot(&self.items, &self.inner.items, &k)?
+                    .is_some()
+                    || self
+                        .overlay_or_snapshot(&self.superseded, &self.inner.superseded, &k)?
+                        .is_some();
+                if !known {
+                    self.store_item(key, *id, value);
+                }
+                Ok(!known)
+            }
+            Change::RemoveItem { key, id } => {
+                check_key(key)?;
+                self.drop_item(key, *id)
+            }
+        }
+    }
+
+    /// The changes this batch made so far, in order: what replication sends to other replicas.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
+    pub(super) fn purge_expired(
+        &mut self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<usize, StorageError> {
+        let end = expiry_key(now_ms, &[0xff; 32]);
+        let mut due = Vec::new();
+        for kv in self
+            .snapshot
+            .range(&self.inner.expiry, ..=end.as_slice())
+            .take(limit)
+        {
+            let k = kv.key()?;
+            let Some((at, entry)) = parse_expiry_key(&k) else {
+                // Not one of ours; drop it rather than stall on it forever.
+                self.expiry.delete(&k);
+                continue;
+            };
+            due.push((at, entry));
+        }
+        let mut purged = 0;
+        for (at, entry) in due {
+            self.expiry.delete(&expiry_key(at, &entry));
+            let Some(v) = self.overlay_or_snapshot(&self.versions, &self.inner.versions, &entry)?
+            else {
+                continue;
+            };
+            let (version, record) = decode_version(&entry, &v)?;
+            if record.expires_at_ms == Some(at) {
+                let key = record.key.clone();
+                self.supersede(&key, version, Some(&record));
+                self.changes.push(Change::Remove {
+                    key,
+                    parents: vec![version],
+                });
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
+    /// Writes everything out as one fjall batch; `false` when there was nothing to write.
+    pub(super) fn commit(self) -> Result<bool, StorageError> {
+        let mut wb = self.inner.db.batch();
+        for (overlay, keyspace) in [
+            (self.versions, &self.inner.versions),
+            (self.superseded, &self.inner.superseded),
+            (self.expiry, &self.inner.expiry),
+            (self.items, &self.inner.items),
+        ] {
+            for (k, v) in overlay.0 {
+                match v {
+                    Some(v) => wb.insert(keyspace, k, v),
+                    None => wb.remove(keyspace, k),
+                }
+            }
+        }
+        if wb.is_empty() {
+            return Ok(false);
+        }
+        wb.commit()?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,116 @@
+//! How the hash table sits in fjall: keyspaces, key encodings and record formats.
+//!
+//! Every fjall key starts with the MD5 digest of the user key, not the key itself:
+//! - keys of any content and any length up to 64 KiB fit fjall's own key limit (65,536 bytes),
+//!   and every fjall key has a fixed size, so prefixes never overlap ("a" is not a prefix of "ab");
+//! - a routing range is the top 10 bits of the same digest, so one range is one contiguous slice
+//!   of every keyspace, which is what moving a range to another node needs.
+//!
+//! Two user keys with the same digest would share a slice; every record therefore stores its full
+//! user key and readers skip records whose key differs. Collisions cost a little time, never
+//! correctness.
+//!
+//! Keyspaces:
+//! - `versions`: `digest ++ version` → [`VersionRecord`] (the current siblings of each key)
+//! - `superseded`: `digest ++ version-or-item-id` → superseded-at milliseconds (big-endian u64).
+//!   Kept so that a replicated write that arrives after its successor is recognised and dropped
+//!   instead of resurrected.
+//! - `expiry`: `expires-at ms ++ digest ++ version` → empty (what to clean up, in time order)
+//! - `items`: `digest ++ item id` → [`ItemRecord`] (list items)
+
+use crate::routing::key_digest;
+use crate::version::{ItemId, Version};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Digest plus a 16-byte id.
+pub(crate) type EntryKey = [u8; 32];
+
+pub(crate) fn entry_key(digest: &[u8; 16], id: [u8; 16]) -> EntryKey {
+    let mut k = [0u8; 32];
+    k[..16].copy_from_slice(digest);
+    k[16..].copy_from_slice(&id);
+    k
+}
+
+pub(crate) fn version_key(key: &[u8], version: Version) -> EntryKey {
+    entry_key(&key_digest(key), version.to_bytes())
+}
+
+pub(crate) fn item_key(key: &[u8], id: ItemId) -> EntryKey {
+    entry_key(&key_digest(key), id.to_bytes())
+}
+
+/// The id half of an entry key.
+pub(crate) fn id_of(entry: &[u8]) -> Option<[u8; 16]> {
+    entry.get(16..32)?.try_into().ok()
+}
+
+pub(crate) fn expiry_key(expires_at_ms: u64, entry: &EntryKey) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..8].copy_from_slice(&expires_at_ms.to_be_bytes());
+    k[8..].copy_from_slice(entry);
+    k
+}
+
+/// Splits an expiry index key back into its parts.
+pub(crate) fn parse_expiry_key(k: &[u8]) -> Option<(u64, EntryKey)> {
+    let ms = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+    let entry: EntryKey = k.get(8..40)?.try_into().ok()?;
+    Some((ms, entry))
+}
+
+/// One version of a value as stored. Named MessagePack fields so that later fields can be added
+/// without rewriting old data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct VersionRecord {
+    pub key: Bytes,
+    pub value: Bytes,
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+}
+
+/// One list item as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ItemRecord {
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+pub(crate) fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    // Serialising these plain structs into a Vec cannot fail: no maps with non-string keys, no
+    // I/O. An empty record would be caught as corrupt on the way back in.
+    rmp_serde::to_vec_named(record).unwrap_or_default()
+}
+
+pub(crate) fn tombstone_value(at_ms: u64) -> [u8; 8] {
+    at_ms.to_be_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_keys_sort_by_time_and_parse_back() {
+        let e = version_key(b"k", Version::new());
+        let early = expiry_key(5, &e);
+        let late = expiry_key(256, &e);
+        assert!(early < late);
+        assert_eq!(parse_expiry_key(&late), Some((256, e)));
+        assert_eq!(parse_expiry_key(&late[..39]), None);
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let r = VersionRecord {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"v"),
+            expires_at_ms: Some(7),
+        };
+        let back: VersionRecord = rmp_serde::from_slice(&encode(&r)).unwrap();
+        assert_eq!(back.key, r.key);
+        assert_eq!(back.value, r.value);
+        assert_eq!(back.expires_at_ms, Some(7));
+    }
+}
