@@ -1,1 +1,210 @@
-//! placeholder
+//! Support for the cross-crate integration tests: reaching RabbitMQ (or failing loudly when it
+//! cannot be reached), unique names, raw AMQP access and `rabbitmqctl`.
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+/// The RabbitMQ the tests use: `RHINOBUS_AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("RHINOBUS_AMQP_URL")
+        .unwrap_or_else(|_| rhinobus::transport::DEFAULT_AMQP_URL.into())
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!("test-{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A raw AMQP connection for setting up and inspecting queues around the code under test.
+/// Panics with a clear message when RabbitMQ cannot be reached: a test that needs the broker
+/// must fail, never pass quietly.
+pub struct Raw {
+    pub connection: Connection,
+    pub channel: Channel,
+    created: Vec<String>,
+}
+
+impl Raw {
+    pub async fn connect() -> Raw {
+        let url = amqp_url();
+        let connection = match tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(
+                &url,
+                ConnectionProperties::default().with_connection_name("rhinobus-tests:raw".into()),
+            ),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => panic!(
+                "these tests need RabbitMQ at {url} (set RHINOBUS_AMQP_URL; `bash .ci/run` starts one): {e}"
+            ),
+            Err(_) => panic!("these tests need RabbitMQ at {url}: no answer within 10 s"),
+        };
+        let channel = connection.create_channel().await.expect("open a channel");
+        Raw {
+            connection,
+            channel,
+            created: Vec::new(),
+        }
+    }
+
+    /// Declares a durable queue that is deleted by [`Raw::cleanup`].
+    pub async fn queue(&mut self, name: &str) {
+        self.channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare queue");
+        self.forget_later(name);
+    }
+
+    /// Deletes this queue too at clean-up (queues the code under test declared).
+    pub fn forget_later(&mut self, name: &str) {
+        self.created.push(name.to_owned());
+    }
+
+    /// Publishes raw bytes with raw headers, as a foreign client would.
+    pub async fn publish(&self, queue: &str, body: &[u8], headers: FieldTable) {
+        self.channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_headers(headers)
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+
+    /// Takes every message now in `queue` (acking them), with text headers and body.
+    pub async fn drain(&self, queue: &str) -> Vec<(BTreeMap<String, String>, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            let headers = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .map(|t| {
+                    t.inner()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), text(v)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((headers, m.delivery.data.clone()));
+        }
+        out
+    }
+
+    /// Waits until `queue` holds `n` messages (or panics after `within`).
+    pub async fn wait_for_count(&self, queue: &str, n: u32, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let count = self.count(queue).await;
+            if count >= n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "queue {queue} holds {count} messages, expected {n} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// How many ready messages a queue holds.
+    pub async fn count(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or_else(|e| panic!("queue {queue}: {e}"))
+    }
+
+    /// Deletes every queue this test created or registered.
+    pub async fn cleanup(self) {
+        for q in &self.created {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+fn text(v: &lapin::types::AMQPValue) -> String {
+    match v {
+        lapin::types::AMQPValue::LongString(s) => {
+            String::from_utf8_lossy(s.as_bytes()).into_owned()
+        }
+        lapin::types::AMQPValue::ShortString(s) => s.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Runs `rabbitmqctl` and returns its standard output.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl must be on PATH for the fault-injection tests");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The broker-side ids (pids, as `close_connection` takes them) of the connections whose
+/// client-given name contains `needle`.
+pub fn connections_named(needle: &str) -> Vec<String> {
+    // The plain listing prints pids in the form close_connection accepts (JSON does not).
+    rabbitmqctl(&["list_connections", "pid", "client_properties", "-q"])
+        .lines()
+        .filter(|line| line.contains(needle))
+        .filter_map(|line| line.split('\t').next())
+        .map(str::to_owned)
+        .collect()
+}

@@ -7,7 +7,7 @@ mod memory;
 mod rabbitmq;
 
 pub use memory::InMemory;
-pub use rabbitmq::RabbitMq;
+pub use rabbitmq::{DEFAULT_URL as DEFAULT_AMQP_URL, RabbitMq};
 
 use crate::error::BusError;
 use crate::headers::Headers;

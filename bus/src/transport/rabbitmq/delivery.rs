@@ -5,20 +5,29 @@ use crate::error::BusError;
 use crate::headers::Headers;
 use crate::transport::Delivery;
 use async_trait::async_trait;
+use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 
 pub(super) struct RabbitDelivery {
     transport: RabbitMq,
+    /// lapin closes a channel when its last handle goes; the channel must outlive every
+    /// delivery taken from it, or their acks would be lost when the consumer stops.
+    _channel: Channel,
     delivery: lapin::message::Delivery,
     headers: Headers,
     settled: bool,
 }
 
 impl RabbitDelivery {
-    pub(super) fn new(transport: RabbitMq, delivery: lapin::message::Delivery) -> Self {
+    pub(super) fn new(
+        transport: RabbitMq,
+        channel: Channel,
+        delivery: lapin::message::Delivery,
+    ) -> Self {
         let headers = amqp::table_to_headers(delivery.properties.headers().as_ref());
         Self {
             transport,
+            _channel: channel,
             delivery,
             headers,
             settled: false,
@@ -42,8 +51,13 @@ impl Delivery for RabbitDelivery {
 
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
         self.settled = true;
-        self.delivery.acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        if self.delivery.acker.ack(BasicAckOptions::default()).await? {
+            Ok(())
+        } else {
+            Err(BusError::Transport(
+                "the channel closed before the ack; the broker will redeliver".into(),
+            ))
+        }
     }
 
     async fn forward(mut self: Box<Self>, queue: &str, extra: Headers) -> Result<(), BusError> {

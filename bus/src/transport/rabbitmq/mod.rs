@@ -361,7 +361,7 @@ async fn consume(
         };
         match next {
             Some(Ok(d)) => {
-                let delivery = RabbitDelivery::new(transport.clone(), d);
+                let delivery = RabbitDelivery::new(transport.clone(), channel.clone(), d);
                 if deliveries.send(Box::new(delivery)).await.is_err() {
                     return;
                 }

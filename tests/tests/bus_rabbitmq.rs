@@ -1,0 +1,527 @@
+//! The bus against a real RabbitMQ: delivery, retries, the error queue, reconnects, shutdown.
+
+use lapin::types::{AMQPValue, FieldTable};
+use rhinobus::headers::names;
+use rhinobus::transport::RabbitMq;
+use rhinobus::{Context, DelayedRetries, Endpoint, HandlerError, Message};
+use rhinobus_tests::{Raw, amqp_url, connections_named, init_tracing, rabbitmqctl, unique};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Work {
+    n: u32,
+}
+impl Message for Work {
+    const NAME: &'static str = "tests.work";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Done {
+    n: u32,
+}
+impl Message for Done {
+    const NAME: &'static str = "tests.done";
+}
+
+/// A publication type unique to one test, so parallel tests do not see each other's events.
+macro_rules! event_type {
+    ($ty:ident, $name:expr) => {
+        #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+        struct $ty {
+            n: u32,
+        }
+        impl Message for $ty {
+            const NAME: &'static str = $name;
+        }
+    };
+}
+
+fn rabbit() -> RabbitMq {
+    RabbitMq::new(amqp_url())
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("timed out waiting for a handler")
+        .expect("channel open")
+}
+
+#[tokio::test]
+async fn send_reaches_the_handler_and_reply_comes_back() {
+    init_tracing();
+    let mut raw = Raw::connect().await;
+    let (server, client, error) = (unique("server"), unique("client"), unique("error"));
+    for q in [&server, &client, &error] {
+        raw.forget_later(q);
+    }
+    let server_ep = Endpoint::builder(&server, rabbit())
+        .error_queue(&error)
+        .handle(|w: Work, ctx: Context| async move {
+            ctx.reply(&Done { n: w.n * 2 })?;
+            Ok::<_, HandlerError>(())
+        })
+        .start()
+        .await
+        .expect("start server");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let client_ep = Endpoint::builder(&client, rabbit())
+        .error_queue(&error)
+        .handle(move |d: Done, ctx: Context| {
+            let tx = tx.clone();
+            async move {
+                tx.send((d, ctx.headers().clone()))?;
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .expect("start client");
+    let sent = client_ep
+        .bus()
+        .send(&server, &Work { n: 21 })
+        .await
+        .expect("send");
+    let (done, headers) = recv(&mut rx).await;
+    assert_eq!(done, Done { n: 42 });
+    assert_eq!(headers[names::CORRELATION_ID], sent.to_string());
+    assert_eq!(headers[names::CONVERSATION_ID], sent.to_string());
+    assert_eq!(headers[names::SOURCE_ENDPOINT], server);
+    assert_eq!(headers[names::MESSAGE_TYPE], Done::NAME);
+    assert!(headers.contains_key(names::TRACEPARENT));
+    server_ep.shutdown().await;
+    client_ep.shutdown().await;
+    raw.cleanup().await;
+}
+
+#[tokio::test]
+async fn publish_reaches_every_subscriber_and_every_handler() {
+    event_type!(Published, "tests.publish-reaches-every-subscriber");
+    let mut raw = Raw::connect().await;
+    let error = unique("error");
+    raw.forget_later(&error);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut endpoints = Vec::new();
+    for i in 0..2 {
+        let name = unique(&format!("sub{i}"));
+        raw.forget_later(&name);
+        let (tx1, tx2) = (tx.clone(), tx.clone());
+        let ep = Endpoint::builder(&name, rabbit())
+            .error_queue(&error)
+            .subscribe::<Published>()
+            .handle(move |p: Published, _: Context| {
+                let tx = tx1.clone();
+                async move {
+                    tx.send((i, "first", p.n))?;
+                    Ok::<_, HandlerError>(())
+                }
+            })
+            .handle(move |p: Published, _: Context| {
+                let tx = tx2.clone();
+                async move {
+                    tx.send((i, "second", p.n))?;
+                    Ok::<_, HandlerError>(())
+                }
+            })
+            .start()
+            .await
+            .expect("start");
+        endpoints.push(ep);
+    }
+    endpoints[0]
+        .bus()
+        .publish(&Published { n: 5 })
+        .await
+        .expect("publish");
+    let mut got = HashSet::new();
+    for _ in 0..4 {
+        got.insert(recv(&mut rx).await);
+    }
+    let expected: HashSet<_> = [
+        (0, "first", 5),
+        (0, "second", 5),
+        (1, "first", 5),
+        (1, "second", 5),
+    ]
+    .into();
+    assert_eq!(got, expected);
+    for ep in endpoints {
+        ep.shutdown().await;
+    }
+    assert_eq!(raw.count(&error).await, 0);
+    raw.cleanup().await;
+}
+
+#[tokio::test]
+async fn sending_to_a_missing_queue_is_an_error() {
+    let bus = rhinobus::Bus::new(rabbit(), unique("sender"));
+    let err = bus
+        .send(&unique("nowhere"), &Work { n: 1 })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, rhinobus::BusError::Unroutable { .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_a_clear_error() {
+    let ep = Endpoint::builder(
+        unique("lonely"),
+        RabbitMq::new("amqp://guest:guest@127.0.0.1:1/%2f"),
+    )
+    .handle(|_: Work, _: Context| async { Ok::<_, HandlerError>(()) })
+    .start()
+    .await;
+    let err = ep.unwrap_err().to_string();
+    assert!(err.contains("cannot reach RabbitMQ"), "{err}");
+    assert!(
+        !err.contains("guest:guest"),
+        "the password must not leak: {err}"
+    );
+}
+
+#[tokio::test]
+async fn failing_messages_are_retried_then_kept_in_the_error_queue_byte_for_byte() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = (unique("failing"), unique("error"));
+    raw.queue(&queue).await;
+    raw.forget_later(&error);
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .immediate_retries(3)
+        .handle(move |_: Work, _: Context| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let io = std::io::Error::other("disk full");
+                Err::<(), _>(HandlerError::from(WrappedError(io)))
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    // Sent raw, with a foreign header of a non-text type, to check both survive untouched.
+    let body = rmp_body(&Work { n: 9 });
+    let mut headers = FieldTable::default();
+    headers.insert(
+        names::MESSAGE_TYPE.into(),
+        AMQPValue::LongString(Work::NAME.into()),
+    );
+    headers.insert("x-foreign".into(), AMQPValue::LongLongInt(77));
+    raw.publish(&queue, &body, headers).await;
+    raw.wait_for_count(&error, 1, WAIT).await;
+    ep.shutdown().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "1 attempt + 3 immediate retries"
+    );
+    let failed = raw.drain(&error).await;
+    assert_eq!(failed.len(), 1);
+    let (h, b) = &failed[0];
+    assert_eq!(b, &body, "body byte for byte");
+    assert_eq!(
+        h["x-foreign"], "LongLongInt(77)",
+        "foreign header kept with its type"
+    );
+    assert_eq!(h[names::MESSAGE_TYPE], Work::NAME);
+    assert_eq!(h[names::FAILURE_SOURCE_QUEUE], queue);
+    assert_eq!(h[names::FAILURE_ENDPOINT], queue);
+    assert_eq!(h[names::FAILURE_ATTEMPTS], "4");
+    assert_eq!(h[names::FAILURE_REASON], "handler");
+    assert_eq!(h[names::FAILURE_ERROR_MESSAGE], "wrapped failure");
+    assert_eq!(h[names::FAILURE_ERROR_CHAIN], "disk full");
+    assert!(h[names::FAILURE_ERROR_TYPE].ends_with("WrappedError"));
+    assert!(rhinobus::headers::parse_time(&h[names::FAILURE_TIME]).is_some());
+    assert_eq!(h[names::FAILED_TIMES], "1");
+    raw.cleanup().await;
+}
+
+#[derive(Debug)]
+struct WrappedError(std::io::Error);
+
+impl std::fmt::Display for WrappedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("wrapped failure")
+    }
+}
+impl std::error::Error for WrappedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+fn rmp_body<M: Message>(m: &M) -> Vec<u8> {
+    rhinobus::message::encode(m).expect("encode")
+}
+
+#[tokio::test]
+async fn garbage_unknown_types_and_unhandled_types_go_straight_to_the_error_queue() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = (unique("garbage"), unique("error"));
+    raw.queue(&queue).await;
+    raw.forget_later(&error);
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .handle(move |_: Work, _: Context| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    let typed = |t: &str| {
+        let mut h = FieldTable::default();
+        h.insert(names::MESSAGE_TYPE.into(), AMQPValue::LongString(t.into()));
+        h
+    };
+    raw.publish(&queue, b"\xc1\xff not msgpack", typed(Work::NAME))
+        .await;
+    raw.publish(&queue, b"no headers at all", FieldTable::default())
+        .await;
+    raw.publish(&queue, &rmp_body(&Done { n: 1 }), typed(Done::NAME))
+        .await;
+    raw.wait_for_count(&error, 3, WAIT).await;
+    ep.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let failed = raw.drain(&error).await;
+    let reasons: Vec<_> = failed
+        .iter()
+        .map(|(h, _)| h[names::FAILURE_REASON].as_str())
+        .collect();
+    assert_eq!(reasons, ["decode", "missing-type", "no-handler"]);
+    assert_eq!(failed[0].1, b"\xc1\xff not msgpack");
+    assert!(failed[2].0[names::FAILURE_ERROR_MESSAGE].contains(Done::NAME));
+    raw.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_failed_handlers_sends_are_discarded() {
+    let mut raw = Raw::connect().await;
+    let (queue, out, error) = (unique("discard"), unique("out"), unique("error"));
+    raw.queue(&queue).await;
+    raw.queue(&out).await;
+    raw.forget_later(&error);
+    let out_q = out.clone();
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .handle(move |w: Work, ctx: Context| {
+            let out = out_q.clone();
+            async move {
+                ctx.send(&out, &Done { n: w.n })?;
+                if ctx.attempt() < 3 {
+                    return Err(HandlerError::msg("not yet"));
+                }
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    ep.bus().send(&queue, &Work { n: 3 }).await.expect("send");
+    raw.wait_for_count(&out, 1, WAIT).await;
+    ep.shutdown().await;
+    let sent = raw.drain(&out).await;
+    assert_eq!(sent.len(), 1, "only the successful attempt's send went out");
+    assert_eq!(raw.count(&error).await, 0);
+    raw.cleanup().await;
+}
+
+#[tokio::test]
+async fn conflicts_are_retried_on_their_own_budget() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = (unique("conflict"), unique("error"));
+    raw.queue(&queue).await;
+    raw.forget_later(&error);
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .immediate_retries(0)
+        .handle(move |_: Work, _: Context| {
+            let (counter, tx) = (counter.clone(), tx.clone());
+            async move {
+                if counter.fetch_add(1, Ordering::SeqCst) < 10 {
+                    return Err(HandlerError::conflict("stale version"));
+                }
+                tx.send(())?;
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    ep.bus().send(&queue, &Work { n: 1 }).await.expect("send");
+    recv(&mut rx).await;
+    ep.shutdown().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        11,
+        "10 conflicts, then success, no failure retry used"
+    );
+    assert_eq!(raw.count(&error).await, 0);
+    raw.cleanup().await;
+}
+
+#[tokio::test]
+async fn delayed_retries_wait_and_come_back_before_the_error_queue() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = (unique("delayed"), unique("error"));
+    raw.queue(&queue).await;
+    raw.forget_later(&error);
+    for n in 1..=2 {
+        raw.forget_later(&format!("{queue}.delay.{n}"));
+    }
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let seen = times.clone();
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .immediate_retries(1)
+        .delayed_retries(DelayedRetries {
+            max: 2,
+            delay: Duration::from_millis(300),
+            multiplier: 2,
+        })
+        .handle(move |_: Work, _: Context| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(tokio::time::Instant::now());
+                Err::<(), _>(HandlerError::msg("still broken"))
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    ep.bus().send(&queue, &Work { n: 1 }).await.expect("send");
+    raw.wait_for_count(&error, 1, WAIT).await;
+    ep.shutdown().await;
+    let times = times.lock().unwrap().clone();
+    assert_eq!(times.len(), 6, "3 rounds (first + 2 delayed) of 2 attempts");
+    // Each delayed round starts no earlier than its delay after the round before.
+    assert!(times[2] - times[1] >= Duration::from_millis(300));
+    assert!(times[4] - times[3] >= Duration::from_millis(600));
+    let failed = raw.drain(&error).await;
+    assert_eq!(failed[0].0[names::DELAYED_RETRIES], "2");
+    raw.cleanup().await;
+}
+
+#[tokio::test]
+async fn closing_the_connection_mid_stream_loses_nothing() {
+    init_tracing();
+    const N: u32 = 3000;
+    let mut raw = Raw::connect().await;
+    let (queue, error) = (unique("reconnect"), unique("error"));
+    raw.queue(&queue).await;
+    raw.forget_later(&error);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .concurrency(16)
+        .handle(move |w: Work, _: Context| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                tx.send(w.n)?;
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    // A separate sender on its own connection, which must not be disturbed.
+    let sender_name = unique("sender");
+    let sender = rhinobus::Bus::new(rabbit().connection_name(&sender_name), &sender_name);
+    let sending = tokio::spawn({
+        let (sender, queue) = (sender.clone(), queue.clone());
+        async move {
+            for n in 0..N {
+                sender.send(&queue, &Work { n }).await.expect("send");
+            }
+        }
+    });
+    let mut seen = HashSet::new();
+    while seen.len() < 500 {
+        seen.insert(recv(&mut rx).await);
+    }
+    let victims = connections_named(&queue);
+    assert_eq!(
+        victims.len(),
+        1,
+        "exactly the endpoint's connection: {victims:?}"
+    );
+    rabbitmqctl(&[
+        "close_connection",
+        &victims[0],
+        "test: simulated connection loss",
+    ]);
+    while seen.len() < N as usize {
+        seen.insert(recv(&mut rx).await);
+    }
+    sending
+        .await
+        .expect("sender kept its connection and sent everything");
+    assert_eq!(
+        connections_named(&sender_name).len(),
+        1,
+        "the sender's connection was left alone"
+    );
+    ep.shutdown().await;
+    assert_eq!(raw.count(&error).await, 0);
+    raw.cleanup().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_messages_and_leaves_the_rest_queued() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = (unique("shutdown"), unique("error"));
+    raw.queue(&queue).await;
+    raw.forget_later(&error);
+    let finished = Arc::new(AtomicU32::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let done = finished.clone();
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .concurrency(4)
+        .handle(move |_: Work, _: Context| {
+            let (done, started_tx) = (done.clone(), started_tx.clone());
+            async move {
+                started_tx.send(())?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                done.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    for n in 0..20 {
+        ep.bus().send(&queue, &Work { n }).await.expect("send");
+    }
+    for _ in 0..4 {
+        recv(&mut started).await;
+    }
+    ep.shutdown().await;
+    let finished = finished.load(Ordering::SeqCst);
+    assert!(finished >= 4, "in-flight handlers finished: {finished}");
+    // Whatever was not finished is back in the queue: nothing is lost.
+    raw.wait_for_count(&queue, 20 - finished, WAIT).await;
+    assert_eq!(raw.count(&queue).await, 20 - finished);
+    raw.cleanup().await;
+}
