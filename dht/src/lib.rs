@@ -5,6 +5,13 @@
 //!   expiry, atomic batches, durability. Everything else is a way to reach it.
 //! - [`version`]: version and list-item ids, unique across nodes and restarts.
 //! - [`routing`]: the 1024 hash ranges and the versioned [`Topology`] that maps them to nodes.
+//! - [`frame`]: the wire format — request and response frames, MessagePack in a length prefix.
+//! - [`connection`]: a framed TCP socket; the writer task batches frames into few syscalls.
+//! - [`request`]: serving one decoded request against storage.
+//! - [`server`]: the node — accept loop, authentication, topology check, pipelined serving.
+//! - [`shutdown`]: the signal every node task watches to stop cleanly.
+//! - [`client`]: [`Client`], routing by range over pooled, pipelined connections.
+//! - `main.rs`: the `rhinobus-dht` binary (node and CLI), a thin shell over the above.
 //!
 //! # Versions and siblings
 //! A key holds one or more siblings. A put names the versions it replaces (its parents); it
@@ -12,9 +19,19 @@
 //! each other's work: the next reader sees both and merges. Writers that prefer to be told set
 //! `optimistic` and get a [`Conflict`] instead.
 
+pub mod client;
+pub mod connection;
+pub mod frame;
+pub mod request;
 pub mod routing;
+pub mod server;
+pub mod shutdown;
 pub mod storage;
 pub mod version;
+
+pub use client::{Client, ClientError, ClientOptions};
+pub use frame::{Request, Response, WireError};
+pub use server::{NodeOptions, serve};
 
 pub use routing::{RANGE_COUNT, RangeAssignment, RangeId, Topology, TopologyError};
 pub use storage::{

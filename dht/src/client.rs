@@ -1,0 +1,589 @@
+//! The client: routes each key to the node that serves its range, keeps a few pipelined
+//! connections per node, and turns node answers back into typed results.
+
+use crate::connection;
+use crate::frame::{self, Request, Response, ResponseFrame, WireError};
+use crate::routing::{RangeId, Topology};
+use crate::storage::{
+    AddItemRequest, Conflict, GetRequest, ListItem, Op, OpResult, PutOutcome, PutRequest,
+    RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, check_key, check_parents,
+    check_value,
+};
+use crate::version::ItemId;
+use bytes::Bytes;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+/// How a [`Client`] connects.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientOptions {
+    /// The nodes' shared secret, if they have one.
+    pub secret: Option<String>,
+    /// Connections kept per node; requests are pipelined on each.
+    pub connections_per_node: usize,
+    /// How long to wait for an answer.
+    pub timeout: Duration,
+    /// How long to wait for a connection.
+    pub connect_timeout: Duration,
+    /// The largest frame sent or accepted.
+    pub max_frame: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            connections_per_node: 4,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_frame: frame::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// The same options with a shared secret.
+    pub fn secret(mut self, secret: Option<String>) -> Self {
+        self.secret = secret;
+        self
+    }
+
+    /// The same options with another answer timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The same options with another number of connections per node.
+    pub fn connections_per_node(mut self, n: usize) -> Self {
+        self.connections_per_node = n.max(1);
+        self
+    }
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// An optimistic write's parents were not the current versions; nothing changed. Reload and
+    /// try again.
+    #[error(transparent)]
+    Conflict(Conflict),
+    /// The request was refused, by the node or before it was sent (limits, secret, ...).
+    #[error("rejected: {0}")]
+    Rejected(WireError),
+    /// No answer in time; the request may or may not have been applied.
+    #[error(
+        "no answer from {addr} within {timeout:?}; the request may or may not have been applied"
+    )]
+    Timeout {
+        /// The node.
+        addr: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The node could not be reached.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The node.
+        addr: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The connection closed before the answer came; the request may or may not have been
+    /// applied.
+    #[error("connection to {addr} lost; the request may or may not have been applied")]
+    ConnectionLost {
+        /// The node.
+        addr: String,
+    },
+    /// The node answered something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The topology has no node for a range, or a batch's keys live on different nodes.
+    #[error("routing: {0}")]
+    Routing(String),
+}
+
+impl From<WireError> for ClientError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Conflict(c) => ClientError::Conflict(c),
+            other => ClientError::Rejected(other),
+        }
+    }
+}
+
+impl From<crate::storage::StorageError> for ClientError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        WireError::from(e).into()
+    }
+}
+
+/// A connection to a rhinobus-dht cluster. Cheap to clone; clones share connections.
+///
+/// ```no_run
+/// use rhinobus_dht::{Client, ClientError, PutRequest};
+///
+/// # async fn run() -> Result<(), ClientError> {
+/// let client = Client::connect("127.0.0.1:7480").await?;
+/// let put = client.put(PutRequest::new("user/1", "alice")).await?;
+/// let siblings = client.get("user/1").await?;
+/// assert_eq!(siblings[0].version, put.version);
+///
+/// // Optimistic update: fails with ClientError::Conflict if someone else wrote meanwhile.
+/// let next = PutRequest::new("user/1", "alice v2").parents([put.version]).optimistic(true);
+/// match client.put(next).await {
+///     Ok(_) => {}
+///     Err(ClientError::Conflict(c)) => println!("reload, current is {:?}", c.current),
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    seeds: Vec<String>,
+    options: ClientOptions,
+    topology: RwLock<Arc<Topology>>,
+    pools: Mutex<HashMap<String, Arc<NodePool>>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("seeds", &self.inner.seeds)
+            .field("topology_version", &self.topology().version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A frame borrowing its request, so a retry does not clone values. Same encoding as
+/// [`frame::RequestFrame`].
+#[derive(Serialize)]
+struct RequestFrameRef<'a> {
+    id: u64,
+    topology: u64,
+    request: &'a Request,
+}
+
+impl Client {
+    /// Connects to the cluster that `addr` belongs to, with default options.
+    pub async fn connect(addr: impl Into<String>) -> Result<Self, ClientError> {
+        Self::connect_with([addr.into()], ClientOptions::default()).await
+    }
+
+    /// Connects through the first reachable of `seeds` and fetches the topology from it.
+    pub async fn connect_with(
+        seeds: impl IntoIterator<Item = impl Into<String>>,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let seeds: Vec<String> = seeds.into_iter().map(Into::into).collect();
+        if seeds.is_empty() {
+            return Err(ClientError::Routing("no node address given".into()));
+        }
+        let client = Self {
+            inner: Arc::new(Inner {
+                topology: RwLock::new(Arc::new(Topology::single(seeds[0].clone()))),
+                seeds,
+                options,
+                pools: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        };
+        client.refresh_topology().await?;
+        Ok(client)
+    }
+
+    /// The topology requests are routed by.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.inner
+            .topology
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Fetches the current topology from the cluster (any node that answers) and routes by it.
+    pub async fn refresh_topology(&self) -> Result<Arc<Topology>, ClientError> {
+        let current = self.topology();
+        let mut candidates: Vec<String> = current.nodes.clone();
+        candidates.extend(self.inner.seeds.iter().cloned());
+        let mut last_error = None;
+        for addr in candidates {
+            match self.send(&addr, 0, &Request::Topology).await {
+                Ok(Response::Topology(t)) => {
+                    t.validate()
+                        .map_err(|e| ClientError::Protocol(format!("node sent {e}")))?;
+                    let t = Arc::new(t);
+                    *self
+                        .inner
+                        .topology
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner) = t.clone();
+                    return Ok(t);
+                }
+                Ok(other) => return Err(unexpected(&other)),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ClientError::Routing("no node to ask".into())))
+    }
+
+    /// Every current sibling of `key`.
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Vec<Sibling>, ClientError> {
+        let key = key.into();
+        check_key(&key)?;
+        match self
+            .call(&key, Request::Get(GetRequest { key: key.clone() }))
+            .await?
+        {
+            Response::Siblings(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Writes a new version; see [`PutRequest`]. An optimistic put that loses fails with
+    /// [`ClientError::Conflict`].
+    pub async fn put(&self, request: PutRequest) -> Result<PutOutcome, ClientError> {
+        check_key(&request.key)?;
+        check_value(&request.value)?;
+        check_parents(&request.parents)?;
+        let key = request.key.clone();
+        match self.call(&key, Request::Put(request)).await? {
+            Response::Put(p) => Ok(p),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Removes versions of a key; see [`RemoveRequest`].
+    pub async fn remove(&self, request: RemoveRequest) -> Result<RemoveOutcome, ClientError> {
+        check_key(&request.key)?;
+        check_parents(&request.parents)?;
+        let key = request.key.clone();
+        match self.call(&key, Request::Remove(request)).await? {
+            Response::Removed(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Adds an item to the list under a key.
+    pub async fn add_item(&self, request: AddItemRequest) -> Result<ItemId, ClientError> {
+        check_key(&request.key)?;
+        check_value(&request.value)?;
+        let key = request.key.clone();
+        match self.call(&key, Request::AddItem(request)).await? {
+            Response::ItemAdded(id) => Ok(id),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Removes an item from a list; `false` if it was not there.
+    pub async fn remove_item(&self, request: RemoveItemRequest) -> Result<bool, ClientError> {
+        check_key(&request.key)?;
+        let key = request.key.clone();
+        match self.call(&key, Request::RemoveItem(request)).await? {
+            Response::ItemRemoved(b) => Ok(b),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Every item of the list under `key`.
+    pub async fn get_items(&self, key: impl Into<Bytes>) -> Result<Vec<ListItem>, ClientError> {
+        let key = key.into();
+        check_key(&key)?;
+        match self
+            .call(&key, Request::GetItems(GetRequest { key: key.clone() }))
+            .await?
+        {
+            Response::Items(items) => Ok(items),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Runs `ops` atomically on the node that serves their keys: all of them or none. Every key
+    /// must route to the same node.
+    pub async fn batch(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, ClientError> {
+        let Some(first) = ops.first().map(|op| op.key().clone()) else {
+            return Ok(Vec::new());
+        };
+        for op in &ops {
+            check_key(op.key())?;
+            match op {
+                Op::Put(r) => {
+                    check_value(&r.value)?;
+                    check_parents(&r.parents)?;
+                }
+                Op::Remove(r) => check_parents(&r.parents)?,
+                Op::AddItem(r) => check_value(&r.value)?,
+                Op::Get(_) | Op::GetItems(_) | Op::RemoveItem(_) => {}
+            }
+        }
+        let topology = self.topology();
+        let node = route(&topology, &first)?;
+        for op in &ops {
+            if route(&topology, op.key())? != node {
+                return Err(ClientError::Routing(format!(
+                    "a batch must stay on one node, but its keys live on {node} and {}",
+                    route(&topology, op.key())?
+                )));
+            }
+        }
+        match self.call(&first, Request::Batch { ops }).await? {
+            Response::Batch(results) => Ok(results),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends a routed request, refreshing the topology and retrying once when the node says it
+    /// changed.
+    async fn call(&self, key: &[u8], request: Request) -> Result<Response, ClientError> {
+        let mut refreshed = false;
+        loop {
+            let topology = self.topology();
+            let addr = route(&topology, key)?.to_owned();
+            match self.send(&addr, topology.version, &request).await {
+                Err(ClientError::Rejected(WireError::TopologyChanged { .. })) if !refreshed => {
+                    refreshed = true;
+                    self.refresh_topology().await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        addr: &str,
+        topology: u64,
+        request: &Request,
+    ) -> Result<Response, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = frame::encode(&RequestFrameRef {
+            id,
+            topology,
+            request,
+        })
+        .map_err(|e| ClientError::Protocol(format!("cannot encode request: {e}")))?;
+        if body.len() > self.inner.options.max_frame {
+            return Err(ClientError::Rejected(WireError::FrameTooLarge {
+                max: self.inner.options.max_frame as u64,
+            }));
+        }
+        let conn = self.pool(addr).conn(&self.inner.options).await?;
+        let frame = conn
+            .call(id, Bytes::from(body), self.inner.options.timeout)
+            .await?;
+        frame.result.map_err(ClientError::from)
+    }
+
+    fn pool(&self, addr: &str) -> Arc<NodePool> {
+        let mut pools = self
+            .inner
+            .pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        pools
+            .entry(addr.to_owned())
+            .or_insert_with(|| {
+                Arc::new(NodePool::new(
+                    addr.to_owned(),
+                    self.inner.options.connections_per_node,
+                ))
+            })
+            .clone()
+    }
+}
+
+fn route<'t>(topology: &'t Topology, key: &[u8]) -> Result<&'t str, ClientError> {
+    let range = RangeId::of(key);
+    topology
+        .primary(range)
+        .ok_or_else(|| ClientError::Routing(format!("no node serves range {}", range.get())))
+}
+
+fn unexpected(r: &Response) -> ClientError {
+    ClientError::Protocol(format!("unexpected answer {r:?}"))
+}
+
+/// A few connections to one node, used round-robin and re-opened when they break.
+struct NodePool {
+    addr: String,
+    slots: Vec<Mutex<Option<Arc<Conn>>>>,
+    next: AtomicUsize,
+}
+
+impl NodePool {
+    fn new(addr: String, size: usize) -> Self {
+        Self {
+            addr,
+            slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    async fn conn(&self, options: &ClientOptions) -> Result<Arc<Conn>, ClientError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let slot = &self.slots[i];
+        if let Some(c) = slot.lock().unwrap_or_else(PoisonError::into_inner).as_ref()
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        // Two callers may both open a connection here; the later one replaces the earlier,
+        // whose in-flight requests still complete.
+        let c = Conn::open(&self.addr, options).await?;
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// One pipelined connection: requests go out through the writer task, answers are matched to
+/// their callers by id.
+struct Conn {
+    addr: String,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    closed: bool,
+    waiters: HashMap<u64, oneshot::Sender<ResponseFrame>>,
+}
+
+impl Conn {
+    async fn open(addr: &str, options: &ClientOptions) -> Result<Arc<Self>, ClientError> {
+        let stream = tokio::time::timeout(options.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Connect {
+                addr: addr.to_owned(),
+                source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+            })?
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let (mut reader, tx, _writer) = connection::split(stream, options.max_frame);
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let reader_pending = pending.clone();
+        let reader_addr = addr.to_owned();
+        tokio::spawn(async move {
+            while let Some(Ok(body)) = reader.next().await {
+                match frame::decode_response(&body) {
+                    Ok(frame) => {
+                        let waiter = reader_pending
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .waiters
+                            .remove(&frame.id);
+                        match waiter {
+                            Some(w) => {
+                                let _ = w.send(frame);
+                            }
+                            None => {
+                                if let Err(e) = frame.result {
+                                    tracing::warn!(addr = %reader_addr, error = %e, "node reported a connection error");
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(addr = %reader_addr, error = %e, "undecodable answer; closing connection");
+                        break;
+                    }
+                }
+            }
+            // Dropping the waiters tells every caller still waiting that the connection is gone.
+            let mut p = reader_pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            p.closed = true;
+            p.waiters.clear();
+        });
+        let conn = Arc::new(Self {
+            addr: addr.to_owned(),
+            tx,
+            pending,
+        });
+        let id = 0;
+        let hello = frame::encode(&RequestFrameRef {
+            id,
+            topology: 0,
+            request: &Request::Hello {
+                secret: options.secret.clone(),
+            },
+        })
+        .map_err(|e| ClientError::Protocol(format!("cannot encode hello: {e}")))?;
+        let answer = conn.call(id, Bytes::from(hello), options.timeout).await?;
+        match answer.result {
+            Ok(Response::Hello { .. }) => Ok(conn),
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed
+    }
+
+    async fn call(
+        &self,
+        id: u64,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<ResponseFrame, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            if p.closed {
+                return Err(self.lost());
+            }
+            p.waiters.insert(id, tx);
+        }
+        if self.tx.send(body).await.is_err() {
+            self.forget(id);
+            return Err(self.lost());
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(frame)) => Ok(frame),
+            Ok(Err(_)) => Err(self.lost()),
+            Err(_) => {
+                self.forget(id);
+                Err(ClientError::Timeout {
+                    addr: self.addr.clone(),
+                    timeout,
+                })
+            }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .waiters
+            .remove(&id);
+    }
+
+    fn lost(&self) -> ClientError {
+        ClientError::ConnectionLost {
+            addr: self.addr.clone(),
+        }
+    }
+}

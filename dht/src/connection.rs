@@ -1,0 +1,94 @@
+//! A framed TCP connection: a reading half that yields frame bodies and a writing task that
+//! batches frames into as few syscalls as the traffic allows.
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use std::io;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+/// The length-prefixed codec both sides use: a 4-byte big-endian length, then the body.
+pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(max_frame)
+        .new_codec()
+}
+
+/// The reading half of a connection.
+pub struct FrameReader {
+    inner: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+}
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The peer announced a frame longer than the limit.
+    #[error("frame longer than {max} bytes")]
+    TooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// The socket failed.
+    #[error(transparent)]
+    Io(io::Error),
+}
+
+impl FrameReader {
+    /// The next frame body; `None` when the peer closed the connection cleanly.
+    pub async fn next(&mut self) -> Option<Result<BytesMut, ReadError>> {
+        let max = self.inner.decoder().max_frame_length();
+        self.inner.next().await.map(|r| {
+            r.map_err(|e| {
+                // LengthDelimitedCodec reports an oversize frame as InvalidData.
+                if e.kind() == io::ErrorKind::InvalidData {
+                    ReadError::TooLarge { max }
+                } else {
+                    ReadError::Io(e)
+                }
+            })
+        })
+    }
+}
+
+/// Splits a socket into a [`FrameReader`] and a writer task fed through the returned sender.
+///
+/// The writer ends (flushing what it has) when every sender is dropped, or on a write error.
+pub fn split(
+    stream: TcpStream,
+    max_frame: usize,
+) -> (
+    FrameReader,
+    mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<io::Result<()>>,
+) {
+    // Small request/response frames: waiting for more bytes (Nagle) only adds latency.
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let reader = FrameReader {
+        inner: FramedRead::new(r, codec(max_frame)),
+    };
+    let (tx, rx) = mpsc::channel(1024);
+    let writer = tokio::spawn(write_loop(FramedWrite::new(w, codec(max_frame)), rx));
+    (reader, tx, writer)
+}
+
+async fn write_loop(
+    mut sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    mut rx: mpsc::Receiver<Bytes>,
+) -> io::Result<()> {
+    while let Some(frame) = rx.recv().await {
+        sink.feed(frame).await?;
+        // Everything already queued goes out with this flush: pipelined traffic costs one
+        // syscall per burst, not one per frame.
+        while let Ok(frame) = rx.try_recv() {
+            sink.feed(frame).await?;
+        }
+        SinkExt::<Bytes>::flush(&mut sink).await?;
+    }
+    SinkExt::<Bytes>::flush(&mut sink).await?;
+    let mut w = sink.into_inner();
+    tokio::io::AsyncWriteExt::shutdown(&mut w).await
+}

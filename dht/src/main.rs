@@ -1,0 +1,379 @@
+//! `rhinobus-dht`: run a node, or talk to one from a shell.
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use rhinobus_dht::{
+    AddItemRequest, Client, ClientError, ClientOptions, Durability, ItemId, NodeOptions,
+    PutRequest, RemoveItemRequest, RemoveRequest, Sibling, Storage, StorageOptions, Version,
+    WireError, serve, shutdown,
+};
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+/// A versioned, persistent hash table node and its command-line client.
+#[derive(Parser)]
+#[command(name = "rhinobus-dht", version)]
+struct Cli {
+    /// The node to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "RHINOBUS_DHT_NODE",
+        default_value = "127.0.0.1:7480"
+    )]
+    node: String,
+    /// The nodes' shared secret.
+    #[arg(
+        long,
+        global = true,
+        env = "RHINOBUS_DHT_SECRET",
+        hide_env_values = true
+    )]
+    secret: Option<String>,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How long to wait for an answer, in milliseconds.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node until SIGINT or SIGTERM.
+    Node {
+        /// Where the data lives.
+        #[arg(long)]
+        data: PathBuf,
+        /// The address to listen on; port 0 picks a free one (printed on start).
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        listen: String,
+        /// When a write counts as done.
+        #[arg(long, value_enum, default_value_t = DurabilityArg::Buffered)]
+        durability: DurabilityArg,
+        /// The largest frame accepted, in bytes.
+        #[arg(long, default_value_t = rhinobus_dht::frame::DEFAULT_MAX_FRAME)]
+        max_frame: usize,
+    },
+    /// Print every current sibling of a key.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Write a value, superseding the given parent versions.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// A version this value replaces (repeatable).
+        #[arg(long = "parent")]
+        parents: Vec<Version>,
+        /// Fail with a conflict unless the parents are exactly the current versions.
+        #[arg(long)]
+        optimistic: bool,
+        /// Expire the value after this many seconds.
+        #[arg(long)]
+        expires_in_secs: Option<u64>,
+    },
+    /// Remove versions of a key.
+    Remove {
+        /// The key.
+        key: String,
+        /// A version to remove (repeatable, at least one).
+        #[arg(long = "parent", required = true)]
+        parents: Vec<Version>,
+        /// Fail with a conflict unless the parents are exactly the current versions.
+        #[arg(long)]
+        optimistic: bool,
+    },
+    /// Add an item to a list.
+    AddItem {
+        /// The list's key.
+        key: String,
+        /// The item.
+        value: String,
+    },
+    /// Remove an item from a list.
+    RemoveItem {
+        /// The list's key.
+        key: String,
+        /// The item id.
+        id: ItemId,
+    },
+    /// Print the items of a list.
+    Items {
+        /// The list's key.
+        key: String,
+    },
+    /// Print the topology the node serves.
+    Topology,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    /// Survives a crash of the process.
+    Buffered,
+    /// fsync per commit, shared between concurrent writers.
+    Fsync,
+}
+
+/// Exit code for an optimistic conflict, so scripts can tell it from other failures.
+const EXIT_CONFLICT: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Node {
+            ref data,
+            ref listen,
+            durability,
+            max_frame,
+        } => run_node(data, listen, durability, max_frame, cli.secret.clone()).await,
+        _ => match client_command(cli).await {
+            Ok(()) => Ok(()),
+            Err(ClientError::Conflict(c)) => {
+                eprintln!("error: {c}");
+                return ExitCode::from(EXIT_CONFLICT);
+            }
+            Err(e) => Err(e.into()),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_node(
+    data: &std::path::Path,
+    listen: &str,
+    durability: DurabilityArg,
+    max_frame: usize,
+    secret: Option<String>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let durability = match durability {
+        DurabilityArg::Buffered => Durability::Buffered,
+        DurabilityArg::Fsync => Durability::Fsync,
+    };
+    let dir = data.to_owned();
+    let storage = tokio::task::spawn_blocking(move || {
+        Storage::open(&dir, StorageOptions::default().durability(durability))
+    })
+    .await??;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    // Scripts and tests read this line to learn the port when they asked for port 0.
+    println!("listening on {addr}");
+    tracing::info!(%addr, data = %data.display(), ?durability, "node started");
+    let purger = tokio::spawn(purge_expired(storage.clone()));
+    let options = NodeOptions::default().secret(secret).max_frame(max_frame);
+    let served = serve(listener, storage, options, shutdown::signal()).await;
+    purger.abort();
+    Ok(served?)
+}
+
+/// Cleans up expired values once a minute; readers never see them even before.
+async fn purge_expired(storage: Storage) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let s = storage.clone();
+        match tokio::task::spawn_blocking(move || s.purge_expired(SystemTime::now(), 10_000)).await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(purged = n, "expired values cleaned up"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "purging expired values failed"),
+            Err(e) => tracing::warn!(error = %e, "purge task failed"),
+        }
+    }
+}
+
+async fn client_command(cli: Cli) -> Result<(), ClientError> {
+    let options = ClientOptions::default()
+        .secret(cli.secret)
+        .timeout(Duration::from_millis(cli.timeout_ms))
+        .connections_per_node(1);
+    let client = Client::connect_with([cli.node], options).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Node { .. } => Err(ClientError::Rejected(WireError::Malformed {
+            message: "node is not a client command".into(),
+        })),
+        Command::Get { key } => {
+            let siblings = client.get(key.clone()).await?;
+            if json {
+                let list: Vec<_> = siblings.iter().map(sibling_json).collect();
+                println!("{}", json!({ "key": key, "siblings": list }));
+            } else if siblings.is_empty() {
+                println!("(no value)");
+            } else {
+                println!("{:<36}  VALUE", "VERSION");
+                for s in &siblings {
+                    println!("{:<36}  {}", s.version, String::from_utf8_lossy(&s.value));
+                }
+            }
+            Ok(())
+        }
+        Command::Put {
+            key,
+            value,
+            parents,
+            optimistic,
+            expires_in_secs,
+        } => {
+            let request = PutRequest {
+                key: Bytes::from(key),
+                value: Bytes::from(value),
+                parents,
+                optimistic,
+                expires_at: expires_in_secs.map(|s| SystemTime::now() + Duration::from_secs(s)),
+            };
+            let out = client.put(request).await?;
+            if json {
+                let superseded: Vec<String> =
+                    out.superseded.iter().map(ToString::to_string).collect();
+                println!(
+                    "{}",
+                    json!({ "version": out.version.to_string(), "superseded": superseded })
+                );
+            } else {
+                println!("{}", out.version);
+            }
+            Ok(())
+        }
+        Command::Remove {
+            key,
+            parents,
+            optimistic,
+        } => {
+            let out = client
+                .remove(RemoveRequest {
+                    key: Bytes::from(key),
+                    parents,
+                    optimistic,
+                })
+                .await?;
+            let removed: Vec<String> = out.removed.iter().map(ToString::to_string).collect();
+            if json {
+                println!("{}", json!({ "removed": removed }));
+            } else {
+                println!("removed {} version(s)", removed.len());
+            }
+            Ok(())
+        }
+        Command::AddItem { key, value } => {
+            let id = client.add_item(AddItemRequest::new(key, value)).await?;
+            if json {
+                println!("{}", json!({ "id": id.to_string() }));
+            } else {
+                println!("{id}");
+            }
+            Ok(())
+        }
+        Command::RemoveItem { key, id } => {
+            let removed = client
+                .remove_item(RemoveItemRequest {
+                    key: Bytes::from(key),
+                    id,
+                })
+                .await?;
+            if json {
+                println!("{}", json!({ "removed": removed }));
+            } else {
+                println!("{}", if removed { "removed" } else { "not found" });
+            }
+            Ok(())
+        }
+        Command::Items { key } => {
+            let items = client.get_items(key.clone()).await?;
+            if json {
+                let list: Vec<_> = items
+                    .iter()
+                    .map(|i| {
+                        let mut v = value_json(&i.value);
+                        v.insert("id".into(), json!(i.id.to_string()));
+                        v
+                    })
+                    .collect();
+                println!("{}", json!({ "key": key, "items": list }));
+            } else {
+                println!("{:<36}  VALUE", "ID");
+                for i in &items {
+                    println!("{:<36}  {}", i.id, String::from_utf8_lossy(&i.value));
+                }
+            }
+            Ok(())
+        }
+        Command::Topology => {
+            let t = client.topology();
+            if json {
+                println!("{}", json!({ "version": t.version, "nodes": t.nodes }));
+            } else {
+                println!("version {}", t.version);
+                for n in &t.nodes {
+                    println!("  {n}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `value` as text when it is UTF-8, else `value_hex`, so any bytes print losslessly.
+fn value_json(value: &[u8]) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    match std::str::from_utf8(value) {
+        Ok(s) => m.insert("value".into(), json!(s)),
+        Err(_) => m.insert(
+            "value_hex".into(),
+            json!(value.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        ),
+    };
+    m
+}
+
+fn sibling_json(s: &Sibling) -> serde_json::Value {
+    let mut m = value_json(&s.value);
+    m.insert("version".into(), json!(s.version.to_string()));
+    if let Some(at) = s.expires_at
+        && let Ok(d) = at.duration_since(SystemTime::UNIX_EPOCH)
+    {
+        m.insert("expires_at_ms".into(), json!(d.as_millis() as u64));
+    }
+    serde_json::Value::Object(m)
+}

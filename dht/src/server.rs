@@ -1,0 +1,281 @@
+//! The node: accepts connections and serves requests against one [`Storage`], many in flight per
+//! connection, until shut down.
+
+use crate::connection::{self, ReadError};
+use crate::frame::{self, Request, ResponseFrame, WireError};
+use crate::request;
+use crate::routing::Topology;
+use crate::shutdown::{self, Shutdown};
+use crate::storage::{Durability, Storage};
+use bytes::Bytes;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+
+/// How a node serves.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeOptions {
+    /// When set, every connection must open with a `Hello` carrying this secret.
+    pub secret: Option<String>,
+    /// The largest frame accepted; a longer one closes the connection.
+    pub max_frame: usize,
+    /// With [`Durability::Fsync`], how many writes one connection may have waiting for a sync
+    /// (they share fsyncs, so more in flight means more throughput).
+    pub max_in_flight: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// The topology to serve; by default one node (this one, at its listening address) owning
+    /// every range.
+    pub topology: Option<Topology>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            max_frame: frame::DEFAULT_MAX_FRAME,
+            max_in_flight: 256,
+            max_connections: 1024,
+            topology: None,
+        }
+    }
+}
+
+impl NodeOptions {
+    /// The same options with a shared secret.
+    pub fn secret(mut self, secret: Option<String>) -> Self {
+        self.secret = secret;
+        self
+    }
+
+    /// The same options with another frame limit.
+    pub fn max_frame(mut self, max_frame: usize) -> Self {
+        self.max_frame = max_frame;
+        self
+    }
+}
+
+struct Node {
+    storage: Storage,
+    topology: Topology,
+    options: NodeOptions,
+}
+
+/// Serves `storage` on `listener` until `shutdown` resolves, then stops accepting, lets every
+/// connection finish the request it is on, and flushes storage.
+///
+/// ```no_run
+/// # async fn run() -> std::io::Result<()> {
+/// use rhinobus_dht::{NodeOptions, Storage, StorageOptions, serve, shutdown};
+///
+/// let storage = Storage::open("data", StorageOptions::default()).expect("open storage");
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:7480").await?;
+/// serve(listener, storage, NodeOptions::default(), shutdown::signal()).await
+/// # }
+/// ```
+pub async fn serve(
+    listener: TcpListener,
+    storage: Storage,
+    options: NodeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let topology = match options.topology.clone() {
+        Some(t) => t,
+        None => Topology::single(listener.local_addr()?.to_string()),
+    };
+    let node = Arc::new(Node {
+        storage,
+        topology,
+        options,
+    });
+    let (trigger, stop) = shutdown::channel();
+    // Every connection task holds a clone; when all are gone, `recv` returns `None`.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let slots = Arc::new(Semaphore::new(node.options.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let node = node.clone();
+                let stop = stop.clone();
+                let alive = alive_tx.clone();
+                tokio::spawn(async move {
+                    tracing::debug!(%peer, "connection opened");
+                    serve_connection(stream, node, stop).await;
+                    tracing::debug!(%peer, "connection closed");
+                    drop(alive);
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Typically out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::info!("shutting down: draining connections");
+    trigger.trigger();
+    drop(alive_tx);
+    let _ = alive_rx.recv().await;
+    let storage = node.storage.clone();
+    tokio::task::spawn_blocking(move || storage.flush())
+        .await
+        .map_err(io::Error::other)?
+        .map_err(io::Error::other)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Compares without stopping at the first difference, so timing does not leak the secret.
+fn secret_matches(expected: &str, given: Option<&str>) -> bool {
+    let Some(given) = given else { return false };
+    let (a, b) = (expected.as_bytes(), given.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+async fn respond(tx: &mpsc::Sender<Bytes>, id: u64, result: Result<frame::Response, WireError>) {
+    let body = frame::encode(&ResponseFrame { id, result }).or_else(|e| {
+        frame::encode(&ResponseFrame {
+            id,
+            result: Err(WireError::Internal {
+                message: format!("cannot encode response: {e}"),
+            }),
+        })
+    });
+    match body {
+        // A send error means the writer is gone (peer closed); nothing left to tell.
+        Ok(body) => {
+            let _ = tx.send(Bytes::from(body)).await;
+        }
+        Err(e) => tracing::error!(error = %e, "cannot encode an error response"),
+    }
+}
+
+async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown) {
+    let (mut reader, tx, writer) = connection::split(stream, node.options.max_frame);
+    let mut authenticated = node.options.secret.is_none();
+    let in_flight = Arc::new(Semaphore::new(node.options.max_in_flight.max(1)));
+    loop {
+        let next = tokio::select! {
+            _ = stop.recv() => break,
+            next = reader.next() => next,
+        };
+        let body = match next {
+            None => break,
+            Some(Ok(body)) => body,
+            Some(Err(ReadError::TooLarge { max })) => {
+                // The rest of the stream cannot be re-synchronised: answer and close.
+                respond(&tx, 0, Err(WireError::FrameTooLarge { max: max as u64 })).await;
+                break;
+            }
+            Some(Err(ReadError::Io(e))) => {
+                tracing::debug!(error = %e, "connection read failed");
+                break;
+            }
+        };
+        let frame = match frame::decode_request(&body) {
+            Ok(frame) => frame,
+            Err((id, err)) => {
+                tracing::debug!(error = %err, "malformed request");
+                respond(&tx, id.unwrap_or(0), Err(err)).await;
+                if id.is_none() || !authenticated {
+                    break;
+                }
+                continue;
+            }
+        };
+        if !authenticated {
+            match (&frame.request, &node.options.secret) {
+                (Request::Hello { secret }, Some(expected))
+                    if secret_matches(expected, secret.as_deref()) =>
+                {
+                    authenticated = true;
+                }
+                _ => {
+                    respond(&tx, frame.id, Err(WireError::Unauthorized)).await;
+                    break;
+                }
+            }
+        }
+        if frame.request.is_routed() && frame.topology != node.topology.version {
+            respond(
+                &tx,
+                frame.id,
+                Err(WireError::TopologyChanged {
+                    version: node.topology.version,
+                }),
+            )
+            .await;
+            continue;
+        }
+        let id = frame.id;
+        if node.storage.durability() == Durability::Fsync && frame.request.is_write() {
+            // Writes wait for an fsync off the runtime's threads, many at once, so that group
+            // commit can share each sync between them. Their answers may overtake each other.
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            let node = node.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let result = tokio::task::spawn_blocking(move || {
+                    request::execute(&node.storage, &node.topology, frame.request)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(WireError::Internal {
+                        message: format!("request task failed: {e}"),
+                    })
+                });
+                respond(&tx, id, result).await;
+                drop(permit);
+            });
+        } else {
+            // Local reads and buffered writes take microseconds: answering inline keeps the
+            // answers in order and avoids a task per request.
+            let result = request::execute(&node.storage, &node.topology, frame.request);
+            respond(&tx, id, result).await;
+        }
+    }
+    drop(tx);
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "connection write failed"),
+        Err(e) => tracing::warn!(error = %e, "connection writer task failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(secret_matches("s3cret", Some("s3cret")));
+        assert!(!secret_matches("s3cret", Some("s3cre")));
+        assert!(!secret_matches("s3cret", Some("s3cret!")));
+        assert!(!secret_matches("s3cret", Some("")));
+        assert!(!secret_matches("s3cret", None));
+        assert!(secret_matches("", Some("")));
+    }
+}
