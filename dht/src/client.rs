@@ -22,7 +22,6 @@ use tokio::sync::oneshot;
 
 /// How a [`Client`] connects.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct ClientOptions {
     /// The nodes' shared secret, if they have one.
     pub secret: Option<String>,

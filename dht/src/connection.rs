@@ -71,7 +71,12 @@ pub fn split(
         inner: FramedRead::new(r, codec(max_frame)),
     };
     let (tx, rx) = mpsc::channel(1024);
-    let writer = tokio::spawn(write_loop(FramedWrite::new(w, codec(max_frame)), rx));
+    // The limit protects what we read; what we send is bounded by the peer's limit, not ours
+    // (a node with a small limit still sends a topology larger than it).
+    let writer = tokio::spawn(write_loop(
+        FramedWrite::new(w, codec(u32::MAX as usize)),
+        rx,
+    ));
     (reader, tx, writer)
 }
 

@@ -62,10 +62,10 @@ pub struct RangeAssignment {
     /// The node that normally serves the range.
     pub primary: u32,
     /// The first failover node.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secondary: Option<u32>,
     /// The second failover node.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tertiary: Option<u32>,
 }
 

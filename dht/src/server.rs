@@ -17,7 +17,6 @@ use tokio::sync::{Semaphore, mpsc};
 
 /// How a node serves.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct NodeOptions {
     /// When set, every connection must open with a `Hello` carrying this secret.
     pub secret: Option<String>,

@@ -51,7 +51,6 @@ pub enum Durability {
 
 /// How to open a [`Storage`].
 #[derive(Debug, Clone, Default)]
-#[non_exhaustive]
 pub struct StorageOptions {
     /// When a commit counts as done.
     pub durability: Durability,
