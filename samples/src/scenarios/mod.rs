@@ -1,1 +1,4 @@
 //! Bench scenarios, one module per system under test.
+
+pub mod amqp;
+pub mod dht;

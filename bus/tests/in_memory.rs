@@ -1,0 +1,182 @@
+//! The in-memory transport gives endpoints the same semantics as RabbitMQ.
+
+use rhinobus::headers::names;
+use rhinobus::transport::{Destination, InMemory, OutgoingMessage, Transport};
+use rhinobus::{Context, DelayedRetries, Endpoint, HandlerError, Headers, Message};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Work {
+    n: u32,
+}
+impl Message for Work {
+    const NAME: &'static str = "tests.work";
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn counting_failures(
+    calls: &Arc<AtomicU32>,
+) -> impl Fn(Work, Context) -> futures_util::future::Ready<Result<(), HandlerError>>
++ Send
++ Sync
++ 'static {
+    let calls = calls.clone();
+    move |_, _| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        futures_util::future::ready(Err(HandlerError::msg("always fails")))
+    }
+}
+
+#[tokio::test]
+async fn failures_are_retried_then_moved_to_the_error_queue() {
+    let broker = InMemory::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let ep = Endpoint::builder("worker", broker.clone())
+        .immediate_retries(2)
+        .delayed_retries(DelayedRetries {
+            max: 1,
+            delay: Duration::from_millis(20),
+            multiplier: 1,
+        })
+        .handle(counting_failures(&calls))
+        .start()
+        .await
+        .unwrap();
+    ep.bus().send("worker", &Work { n: 1 }).await.unwrap();
+    wait_until("the error queue", || broker.queue_len("error") == 1).await;
+    ep.shutdown().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        6,
+        "two rounds of 1 + 2 attempts"
+    );
+    let (headers, body) = broker.take("error").unwrap();
+    assert_eq!(rhinobus::message::decode::<Work>(&body).unwrap().n, 1);
+    assert_eq!(headers[names::FAILURE_REASON], "handler");
+    assert_eq!(headers[names::FAILURE_ATTEMPTS], "3");
+    assert_eq!(headers[names::DELAYED_RETRIES], "1");
+    assert_eq!(headers[names::FAILURE_ERROR_MESSAGE], "always fails");
+}
+
+#[tokio::test]
+async fn zero_immediate_retries_means_one_attempt() {
+    let broker = InMemory::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let ep = Endpoint::builder("once", broker.clone())
+        .immediate_retries(0)
+        .handle(counting_failures(&calls))
+        .start()
+        .await
+        .unwrap();
+    ep.bus().send("once", &Work { n: 1 }).await.unwrap();
+    wait_until("the error queue", || broker.queue_len("error") == 1).await;
+    ep.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn panics_are_failures_not_crashes() {
+    let broker = InMemory::new();
+    let ep = Endpoint::builder("panicky", broker.clone())
+        .immediate_retries(1)
+        .handle(|w: Work, _: Context| async move {
+            assert!(w.n > 100, "n too small");
+            Ok::<_, HandlerError>(())
+        })
+        .start()
+        .await
+        .unwrap();
+    ep.bus().send("panicky", &Work { n: 1 }).await.unwrap();
+    wait_until("the error queue", || broker.queue_len("error") == 1).await;
+    ep.shutdown().await;
+    let (headers, _) = broker.take("error").unwrap();
+    assert!(headers[names::FAILURE_ERROR_MESSAGE].contains("n too small"));
+}
+
+#[tokio::test]
+async fn undecodable_and_unknown_messages_go_straight_to_the_error_queue() {
+    let broker = InMemory::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let ep = Endpoint::builder("strict", broker.clone())
+        .handle(counting_failures(&calls))
+        .start()
+        .await
+        .unwrap();
+    let raw = |t: Option<&str>, body: &[u8]| {
+        let mut headers = Headers::new();
+        if let Some(t) = t {
+            headers.insert(names::MESSAGE_TYPE.into(), t.into());
+        }
+        OutgoingMessage {
+            destination: Destination::Queue("strict".into()),
+            headers,
+            body: body.to_vec(),
+        }
+    };
+    broker
+        .send(vec![
+            raw(Some(Work::NAME), b"\xc1garbage"),
+            raw(None, b"{}"),
+            raw(Some("tests.unknown"), b"\x80"),
+        ])
+        .await
+        .unwrap();
+    wait_until("the error queue", || broker.queue_len("error") == 3).await;
+    ep.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let mut reasons = Vec::new();
+    while let Some((h, _)) = broker.take("error") {
+        reasons.push(h[names::FAILURE_REASON].clone());
+    }
+    assert_eq!(reasons, ["decode", "missing-type", "no-handler"]);
+}
+
+#[tokio::test]
+async fn shutdown_returns_unstarted_messages_to_the_queue() {
+    let broker = InMemory::new();
+    let handled = Arc::new(AtomicU32::new(0));
+    let seen = handled.clone();
+    let ep = Endpoint::builder("slow", broker.clone())
+        .concurrency(2)
+        .handle(move |_: Work, _: Context| {
+            let seen = seen.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                seen.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    for n in 0..10 {
+        ep.bus().send("slow", &Work { n }).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    ep.shutdown().await;
+    let handled = handled.load(Ordering::SeqCst);
+    assert!(handled >= 2, "the in-flight messages finished: {handled}");
+    assert_eq!(broker.queue_len("slow") as u32, 10 - handled);
+}
+
+#[tokio::test]
+async fn a_publish_nobody_subscribes_to_is_not_an_error_but_a_send_to_nowhere_is() {
+    let broker = InMemory::new();
+    let bus = rhinobus::Bus::new(broker, "client");
+    bus.publish(&Work { n: 1 }).await.unwrap();
+    let err = bus.send("nowhere", &Work { n: 1 }).await.unwrap_err();
+    assert!(err.to_string().contains("nowhere"), "{err}");
+}

@@ -1,0 +1,254 @@
+//! `raw-amqp`, `bus` and `bus-inmemory`: the same stream of persistent 256-byte messages,
+//! sent with confirms and consumed with manual acks, through plain lapin (the ceiling of the
+//! machine), through rhinobus on RabbitMQ, and through rhinobus in memory.
+
+use crate::report::{Latencies, Report};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rhinobus::transport::{InMemory, RabbitMq, Transport};
+use rhinobus::{Bus, Context, Endpoint, HandlerError, Message};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// The size of every message body.
+const BODY_BYTES: usize = 256;
+
+/// How many messages the publisher keeps waiting for a confirm at once.
+const PUBLISH_WINDOW: usize = 1024;
+
+/// The parameters every messaging scenario shares.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// Messages to send and receive.
+    pub messages: u64,
+    /// Consumer concurrency (and prefetch).
+    pub concurrency: u16,
+    /// RabbitMQ address.
+    pub amqp_url: String,
+}
+
+type BenchError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Counts received messages and their end-to-end latencies; wakes the bench at the last one.
+struct Receipts {
+    start: Instant,
+    expected: u64,
+    latencies: Mutex<(u64, Latencies)>,
+    all_in: Notify,
+}
+
+impl Receipts {
+    fn new(expected: u64) -> Arc<Self> {
+        Arc::new(Self {
+            start: Instant::now(),
+            expected,
+            latencies: Mutex::new((0, Latencies::with_capacity(expected as usize))),
+            all_in: Notify::new(),
+        })
+    }
+
+    fn micros_since_start(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    fn received(&self, sent_at_micros: u64) {
+        let latency =
+            Duration::from_micros(self.micros_since_start().saturating_sub(sent_at_micros));
+        let mut guard = self.latencies.lock().expect("not poisoned");
+        guard.0 += 1;
+        guard.1.record(latency);
+        if guard.0 == self.expected {
+            self.all_in.notify_one();
+        }
+    }
+
+    async fn wait(&self) -> (Duration, Latencies) {
+        self.all_in.notified().await;
+        let elapsed = self.start.elapsed();
+        let latencies = std::mem::take(&mut self.latencies.lock().expect("not poisoned").1);
+        (elapsed, latencies)
+    }
+}
+
+/// A 256-byte body that starts with the send time.
+fn raw_body(sent_at_micros: u64) -> Vec<u8> {
+    let mut body = vec![b'x'; BODY_BYTES];
+    body[..8].copy_from_slice(&sent_at_micros.to_be_bytes());
+    body
+}
+
+/// Plain lapin: publisher confirms pipelined, manual acks, prefetch = concurrency.
+pub async fn raw_amqp(load: &Load) -> Result<Report, BenchError> {
+    let queue = format!("bench-raw-{}", uuid::Uuid::now_v7().simple());
+    let publisher = Connection::connect(&load.amqp_url, ConnectionProperties::default()).await?;
+    let consumer_conn =
+        Connection::connect(&load.amqp_url, ConnectionProperties::default()).await?;
+    let pub_channel = publisher.create_channel().await?;
+    pub_channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    pub_channel
+        .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+        .await?;
+    let channel = consumer_conn.create_channel().await?;
+    channel
+        .basic_qos(load.concurrency, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let receipts = Receipts::new(load.messages);
+    let consuming = tokio::spawn({
+        let receipts = receipts.clone();
+        async move {
+            while let Some(delivery) = consumer.next().await {
+                let delivery = delivery?;
+                let sent = u64::from_be_bytes(delivery.data[..8].try_into().expect("8 bytes"));
+                delivery.ack(BasicAckOptions::default()).await?;
+                receipts.received(sent);
+            }
+            Ok::<_, lapin::Error>(())
+        }
+    });
+    let mut confirms = FuturesUnordered::new();
+    for _ in 0..load.messages {
+        if confirms.len() >= PUBLISH_WINDOW {
+            confirms.next().await.expect("non-empty")?;
+        }
+        let confirm = pub_channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &raw_body(receipts.micros_since_start()),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    while let Some(c) = confirms.next().await {
+        c?;
+    }
+    let (elapsed, latencies) = receipts.wait().await;
+    consuming.abort();
+    pub_channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = publisher.close(200, "bench done".into()).await;
+    let _ = consumer_conn.close(200, "bench done".into()).await;
+    Ok(Report::new("raw-amqp", load.messages, elapsed, latencies)
+        .with("concurrency", load.concurrency))
+}
+
+/// The bench message: the send time and a filler that makes the body about 256 bytes.
+#[derive(Serialize, Deserialize)]
+struct BenchMessage {
+    sent_at_micros: u64,
+    filler: String,
+}
+
+impl Message for BenchMessage {
+    const NAME: &'static str = "bench.message";
+}
+
+/// rhinobus on RabbitMQ: a sender bus on its own connection, a no-op handler endpoint.
+pub async fn bus_rabbitmq(load: &Load) -> Result<Report, BenchError> {
+    let endpoint = format!("bench-bus-{}", uuid::Uuid::now_v7().simple());
+    let report = bus_scenario(
+        "bus",
+        load,
+        &endpoint,
+        RabbitMq::new(&load.amqp_url),
+        RabbitMq::new(&load.amqp_url).connection_name(format!("{endpoint}-sender")),
+    )
+    .await;
+    delete_queues(&load.amqp_url, &[&endpoint, &format!("{endpoint}-error")]).await?;
+    report
+}
+
+/// rhinobus on the in-memory transport.
+pub async fn bus_inmemory(load: &Load) -> Result<Report, BenchError> {
+    let broker = InMemory::new();
+    bus_scenario("bus-inmemory", load, "bench-bus", broker.clone(), broker).await
+}
+
+async fn bus_scenario(
+    scenario: &str,
+    load: &Load,
+    endpoint: &str,
+    receiving: impl Transport,
+    sending: impl Transport,
+) -> Result<Report, BenchError> {
+    let receipts = Receipts::new(load.messages);
+    let handled = receipts.clone();
+    let ep = Endpoint::builder(endpoint, receiving)
+        .concurrency(load.concurrency)
+        .error_queue(format!("{endpoint}-error"))
+        .handle(move |m: BenchMessage, _: Context| {
+            handled.received(m.sent_at_micros);
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .start()
+        .await?;
+    let sender = Bus::new(sending, format!("{endpoint}-sender"));
+    let filler = "x".repeat(BODY_BYTES - 48);
+    let mut sends = FuturesUnordered::new();
+    for _ in 0..load.messages {
+        if sends.len() >= PUBLISH_WINDOW {
+            sends.next().await.expect("non-empty")??;
+        }
+        let (sender, filler, endpoint) = (sender.clone(), filler.clone(), endpoint.to_owned());
+        let sent_at_micros = receipts.micros_since_start();
+        sends.push(tokio::spawn(async move {
+            sender
+                .send(
+                    &endpoint,
+                    &BenchMessage {
+                        sent_at_micros,
+                        filler,
+                    },
+                )
+                .await
+                .map(drop)
+        }));
+    }
+    while let Some(s) = sends.next().await {
+        s??;
+    }
+    let (elapsed, latencies) = receipts.wait().await;
+    ep.shutdown().await;
+    Ok(Report::new(scenario, load.messages, elapsed, latencies)
+        .with("concurrency", load.concurrency))
+}
+
+async fn delete_queues(url: &str, queues: &[&str]) -> Result<(), BenchError> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    for q in queues {
+        channel
+            .queue_delete((*q).into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(())
+}
