@@ -19,6 +19,8 @@
 //! each other's work: the next reader sees both and merges. Writers that prefer to be told set
 //! `optimistic` and get a [`Conflict`] instead.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod connection;
 pub mod frame;
