@@ -407,3 +407,53 @@ async fn data_survives_kill_9_and_sigterm_stops_cleanly() {
     let status = node.signal_and_wait("TERM");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_durability_serves_concurrent_writers() {
+    let (_dir, data) = temp_data();
+    let node = NodeProcess::start(&data, &["--durability", "fsync"]);
+    let client = Client::connect(node.addr.clone()).await.unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move {
+                c.put(PutRequest::new(format!("f/{i}"), "v"))
+                    .await
+                    .map(|p| (i, p.version))
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, version) = t.await.unwrap().unwrap();
+        let got = client.get(format!("f/{i}")).await.unwrap();
+        assert_eq!(got[0].version, version);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reconnects_after_the_node_restarts() {
+    let (_dir, data) = temp_data();
+    let mut node = NodeProcess::start(&data, &[]);
+    let addr = node.addr.clone();
+    let client = Client::connect(addr.clone()).await.unwrap();
+    client.put(PutRequest::new("k", "v")).await.unwrap();
+    node.signal_and_wait("KILL");
+    let _node = NodeProcess::start(&data, &["--listen", &addr]);
+    // Connections opened before the restart are dead; the pool replaces each one the first
+    // time it is found closed, so a handful of attempts must get through.
+    let mut last = None;
+    for _ in 0..20 {
+        match client.get("k").await {
+            Ok(got) => {
+                last = Some(Ok(got));
+                break;
+            }
+            Err(e) => {
+                last = Some(Err(e));
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let got = last.unwrap().unwrap();
+    assert_eq!(got.len(), 1);
+}

@@ -15,13 +15,19 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Starts a node on `data` listening on a free port, with extra arguments.
+    /// Starts a node on `data` with extra arguments, listening on a free port unless `extra`
+    /// says `--listen`.
     pub fn start(data: &Path, extra: &[&str]) -> Self {
+        let listen: &[&str] = if extra.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(BIN)
             .arg("node")
             .arg("--data")
             .arg(data)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(listen)
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
