@@ -4,7 +4,7 @@
 
 use crate::report::{Latencies, Report};
 use rhinobus_dht::{
-    Client, ClientOptions, NodeOptions, PutRequest, Storage, StorageOptions, serve,
+    Client, ClientOptions, Durability, NodeOptions, PutRequest, Storage, StorageOptions, serve,
 };
 use std::error::Error;
 use std::sync::Arc;
@@ -30,12 +30,11 @@ struct Node {
 }
 
 impl Node {
-    async fn start() -> Result<Self, BoxError> {
+    async fn start(durability: Durability) -> Result<Self, BoxError> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().to_owned();
-        let storage =
-            tokio::task::spawn_blocking(move || Storage::open(path, StorageOptions::default()))
-                .await??;
+        let options = StorageOptions::default().durability(durability);
+        let storage = tokio::task::spawn_blocking(move || Storage::open(path, options)).await??;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -117,7 +116,7 @@ pub async fn dht_get(ops: u64, clients: usize) -> Result<Report, Box<dyn Error>>
 }
 
 async fn run_get(ops: u64, clients: usize) -> Result<Report, BoxError> {
-    let node = Node::start().await?;
+    let node = Node::start(Durability::Buffered).await?;
     let client = connect(&node.addr).await?;
     let c = client.clone();
     drive(GET_KEYS, clients, move |n| {
@@ -151,11 +150,21 @@ async fn run_get(ops: u64, clients: usize) -> Result<Report, BoxError> {
 /// `dht-put`: `ops` writes of 100-byte values to fresh keys with buffered durability, by
 /// `clients` concurrent tasks.
 pub async fn dht_put(ops: u64, clients: usize) -> Result<Report, Box<dyn Error>> {
-    run_put(ops, clients).await.map_err(|e| e as Box<dyn Error>)
+    run_put(ops, clients, Durability::Buffered)
+        .await
+        .map_err(|e| e as Box<dyn Error>)
 }
 
-async fn run_put(ops: u64, clients: usize) -> Result<Report, BoxError> {
-    let node = Node::start().await?;
+/// `dht-put-fsync`: as `dht-put`, but every write is fsynced before it is acknowledged;
+/// concurrent writers share fsyncs (group commit).
+pub async fn dht_put_fsync(ops: u64, clients: usize) -> Result<Report, Box<dyn Error>> {
+    run_put(ops, clients, Durability::Fsync)
+        .await
+        .map_err(|e| e as Box<dyn Error>)
+}
+
+async fn run_put(ops: u64, clients: usize, durability: Durability) -> Result<Report, BoxError> {
+    let node = Node::start(durability).await?;
     let client = connect(&node.addr).await?;
     let c = client.clone();
     let (elapsed, latencies) = drive(ops, clients, move |n| {
@@ -168,11 +177,15 @@ async fn run_put(ops: u64, clients: usize) -> Result<Report, BoxError> {
     .await?;
     drop(client);
     node.stop().await?;
-    Ok(Report::new("dht-put", ops, elapsed, latencies)
+    let (scenario, durability) = match durability {
+        Durability::Buffered => ("dht-put", "buffered"),
+        Durability::Fsync => ("dht-put-fsync", "fsync"),
+    };
+    Ok(Report::new(scenario, ops, elapsed, latencies)
         .with("clients", clients)
         .with("connections", CONNECTIONS)
         .with("value_bytes", VALUE_BYTES)
-        .with("durability", "buffered"))
+        .with("durability", durability))
 }
 
 #[cfg(test)]
@@ -187,5 +200,8 @@ mod tests {
         let put = dht_put(500, 8).await.unwrap();
         assert_eq!(put.ops, 500);
         assert_eq!(put.scenario, "dht-put");
+        let fsync = dht_put_fsync(200, 8).await.unwrap();
+        assert_eq!(fsync.ops, 200);
+        assert_eq!(fsync.scenario, "dht-put-fsync");
     }
 }
