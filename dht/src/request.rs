@@ -74,5 +74,8 @@ mod tests {
         assert!(matches!(err, WireError::Conflict(c) if c.current.len() == 1));
         let big = execute(&s, &t, Request::Get(GetRequest::new(vec![0u8; 70_000]))).unwrap_err();
         assert!(matches!(big, WireError::KeyTooLarge { len: 70_000, .. }));
+        let huge = PutRequest::new("k", vec![0u8; crate::storage::MAX_VALUE_LEN + 1]);
+        let err = execute(&s, &t, Request::Put(huge)).unwrap_err();
+        assert!(matches!(err, WireError::ValueTooLarge { .. }));
     }
 }

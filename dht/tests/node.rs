@@ -100,11 +100,25 @@ async fn client_reads_writes_lists_and_batches() {
         .unwrap();
     assert!(matches!(&results[2], OpResult::Siblings(s) if s.len() == 1));
 
+    // The largest key and the largest value travel in one frame.
+    let big_key = Bytes::from(vec![b'k'; rhinobus_dht::MAX_KEY_LEN]);
+    let big_value = Bytes::from(vec![7u8; rhinobus_dht::MAX_VALUE_LEN]);
+    client
+        .put(PutRequest::new(big_key.clone(), big_value.clone()))
+        .await
+        .unwrap();
+    assert_eq!(client.get(big_key).await.unwrap()[0].value, big_value);
+
     // Limits are enforced before sending, with the same error the node would give.
     let too_long = Bytes::from(vec![0u8; rhinobus_dht::MAX_KEY_LEN + 1]);
     assert!(matches!(
         client.get(too_long).await,
         Err(ClientError::Rejected(WireError::KeyTooLarge { .. }))
+    ));
+    let too_big = Bytes::from(vec![0u8; rhinobus_dht::MAX_VALUE_LEN + 1]);
+    assert!(matches!(
+        client.put(PutRequest::new("k", too_big)).await,
+        Err(ClientError::Rejected(WireError::ValueTooLarge { .. }))
     ));
 }
 
