@@ -111,6 +111,22 @@ impl Bus {
         Ok(id)
     }
 
+    /// Sends a body that is already encoded, as message type `message_type`, with the
+    /// envelope headers rhinobus gives every message. For tools (`rhinobus send`) and
+    /// bridges that do not have the Rust type at hand.
+    pub async fn send_encoded(
+        &self,
+        queue: &str,
+        message_type: &str,
+        body: Vec<u8>,
+        options: SendOptions,
+    ) -> Result<Uuid, BusError> {
+        let destination = Destination::Queue(queue.into());
+        let (id, m) = self.envelope_encoded(destination, message_type, body, None, options);
+        self.inner.transport.send(vec![m]).await?;
+        Ok(id)
+    }
+
     /// Builds the envelope of an outgoing message; `cause` holds the headers of the message
     /// being handled, whose correlation, conversation and trace it continues.
     pub(crate) fn envelope<M: Message>(
@@ -121,6 +137,17 @@ impl Bus {
         options: SendOptions,
     ) -> Result<(Uuid, OutgoingMessage), BusError> {
         let body = encode(message)?;
+        Ok(self.envelope_encoded(destination, M::NAME, body, cause, options))
+    }
+
+    fn envelope_encoded(
+        &self,
+        destination: Destination,
+        message_type: &str,
+        body: Vec<u8>,
+        cause: Option<&Headers>,
+        options: SendOptions,
+    ) -> (Uuid, OutgoingMessage) {
         let id = Uuid::now_v7();
         let id_text = id.to_string();
         let mut headers = options.headers;
@@ -145,16 +172,16 @@ impl Bus {
             .or_insert_with(|| self.inner.endpoint.clone());
         headers.insert(names::SOURCE_ENDPOINT.into(), self.inner.endpoint.clone());
         headers.insert(names::SENT_AT.into(), format_time(SystemTime::now()));
-        headers.insert(names::MESSAGE_TYPE.into(), M::NAME.into());
+        headers.insert(names::MESSAGE_TYPE.into(), message_type.into());
         headers.insert(names::CONTENT_TYPE.into(), CONTENT_TYPE.into());
         headers.insert(names::MESSAGE_ID.into(), id_text);
-        Ok((
+        (
             id,
             OutgoingMessage {
                 destination,
                 headers,
                 body,
             },
-        ))
+        )
     }
 }

@@ -60,6 +60,7 @@ pub mod error;
 pub mod handler;
 pub mod headers;
 pub mod message;
+pub mod ops;
 mod pipeline;
 pub mod recoverability;
 mod trace;

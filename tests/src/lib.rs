@@ -208,3 +208,33 @@ pub fn connections_named(needle: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// The `rhinobus` binary built alongside these tests (`cargo test --workspace` builds it).
+pub fn rhinobus_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let bin = dir.join(format!("rhinobus{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p rhinobus` first)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `rhinobus ARGS` against the test broker; returns (exit success, stdout, stderr).
+pub fn rhinobus_cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(rhinobus_bin())
+        .args(args)
+        .env("RHINOBUS_AMQP_URL", amqp_url())
+        .output()
+        .expect("run rhinobus");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

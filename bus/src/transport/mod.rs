@@ -4,7 +4,7 @@
 //! neither goes back to its queue.
 
 mod memory;
-mod rabbitmq;
+pub(crate) mod rabbitmq;
 
 pub use memory::InMemory;
 pub use rabbitmq::{DEFAULT_URL as DEFAULT_AMQP_URL, RabbitMq};

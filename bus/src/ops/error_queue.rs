@@ -1,0 +1,293 @@
+//! [`ErrorQueue`]: browsing an error queue and moving its messages, without losing any.
+//!
+//! Every operation reads the queue by consuming it without acknowledging: the messages it
+//! does not select are given back when its channel closes, in their original order, and
+//! those it moves are acknowledged only after the broker confirmed their copy. A crash at any
+//! point can therefore leave a duplicate, never a gap.
+
+use super::{FailedMessage, Selection};
+use crate::error::BusError;
+use crate::headers::{Headers, format_time, names};
+use crate::transport::rabbitmq::amqp::{self, Routing};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use serde::Serialize;
+use std::time::{Duration, SystemTime};
+
+/// How many moved messages wait for their confirm at once.
+const CONFIRM_WINDOW: usize = 512;
+
+/// How long to wait for the next message of a queue that reported more.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to do with the selected messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Back to the queue each failed in, or to `to`, with the failure headers moved aside.
+    Replay {
+        /// A queue to send them to instead of their source queue.
+        to: Option<String>,
+    },
+    /// To `<error queue>.archive`, unchanged: out of the working list, but kept.
+    Archive,
+    /// Delete them.
+    Purge,
+}
+
+/// What an operation did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Outcome {
+    /// How many messages were in the queue when the operation started.
+    pub examined: usize,
+    /// How many the selection matched.
+    pub selected: usize,
+    /// How many were moved (or deleted); 0 on a dry run.
+    pub moved: usize,
+    /// Messages that could not be moved, with the reason; they stay in the error queue.
+    pub failed: Vec<MoveFailure>,
+}
+
+/// A message that could not be moved.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveFailure {
+    /// Its id.
+    pub id: String,
+    /// Why.
+    pub error: String,
+}
+
+/// An error queue on RabbitMQ.
+pub struct ErrorQueue {
+    connection: Connection,
+    queue: String,
+}
+
+impl std::fmt::Debug for ErrorQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ErrorQueue")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ErrorQueue {
+    /// Connects to the broker at `url` to work on the error queue `queue`.
+    pub async fn connect(url: &str, queue: &str) -> Result<Self, BusError> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("rhinobus-cli:{}", std::process::id()).into());
+        let connection =
+            tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props))
+                .await
+                .map_err(|_| BusError::Transport("no answer from RabbitMQ within 10 s".into()))?
+                .map_err(|e| BusError::Transport(format!("cannot reach RabbitMQ: {e}")))?;
+        Ok(Self {
+            connection,
+            queue: queue.to_owned(),
+        })
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.queue
+    }
+
+    /// Every message in the queue, in queue order, leaving the queue as it was.
+    pub async fn browse(&self) -> Result<Vec<FailedMessage>, BusError> {
+        let (channel, mut reader) = self.open_reader().await?;
+        let mut out = Vec::with_capacity(reader.remaining);
+        while let Some(d) = reader.next().await? {
+            let headers = amqp::table_to_headers(d.properties.headers().as_ref());
+            out.push(FailedMessage::new(headers, d.data));
+        }
+        let _ = channel.close(200, "browsed".into()).await;
+        Ok(out)
+    }
+
+    /// Applies `action` to the selected messages (or only counts them, on a dry run).
+    pub async fn apply(
+        &self,
+        selection: &Selection,
+        action: &Action,
+        dry_run: bool,
+    ) -> Result<Outcome, BusError> {
+        let (channel, mut reader) = self.open_reader().await?;
+        let publisher = self.connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let archive = format!("{}.archive", self.queue);
+        if *action == Action::Archive && !dry_run {
+            declare_durable(&publisher, &archive).await?;
+        }
+        let mut outcome = Outcome {
+            examined: reader.remaining,
+            ..Outcome::default()
+        };
+        let mut pending = FuturesUnordered::new();
+        while let Some(d) = reader.next().await? {
+            let headers = amqp::table_to_headers(d.properties.headers().as_ref());
+            let failed = FailedMessage::new(headers, Vec::new());
+            if !selection.matches(&failed) {
+                continue; // left unacknowledged: back in place when the channel closes
+            }
+            outcome.selected += 1;
+            if dry_run {
+                continue;
+            }
+            let (target, props) = match action {
+                Action::Purge => {
+                    d.acker.ack(BasicAckOptions::default()).await?;
+                    outcome.moved += 1;
+                    continue;
+                }
+                Action::Archive => (Some(archive.clone()), d.properties.clone()),
+                Action::Replay { to } => (
+                    to.clone().or_else(|| failed.source_queue.clone()),
+                    replay_properties(&d.properties, &failed.headers),
+                ),
+            };
+            let Some(target) = target else {
+                outcome.failed.push(MoveFailure {
+                    id: failed.id,
+                    error: "no source queue header; name a queue with --to".into(),
+                });
+                continue;
+            };
+            if pending.len() >= CONFIRM_WINDOW {
+                settle(pending.next().await, &mut outcome).await?;
+            }
+            let confirm = amqp::publish(&publisher, "", &target, &d.data, props).await?;
+            let acker = d.acker;
+            pending.push(async move {
+                let result =
+                    amqp::confirmed(confirm, Routing::Required, &target, Duration::from_secs(30))
+                        .await;
+                (failed.id, acker, result)
+            });
+        }
+        while let Some(done) = pending.next().await {
+            settle(Some(done), &mut outcome).await?;
+        }
+        let _ = channel.close(200, "done".into()).await;
+        let _ = publisher.close(200, "done".into()).await;
+        Ok(outcome)
+    }
+
+    async fn open_reader(&self) -> Result<(Channel, Reader), BusError> {
+        let channel = self.connection.create_channel().await?;
+        let remaining = channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BusError::Transport(format!("queue {:?}: {e}", self.queue)))?
+            .message_count() as usize;
+        channel.basic_qos(0, BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((
+            channel,
+            Reader {
+                consumer,
+                remaining,
+            },
+        ))
+    }
+}
+
+/// Reads as many messages as the queue held when the operation started.
+struct Reader {
+    consumer: lapin::Consumer,
+    remaining: usize,
+}
+
+impl Reader {
+    async fn next(&mut self) -> Result<Option<lapin::message::Delivery>, BusError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        match tokio::time::timeout(READ_TIMEOUT, self.consumer.next()).await {
+            // Another consumer took the rest: what was seen is all there is to see.
+            Err(_) | Ok(None) => Ok(None),
+            Ok(Some(d)) => {
+                self.remaining -= 1;
+                Ok(Some(d?))
+            }
+        }
+    }
+}
+
+/// Acknowledges a moved message once its copy is confirmed, or records why it stays.
+async fn settle(
+    done: Option<(String, lapin::Acker, Result<(), BusError>)>,
+    outcome: &mut Outcome,
+) -> Result<(), BusError> {
+    let Some((id, acker, result)) = done else {
+        return Ok(());
+    };
+    match result {
+        Ok(()) => {
+            acker.ack(BasicAckOptions::default()).await?;
+            outcome.moved += 1;
+        }
+        Err(e) => outcome.failed.push(MoveFailure {
+            id,
+            error: e.to_string(),
+        }),
+    }
+    Ok(())
+}
+
+/// The properties of a replayed message: failure headers moved aside under
+/// `rhinobus-previous-failure-*`, delayed retries reset, and the replay recorded.
+fn replay_properties(props: &lapin::BasicProperties, headers: &Headers) -> lapin::BasicProperties {
+    let mut extra = Headers::new();
+    for (k, v) in headers {
+        if let Some(rest) = k.strip_prefix(names::FAILURE_PREFIX) {
+            extra.insert(
+                format!("{}{rest}", names::PREVIOUS_FAILURE_PREFIX),
+                v.clone(),
+            );
+        }
+    }
+    let replays = headers
+        .get(names::REPLAY_COUNT)
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(0);
+    extra.insert(names::REPLAY_COUNT.into(), (replays + 1).to_string());
+    extra.insert(names::REPLAYED_AT.into(), format_time(SystemTime::now()));
+    amqp::with_headers_changed(props, &extra, |k| {
+        k.starts_with(names::FAILURE_PREFIX) || k == names::DELAYED_RETRIES
+    })
+}
+
+async fn declare_durable(channel: &Channel, queue: &str) -> Result<(), BusError> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
