@@ -143,6 +143,9 @@ pub enum BusError {
         crate::headers::names::REPLY_TO
     )]
     NoReplyAddress,
+    /// A name or value the transport cannot carry (e.g. longer than AMQP allows).
+    #[error("invalid: {0}")]
+    Invalid(String),
     /// The endpoint was configured in a way that cannot work.
     #[error("configuration: {0}")]
     Config(String),

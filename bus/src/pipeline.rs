@@ -41,7 +41,7 @@ enum RunError {
 
 impl Pipeline {
     pub(crate) async fn process(&self, delivery: Box<dyn Delivery>) {
-        let headers = Arc::new(delivery.headers().clone());
+        let headers = delivery.headers().clone();
         let get = |name| headers.get(name).map_or("", String::as_str);
         let span = info_span!(
             "message",

@@ -112,18 +112,7 @@ impl Raw {
             .await
             .expect("basic.get")
         {
-            let headers = m
-                .delivery
-                .properties
-                .headers()
-                .as_ref()
-                .map(|t| {
-                    t.inner()
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), text(v)))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let headers = rhinobus::transport::RabbitMq::headers_of(&m.delivery.properties);
             out.push((headers, m.delivery.data.clone()));
         }
         out
@@ -170,16 +159,6 @@ impl Raw {
                 .await;
         }
         let _ = self.connection.close(200, "done".into()).await;
-    }
-}
-
-fn text(v: &lapin::types::AMQPValue) -> String {
-    match v {
-        lapin::types::AMQPValue::LongString(s) => {
-            String::from_utf8_lossy(s.as_bytes()).into_owned()
-        }
-        lapin::types::AMQPValue::ShortString(s) => s.to_string(),
-        other => format!("{other:?}"),
     }
 }
 

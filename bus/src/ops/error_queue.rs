@@ -102,7 +102,7 @@ impl ErrorQueue {
         let (channel, mut reader) = self.open_reader().await?;
         let mut out = Vec::with_capacity(reader.remaining);
         while let Some(d) = reader.next().await? {
-            let headers = amqp::table_to_headers(d.properties.headers().as_ref());
+            let headers = amqp::envelope_headers(&d.properties);
             out.push(FailedMessage::new(headers, d.data));
         }
         let _ = channel.close(200, "browsed".into()).await;
@@ -131,7 +131,7 @@ impl ErrorQueue {
         };
         let mut pending = FuturesUnordered::new();
         while let Some(d) = reader.next().await? {
-            let headers = amqp::table_to_headers(d.properties.headers().as_ref());
+            let headers = amqp::envelope_headers(&d.properties);
             let failed = FailedMessage::new(headers, Vec::new());
             if !selection.matches(&failed) {
                 continue; // left unacknowledged: back in place when the channel closes
@@ -149,7 +149,7 @@ impl ErrorQueue {
                 Action::Archive => (Some(archive.clone()), d.properties.clone()),
                 Action::Replay { to } => (
                     to.clone().or_else(|| failed.source_queue.clone()),
-                    replay_properties(&d.properties, &failed.headers),
+                    replay_properties(&d.properties, &failed.headers)?,
                 ),
             };
             let Some(target) = target else {
@@ -257,7 +257,10 @@ async fn settle(
 
 /// The properties of a replayed message: failure headers moved aside under
 /// `rhinobus-previous-failure-*`, delayed retries reset, and the replay recorded.
-fn replay_properties(props: &lapin::BasicProperties, headers: &Headers) -> lapin::BasicProperties {
+fn replay_properties(
+    props: &lapin::BasicProperties,
+    headers: &Headers,
+) -> Result<lapin::BasicProperties, BusError> {
     let mut extra = Headers::new();
     for (k, v) in headers {
         if let Some(rest) = k.strip_prefix(names::FAILURE_PREFIX) {

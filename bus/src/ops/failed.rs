@@ -82,9 +82,14 @@ impl FailedMessage {
         ])
     }
 
-    /// The body decoded from MessagePack as JSON, or `None` when it is not MessagePack.
+    /// The body decoded from MessagePack as JSON, or `None` when it is not exactly one
+    /// MessagePack value (text like `garbage` starts with a valid small integer).
     pub fn body_json(&self) -> Option<serde_json::Value> {
-        rmp_serde::from_slice(&self.body).ok()
+        use serde::Deserialize;
+        let mut cursor = std::io::Cursor::new(self.body.as_slice());
+        let value =
+            serde_json::Value::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor)).ok()?;
+        (cursor.position() == self.body.len() as u64).then_some(value)
     }
 }
 

@@ -47,7 +47,7 @@ struct Queue {
 }
 
 struct Stored {
-    headers: Headers,
+    headers: Arc<Headers>,
     body: Vec<u8>,
     redelivered: bool,
 }
@@ -101,7 +101,7 @@ impl InMemory {
     pub fn take(&self, name: &str) -> Option<(Headers, Vec<u8>)> {
         let queue = lock(&self.state).queues.get(name).cloned()?;
         let m = lock(&queue.messages).pop_front()?;
-        Some((m.headers, m.body))
+        Some((Arc::unwrap_or_clone(m.headers), m.body))
     }
 
     fn queue(&self, name: &str) -> Arc<Queue> {
@@ -119,7 +119,7 @@ impl InMemory {
     /// Puts a message in a queue, or in the queue a delay queue feeds after its delay.
     fn enqueue(&self, queue: &str, headers: Headers, body: Vec<u8>) -> Result<(), BusError> {
         let stored = Stored {
-            headers,
+            headers: Arc::new(headers),
             body,
             redelivered: false,
         };
@@ -237,7 +237,7 @@ impl MemoryDelivery {
 
 #[async_trait]
 impl Delivery for MemoryDelivery {
-    fn headers(&self) -> &Headers {
+    fn headers(&self) -> &Arc<Headers> {
         &self.stored().headers
     }
 
@@ -256,7 +256,7 @@ impl Delivery for MemoryDelivery {
 
     async fn forward(mut self: Box<Self>, queue: &str, extra: Headers) -> Result<(), BusError> {
         let stored = self.stored();
-        let mut headers = stored.headers.clone();
+        let mut headers = Headers::clone(&stored.headers);
         headers.extend(extra);
         self.broker.enqueue(queue, headers, stored.body.clone())?;
         self.message = None;

@@ -12,6 +12,7 @@ pub use rabbitmq::{DEFAULT_URL as DEFAULT_AMQP_URL, RabbitMq};
 use crate::error::BusError;
 use crate::headers::Headers;
 use async_trait::async_trait;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -69,7 +70,7 @@ pub struct EndpointTopology {
 #[async_trait]
 pub trait Delivery: Send + Sync {
     /// The envelope headers.
-    fn headers(&self) -> &Headers;
+    fn headers(&self) -> &Arc<Headers>;
     /// The body, byte for byte as it was sent.
     fn body(&self) -> &[u8];
     /// Whether the broker delivered it before (a previous consumer did not settle it).

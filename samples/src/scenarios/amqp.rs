@@ -212,28 +212,21 @@ async fn bus_scenario(
         .await?;
     let sender = Bus::new(sending, format!("{endpoint}-sender"));
     let filler = "x".repeat(BODY_BYTES - 48);
+    // Like raw-amqp: one task keeps a window of sends waiting for their confirms.
     let mut sends = FuturesUnordered::new();
     for _ in 0..load.messages {
         if sends.len() >= PUBLISH_WINDOW {
-            sends.next().await.expect("non-empty")??;
+            sends.next().await.expect("non-empty")?;
         }
-        let (sender, filler, endpoint) = (sender.clone(), filler.clone(), endpoint.to_owned());
-        let sent_at_micros = receipts.micros_since_start();
-        sends.push(tokio::spawn(async move {
-            sender
-                .send(
-                    &endpoint,
-                    &BenchMessage {
-                        sent_at_micros,
-                        filler,
-                    },
-                )
-                .await
-                .map(drop)
-        }));
+        let message = BenchMessage {
+            sent_at_micros: receipts.micros_since_start(),
+            filler: filler.clone(),
+        };
+        let sender = &sender;
+        sends.push(async move { sender.send(endpoint, &message).await });
     }
     while let Some(s) = sends.next().await {
-        s??;
+        s?;
     }
     let (elapsed, latencies) = receipts.wait().await;
     ep.shutdown().await;

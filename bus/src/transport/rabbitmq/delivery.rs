@@ -7,6 +7,7 @@ use crate::transport::Delivery;
 use async_trait::async_trait;
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use std::sync::Arc;
 
 pub(super) struct RabbitDelivery {
     transport: RabbitMq,
@@ -14,7 +15,7 @@ pub(super) struct RabbitDelivery {
     /// delivery taken from it, or their acks would be lost when the consumer stops.
     _channel: Channel,
     delivery: lapin::message::Delivery,
-    headers: Headers,
+    headers: Arc<Headers>,
     settled: bool,
 }
 
@@ -24,7 +25,7 @@ impl RabbitDelivery {
         channel: Channel,
         delivery: lapin::message::Delivery,
     ) -> Self {
-        let headers = amqp::table_to_headers(delivery.properties.headers().as_ref());
+        let headers = Arc::new(amqp::envelope_headers(&delivery.properties));
         Self {
             transport,
             _channel: channel,
@@ -37,7 +38,7 @@ impl RabbitDelivery {
 
 #[async_trait]
 impl Delivery for RabbitDelivery {
-    fn headers(&self) -> &Headers {
+    fn headers(&self) -> &Arc<Headers> {
         &self.headers
     }
 
@@ -61,7 +62,7 @@ impl Delivery for RabbitDelivery {
     }
 
     async fn forward(mut self: Box<Self>, queue: &str, extra: Headers) -> Result<(), BusError> {
-        let props = amqp::with_extra_headers(&self.delivery.properties, &extra);
+        let props = amqp::with_extra_headers(&self.delivery.properties, &extra)?;
         self.transport
             .republish(queue, &self.delivery.data, props)
             .await?;

@@ -117,6 +117,13 @@ impl RabbitMq {
         self
     }
 
+    /// The envelope headers of a message received through some other AMQP client, read as
+    /// rhinobus reads them: the headers table plus the envelope headers that travel as AMQP
+    /// properties (message id, type, content type, correlation id, reply-to, app id).
+    pub fn headers_of(props: &lapin::BasicProperties) -> crate::Headers {
+        amqp::envelope_headers(props)
+    }
+
     /// Waits for a live connection, starting the supervisor on first use.
     pub(crate) async fn link(&self) -> Result<Arc<Link>, BusError> {
         let inner = &self.inner;
@@ -153,7 +160,7 @@ impl RabbitMq {
                     (self.inner.exchange.as_str(), t.as_str(), Routing::Optional)
                 }
             };
-            let props = amqp::properties_for(&m.headers);
+            let props = amqp::properties_for(&m.headers)?;
             let confirm = amqp::publish(&link.publisher, exchange, key, &m.body, props).await?;
             pending.push(amqp::confirmed(
                 confirm,
@@ -176,7 +183,11 @@ impl RabbitMq {
         let link = self.link().await?;
         let confirm = amqp::publish(&link.publisher, "", queue, body, props)
             .await
-            .inspect_err(|_| self.report_broken(&link))?;
+            .inspect_err(|e| {
+                if matches!(e, BusError::Transport(_)) {
+                    self.report_broken(&link);
+                }
+            })?;
         amqp::confirmed(
             confirm,
             Routing::Required,
