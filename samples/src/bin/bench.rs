@@ -1,22 +1,30 @@
 //! The rhinobus load generator. Prints one JSON object per scenario with `--json`, a table
-//! line otherwise.
+//! line otherwise. Scenarios with a baseline run it first, in the same process.
 //!
 //! ```text
 //! cargo run --release -p rhinobus-samples --bin bench -- bus --json
+//! cargo run --release -p rhinobus-samples --bin bench -- all
 //! ```
 
 use clap::{Parser, ValueEnum};
 use rhinobus_samples::report::Report;
 use rhinobus_samples::scenarios::amqp::{self, Load};
+use rhinobus_samples::scenarios::{dht, redis};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     /// Plain lapin: the ceiling of this machine.
     RawAmqp,
-    /// rhinobus on RabbitMQ to a no-op handler (runs raw-amqp first as its baseline).
+    /// rhinobus on RabbitMQ to a no-op handler (baseline: raw-amqp).
     Bus,
     /// rhinobus on the in-memory transport.
     BusInmemory,
+    /// rhinobus-dht GET against one in-process node (baseline: redis-benchmark GET).
+    DhtGet,
+    /// rhinobus-dht PUT, buffered durability (baseline: redis-benchmark SET).
+    DhtPut,
+    /// rhinobus-dht PUT with an fsync per commit, shared by concurrent writers.
+    DhtPutFsync,
     /// Every scenario.
     All,
 }
@@ -30,18 +38,27 @@ struct Args {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
-    /// Messages per scenario.
+    /// Messages per messaging scenario.
     #[arg(long, default_value_t = 50_000)]
     messages: u64,
-    /// Handler concurrency (and prefetch).
+    /// Handler concurrency (and prefetch) of the messaging scenarios.
     #[arg(long, default_value_t = 32)]
     concurrency: u16,
+    /// Operations per DHT scenario.
+    #[arg(long, default_value_t = 100_000)]
+    ops: u64,
+    /// Concurrent clients of the DHT scenarios.
+    #[arg(long, default_value_t = 50)]
+    clients: usize,
     /// RabbitMQ address.
     #[arg(long, env = "RHINOBUS_AMQP_URL", default_value = rhinobus::transport::DEFAULT_AMQP_URL)]
     amqp: String,
+    /// Port of the local Redis used as the DHT baseline.
+    #[arg(long, default_value_t = 6379)]
+    redis_port: u16,
 }
 
-type BenchError = Box<dyn std::error::Error + Send + Sync>;
+type BenchError = Box<dyn std::error::Error>;
 
 #[tokio::main]
 async fn main() {
@@ -53,11 +70,6 @@ async fn main() {
 }
 
 async fn run(args: &Args) -> Result<(), BenchError> {
-    let load = Load {
-        messages: args.messages,
-        concurrency: args.concurrency,
-        amqp_url: args.amqp.clone(),
-    };
     let print = |r: &Report| {
         if args.json {
             println!("{}", serde_json::to_string(r).expect("a report serializes"));
@@ -66,6 +78,11 @@ async fn run(args: &Args) -> Result<(), BenchError> {
         }
     };
     let wants = |s: Scenario| args.scenario == s || args.scenario == Scenario::All;
+    let load = Load {
+        messages: args.messages,
+        concurrency: args.concurrency,
+        amqp_url: args.amqp.clone(),
+    };
     if wants(Scenario::RawAmqp) || wants(Scenario::Bus) {
         let raw = amqp::raw_amqp(&load).await?;
         if wants(Scenario::RawAmqp) {
@@ -77,6 +94,28 @@ async fn run(args: &Args) -> Result<(), BenchError> {
     }
     if wants(Scenario::BusInmemory) {
         print(&amqp::bus_inmemory(&load).await?);
+    }
+    if wants(Scenario::DhtGet) || wants(Scenario::DhtPut) {
+        let baseline = redis::redis_benchmark(args.ops, args.clients, args.redis_port);
+        let with = |r: Report, base: Option<&Report>| match base {
+            Some(b) => r.with_baseline(b),
+            None => r,
+        };
+        if let Some((get, set)) = &baseline {
+            print(get);
+            print(set);
+        }
+        if wants(Scenario::DhtGet) {
+            let r = dht::dht_get(args.ops, args.clients).await?;
+            print(&with(r, baseline.as_ref().map(|b| &b.0)));
+        }
+        if wants(Scenario::DhtPut) {
+            let r = dht::dht_put(args.ops, args.clients).await?;
+            print(&with(r, baseline.as_ref().map(|b| &b.1)));
+        }
+    }
+    if wants(Scenario::DhtPutFsync) {
+        print(&dht::dht_put_fsync(args.ops / 5, args.clients).await?);
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ pub struct Load {
     pub amqp_url: String,
 }
 
-type BenchError = Box<dyn std::error::Error + Send + Sync>;
+type BenchError = Box<dyn std::error::Error>;
 
 /// Counts received messages and their end-to-end latencies; wakes the bench at the last one.
 struct Receipts {

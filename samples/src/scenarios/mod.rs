@@ -2,3 +2,4 @@
 
 pub mod amqp;
 pub mod dht;
+pub mod redis;
