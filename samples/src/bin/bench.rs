@@ -9,7 +9,7 @@
 use clap::{Parser, ValueEnum};
 use rhinobus_samples::report::Report;
 use rhinobus_samples::scenarios::amqp::{self, Load};
-use rhinobus_samples::scenarios::{dht, redis};
+use rhinobus_samples::scenarios::{dht, errors, redis};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -25,6 +25,8 @@ enum Scenario {
     DhtPut,
     /// rhinobus-dht PUT with an fsync per commit, shared by concurrent writers.
     DhtPutFsync,
+    /// `rhinobus errors list` and `replay --all` on an error queue of --error-messages.
+    Errors,
     /// Every scenario.
     All,
 }
@@ -53,6 +55,9 @@ struct Args {
     /// RabbitMQ address.
     #[arg(long, env = "RHINOBUS_AMQP_URL", default_value = rhinobus::transport::DEFAULT_AMQP_URL)]
     amqp: String,
+    /// Messages in the error queue of the `errors` scenario.
+    #[arg(long, default_value_t = 100_000)]
+    error_messages: u64,
     /// Port of the local Redis used as the DHT baseline.
     #[arg(long, default_value_t = 6379)]
     redis_port: u16,
@@ -94,6 +99,11 @@ async fn run(args: &Args) -> Result<(), BenchError> {
     }
     if wants(Scenario::BusInmemory) {
         print(&amqp::bus_inmemory(&load).await?);
+    }
+    if wants(Scenario::Errors) {
+        let (list, replay) = errors::error_queue(&args.amqp, args.error_messages).await?;
+        print(&list);
+        print(&replay);
     }
     if wants(Scenario::DhtGet) || wants(Scenario::DhtPut) {
         let baseline = redis::redis_benchmark(args.ops, args.clients, args.redis_port);

@@ -2,4 +2,5 @@
 
 pub mod amqp;
 pub mod dht;
+pub mod errors;
 pub mod redis;
