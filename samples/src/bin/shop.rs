@@ -65,6 +65,7 @@ async fn main() {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let result = match &args.amqp {
@@ -85,9 +86,8 @@ async fn run<T: Transport>(
     transport: impl Fn() -> T,
     embedded: Option<InMemory>,
 ) -> Result<(), BusError> {
-    let suffix = std::process::id();
-    let error_queue = format!("shop-error-{suffix}");
-    let shipping = Endpoint::builder(format!("shop-shipping-{suffix}"), transport())
+    let error_queue = "shop-error".to_owned();
+    let shipping = Endpoint::builder("shop-shipping", transport())
         .error_queue(&error_queue)
         .immediate_retries(2)
         .subscribe::<OrderPlaced>()
@@ -95,7 +95,7 @@ async fn run<T: Transport>(
         .start()
         .await?;
     let (shipped_tx, mut shipped) = mpsc::unbounded_channel();
-    let sales = Endpoint::builder(format!("shop-sales-{suffix}"), transport())
+    let sales = Endpoint::builder("shop-sales", transport())
         .error_queue(&error_queue)
         .handle(move |s: OrderShipped, _: Context| {
             let tx = shipped_tx.clone();
