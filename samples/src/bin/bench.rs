@@ -8,13 +8,15 @@
 
 use clap::{Parser, ValueEnum};
 use rhinobus_samples::report::Report;
-use rhinobus_samples::scenarios::amqp::{self, Load};
+use rhinobus_samples::scenarios::amqp::{self, Load, Metadata};
 use rhinobus_samples::scenarios::{dht, errors, redis};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     /// Plain lapin: the ceiling of this machine.
     RawAmqp,
+    /// raw-amqp with as much metadata as a rhinobus envelope (baseline: raw-amqp).
+    RawAmqpEnvelope,
     /// rhinobus on RabbitMQ to a no-op handler (baseline: raw-amqp).
     Bus,
     /// rhinobus on the in-memory transport.
@@ -88,10 +90,14 @@ async fn run(args: &Args) -> Result<(), BenchError> {
         concurrency: args.concurrency,
         amqp_url: args.amqp.clone(),
     };
-    if wants(Scenario::RawAmqp) || wants(Scenario::Bus) {
-        let raw = amqp::raw_amqp(&load).await?;
+    if wants(Scenario::RawAmqp) || wants(Scenario::RawAmqpEnvelope) || wants(Scenario::Bus) {
+        let raw = amqp::raw_amqp(&load, Metadata::Bare).await?;
         if wants(Scenario::RawAmqp) {
             print(&raw);
+        }
+        if wants(Scenario::RawAmqpEnvelope) {
+            let enveloped = amqp::raw_amqp(&load, Metadata::Envelope).await?;
+            print(&enveloped.with_baseline(&raw));
         }
         if wants(Scenario::Bus) {
             print(&amqp::bus_rabbitmq(&load).await?.with_baseline(&raw));

@@ -9,7 +9,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rhinobus::transport::{InMemory, RabbitMq, Transport};
 use rhinobus::{Bus, Context, Endpoint, HandlerError, Message};
@@ -85,8 +85,55 @@ fn raw_body(sent_at_micros: u64) -> Vec<u8> {
     body
 }
 
+/// What the raw scenario's messages carry besides the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metadata {
+    /// Nothing but the persistent flag: the ceiling.
+    Bare,
+    /// As much as a rhinobus envelope: six AMQP properties of the same sizes and three
+    /// headers. Shows what the envelope alone costs at the broker, without rhinobus.
+    Envelope,
+}
+
+impl Metadata {
+    fn properties(self) -> BasicProperties {
+        let props = BasicProperties::default().with_delivery_mode(2);
+        if self == Metadata::Bare {
+            return props;
+        }
+        let uuid = "0198a0b2-1c3d-7e4f-8a9b-0c1d2e3f4a5b";
+        let endpoint = "bench-bus-0198a0b21c3d7e4f8a9b0c1d2e3f4a5b-sender";
+        let mut headers = FieldTable::default();
+        for (k, v) in [
+            ("rhinobus-conversation-id", uuid),
+            ("rhinobus-sent-at", "2026-11-22T00:00:00.000Z"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        ] {
+            headers.insert(k.into(), AMQPValue::LongString(v.into()));
+        }
+        props
+            .with_message_id(uuid.into())
+            .with_type("bench.message".into())
+            .with_content_type("application/msgpack".into())
+            .with_correlation_id(uuid.into())
+            .with_reply_to(endpoint.into())
+            .with_app_id(endpoint.into())
+            .with_headers(headers)
+    }
+
+    fn scenario(self) -> &'static str {
+        match self {
+            Metadata::Bare => "raw-amqp",
+            Metadata::Envelope => "raw-amqp-envelope",
+        }
+    }
+}
+
 /// Plain lapin: publisher confirms pipelined, manual acks, prefetch = concurrency.
-pub async fn raw_amqp(load: &Load) -> Result<Report, BenchError> {
+pub async fn raw_amqp(load: &Load, metadata: Metadata) -> Result<Report, BenchError> {
     let queue = format!("bench-raw-{}", uuid::Uuid::now_v7().simple());
     let publisher = Connection::connect(&load.amqp_url, ConnectionProperties::default()).await?;
     let consumer_conn =
@@ -141,7 +188,7 @@ pub async fn raw_amqp(load: &Load) -> Result<Report, BenchError> {
                     ..BasicPublishOptions::default()
                 },
                 &raw_body(receipts.micros_since_start()),
-                BasicProperties::default().with_delivery_mode(2),
+                metadata.properties(),
             )
             .await?;
         confirms.push(confirm);
@@ -156,8 +203,10 @@ pub async fn raw_amqp(load: &Load) -> Result<Report, BenchError> {
         .await?;
     let _ = publisher.close(200, "bench done".into()).await;
     let _ = consumer_conn.close(200, "bench done".into()).await;
-    Ok(Report::new("raw-amqp", load.messages, elapsed, latencies)
-        .with("concurrency", load.concurrency))
+    Ok(
+        Report::new(metadata.scenario(), load.messages, elapsed, latencies)
+            .with("concurrency", load.concurrency),
+    )
 }
 
 /// The bench message: the send time and a filler that makes the body about 256 bytes.
