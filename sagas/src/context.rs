@@ -1,0 +1,153 @@
+//! [`SagaContext`]: a saga handler's view of its instance: the state, the message, and how to
+//! send, publish, reply and complete.
+
+use crate::document::{Resender, StoredOutgoing, resend};
+use crate::saga::Saga;
+use rhinobus::headers::names;
+use rhinobus::message::{Message, encode};
+use rhinobus::{BusError, Context, Headers, SendOptions};
+
+/// The instance a message is handled by.
+///
+/// Mutate [`SagaContext::state`]; it is saved when the handler returns `Ok`. What the handler
+/// sends leaves after the save, and is kept with the state so that a redelivery of the same
+/// message sends it again instead of handling the message twice.
+pub struct SagaContext<S: Saga> {
+    /// The saga's state: loaded, merged, or `Default` for a new instance.
+    pub state: S::State,
+    key: String,
+    ctx: Context,
+    is_new: bool,
+    completed: bool,
+    pub(crate) sent: Vec<(StoredOutgoing, Resender)>,
+}
+
+impl<S: Saga> std::fmt::Debug for SagaContext<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SagaContext")
+            .field("saga", &S::NAME)
+            .field("key", &self.key)
+            .field("is_new", &self.is_new)
+            .field("completed", &self.completed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Saga> SagaContext<S> {
+    pub(crate) fn new(state: S::State, key: String, ctx: Context, is_new: bool) -> Self {
+        Self {
+            state,
+            key,
+            ctx,
+            is_new,
+            completed: false,
+            sent: Vec::new(),
+        }
+    }
+
+    /// The instance's correlation key, as text.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Whether this handling creates the instance.
+    pub fn is_new(&self) -> bool {
+        self.is_new
+    }
+
+    /// Marks the saga complete: its state is dropped when the handler returns `Ok`, and later
+    /// messages for it are treated as messages for a missing saga.
+    pub fn complete(&mut self) {
+        self.completed = true;
+    }
+
+    /// Whether [`SagaContext::complete`] was called.
+    pub fn is_completed(&self) -> bool {
+        self.completed
+    }
+
+    /// The id of the message being handled.
+    pub fn message_id(&self) -> &str {
+        self.ctx.message_id()
+    }
+
+    /// The headers of the message being handled.
+    pub fn headers(&self) -> &Headers {
+        self.ctx.headers()
+    }
+
+    /// The bus context of the handling (attempt number, endpoint name, ...). Messages sent
+    /// directly through it are not kept with the state; use [`SagaContext::send`] and friends.
+    pub fn bus_context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// Sends `message` to `queue` once the state is saved; it carries this saga's id and type.
+    pub fn send<M: Message>(&mut self, queue: &str, message: &M) -> Result<(), BusError> {
+        let headers = self.saga_headers();
+        self.stage::<M>(false, queue.to_owned(), message, headers)
+    }
+
+    /// Publishes `message` once the state is saved; it carries this saga's id and type.
+    pub fn publish<M: Message>(&mut self, message: &M) -> Result<(), BusError> {
+        let headers = self.saga_headers();
+        self.stage::<M>(true, String::new(), message, headers)
+    }
+
+    /// Replies to the sender of the message being handled, once the state is saved. As
+    /// [`Context::reply`], the saga headers of the message being handled go back with it.
+    pub fn reply<M: Message>(&mut self, message: &M) -> Result<(), BusError> {
+        let queue = self
+            .ctx
+            .header(names::REPLY_TO)
+            .ok_or(BusError::NoReplyAddress)?
+            .to_owned();
+        let mut headers = Headers::new();
+        for name in [names::SAGA_ID, names::SAGA_TYPE] {
+            if let Some(v) = self.ctx.header(name) {
+                headers.insert(name.into(), v.to_owned());
+            }
+        }
+        self.stage::<M>(false, queue, message, headers)
+    }
+
+    fn saga_headers(&self) -> Headers {
+        let mut headers = Headers::new();
+        headers.insert(names::SAGA_ID.into(), self.key.clone());
+        headers.insert(names::SAGA_TYPE.into(), S::NAME.into());
+        headers
+    }
+
+    fn stage<M: Message>(
+        &mut self,
+        publish: bool,
+        destination: String,
+        message: &M,
+        headers: Headers,
+    ) -> Result<(), BusError> {
+        let body = encode(message)?;
+        let options = SendOptions {
+            headers: headers.clone(),
+        };
+        if publish {
+            self.ctx.publish_with(message, options)?;
+        } else {
+            self.ctx.send_with(&destination, message, options)?;
+        }
+        self.sent.push((
+            StoredOutgoing {
+                publish,
+                destination,
+                message_type: M::NAME.into(),
+                headers,
+                body,
+            },
+            resend::<M> as Resender,
+        ));
+        Ok(())
+    }
+
+    pub(crate) fn into_parts(self) -> (S::State, bool, Vec<(StoredOutgoing, Resender)>) {
+        (self.state, self.completed, self.sent)
+    }
+}

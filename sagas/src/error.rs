@@ -1,0 +1,80 @@
+//! Errors of saga handling.
+
+use rhinobus::{BusError, HandlerError};
+
+/// What can go wrong around a saga's handler: loading, saving, and finding the instance.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SagaError {
+    /// No instance exists for the key, and the message does not initiate the saga.
+    #[error(
+        "no {saga} saga with key {key:?} for message {message_type} ({message_id}): it was never started (the message is not one that initiates it)"
+    )]
+    NotFound {
+        /// Saga type.
+        saga: &'static str,
+        /// Correlation key.
+        key: String,
+        /// Wire name of the message.
+        message_type: &'static str,
+        /// Id of the message.
+        message_id: String,
+    },
+    /// The instance for the key has completed; messages for it are no longer handled.
+    #[error(
+        "the {saga} saga with key {key:?} has completed; message {message_type} ({message_id}) came too late"
+    )]
+    Completed {
+        /// Saga type.
+        saga: &'static str,
+        /// Correlation key.
+        key: String,
+        /// Wire name of the message.
+        message_type: &'static str,
+        /// Id of the message.
+        message_id: String,
+    },
+    /// An optimistic save found that another handling saved first.
+    #[error("saga state changed while the message was handled: {0}")]
+    Conflict(String),
+    /// The optimistic persister found several versions of one instance (written by a merging
+    /// persister?) and cannot choose between them.
+    #[error(
+        "saga key {key:?} has {siblings} concurrent versions; the optimistic persister cannot merge them (use the merging persister for this saga)"
+    )]
+    Siblings {
+        /// The DHT key.
+        key: String,
+        /// How many versions it has.
+        siblings: usize,
+    },
+    /// The stored state could not be decoded.
+    #[error("stored saga state is corrupt: {0}")]
+    Corrupt(String),
+    /// The state could not be encoded.
+    #[error("cannot encode saga state: {0}")]
+    Encode(String),
+    /// A redelivered message sent a type the saga never declared with
+    /// [`crate::Routes::sends`], so it cannot be sent again.
+    #[error(
+        "a redelivered message had sent {0:?}, which this saga does not declare with Routes::sends; it cannot be sent again"
+    )]
+    UndeclaredType(String),
+    /// The store failed (the DHT could not be reached, ...).
+    #[error("saga store: {0}")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Staging an outgoing message failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl SagaError {
+    /// The handler error the bus acts on: a conflict for [`SagaError::Conflict`] (the bus
+    /// re-runs the handler at once, on freshly loaded state), a failure otherwise.
+    pub fn into_handler_error(self) -> HandlerError {
+        match self {
+            SagaError::Conflict(_) => HandlerError::conflict(self),
+            other => HandlerError::from(other),
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Handling one message for a saga: load (and merge), skip a redelivery, run the handler,
+//! save; and [`SagaEndpointExt`], which puts a saga on an endpoint.
+
+use crate::context::SagaContext;
+use crate::document::{HandledMessage, Resender, SagaDocument, union_handled};
+use crate::error::SagaError;
+use crate::persister::{MissingSaga, Mode, Persister};
+use crate::routes::{RouteFns, Routes};
+use crate::saga::{MergeSagaState, Saga};
+use crate::store::{SaveRequest, StoreError};
+use rhinobus::message::Message;
+use rhinobus::{Context, EndpointBuilder, HandlerError};
+use rhinobus_dht::Version;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::SystemTime;
+use tracing::{debug, warn};
+
+/// The DHT key of a saga instance: `saga/<saga name>/<key>`.
+pub fn saga_key<S: Saga>(key: &S::Key) -> String {
+    format!("saga/{}/{}", S::NAME, key)
+}
+
+/// One saga type with its persister, shared by the handlers of its messages.
+pub(crate) struct Runtime<S: Saga> {
+    pub(crate) saga: S,
+    pub(crate) persister: Persister<S>,
+    resenders: RwLock<HashMap<String, Resender>>,
+}
+
+/// A loaded instance.
+pub(crate) struct Loaded<St> {
+    pub(crate) document: Option<SagaDocument<St>>,
+    parents: Vec<Version>,
+    merge: Option<MergeSagaState<St>>,
+}
+
+fn store_error(e: StoreError) -> SagaError {
+    match e {
+        StoreError::Conflict => {
+            SagaError::Conflict("the saga was saved by another handling".into())
+        }
+        StoreError::Other(e) => SagaError::Store(e),
+    }
+}
+
+impl<S: Saga> Runtime<S> {
+    pub(crate) fn new(saga: S, persister: Persister<S>) -> (Arc<Self>, Routes<S>) {
+        let routes = Routes::<S>::of();
+        let resenders = routes
+            .sends
+            .iter()
+            .map(|(name, r)| ((*name).to_owned(), *r))
+            .collect();
+        let runtime = Arc::new(Self {
+            saga,
+            persister,
+            resenders: RwLock::new(resenders),
+        });
+        (runtime, routes)
+    }
+
+    pub(crate) async fn load(&self, key: &str) -> Result<Loaded<S::State>, SagaError> {
+        let mut siblings = self.persister.store.load(key).await.map_err(store_error)?;
+        match siblings.len() {
+            0 => Ok(Loaded {
+                document: None,
+                parents: Vec::new(),
+                merge: None,
+            }),
+            1 => {
+                let s = siblings.remove(0);
+                Ok(Loaded {
+                    document: Some(SagaDocument::decode(&s.value)?),
+                    parents: vec![s.version],
+                    merge: None,
+                })
+            }
+            n => {
+                let Mode::Merging { merger, .. } = &self.persister.mode else {
+                    return Err(SagaError::Siblings {
+                        key: key.to_owned(),
+                        siblings: n,
+                    });
+                };
+                let parents = siblings.iter().map(|s| s.version).collect();
+                let mut states = Vec::with_capacity(n);
+                let mut handled = Vec::with_capacity(n);
+                let mut completed = false;
+                for s in &siblings {
+                    let doc = SagaDocument::<S::State>::decode(&s.value)?;
+                    match doc.state {
+                        Some(state) => states.push(state),
+                        None => completed = true,
+                    }
+                    handled.push(doc.handled);
+                }
+                let handled = union_handled(handled, self.persister.remember);
+                debug!(
+                    saga = S::NAME,
+                    key,
+                    siblings = n,
+                    completed,
+                    "merging siblings"
+                );
+                // Completion wins: an instance completed on one branch stays completed.
+                let (state, merge) = if completed || states.is_empty() {
+                    (None, None)
+                } else if states.len() == 1 {
+                    (states.pop(), None)
+                } else {
+                    let merged = merger.merge(states.clone());
+                    (Some(merged), Some(MergeSagaState { siblings: states }))
+                };
+                Ok(Loaded {
+                    document: Some(SagaDocument { state, handled }),
+                    parents,
+                    merge,
+                })
+            }
+        }
+    }
+
+    fn missing(&self, error: SagaError) -> Result<(), HandlerError> {
+        match self.persister.missing {
+            MissingSaga::ErrorQueue => Err(error.into_handler_error()),
+            MissingSaga::Discard => {
+                warn!(error = %error, "discarding a message for a missing saga");
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends again what the first handling of a redelivered message sent.
+    fn resend(&self, ctx: &Context, handled: &HandledMessage) -> Result<(), SagaError> {
+        let resenders = self
+            .resenders
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for stored in &handled.outgoing {
+            let resend = resenders
+                .get(&stored.message_type)
+                .ok_or_else(|| SagaError::UndeclaredType(stored.message_type.clone()))?;
+            resend(ctx, stored)?;
+        }
+        Ok(())
+    }
+
+    fn learn(&self, sent: &[(crate::document::StoredOutgoing, Resender)]) {
+        let known = {
+            let r = self
+                .resenders
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            sent.iter().all(|(s, _)| r.contains_key(&s.message_type))
+        };
+        if !known {
+            let mut w = self
+                .resenders
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (s, r) in sent {
+                w.entry(s.message_type.clone()).or_insert(*r);
+            }
+        }
+    }
+
+    pub(crate) async fn handle<M: Message>(
+        &self,
+        message: M,
+        ctx: Context,
+        route: RouteFns<S, M>,
+    ) -> Result<(), HandlerError> {
+        let key = (route.correlate)(&message).to_string();
+        let dht_key = format!("saga/{}/{}", S::NAME, key);
+        let message_id = ctx.message_id().to_owned();
+        let loaded = self
+            .load(&dht_key)
+            .await
+            .map_err(SagaError::into_handler_error)?;
+        if let Some(handled) = loaded
+            .document
+            .as_ref()
+            .and_then(|d| d.handled(&message_id))
+        {
+            debug!(
+                saga = S::NAME,
+                key, message_id, "already handled; sending its messages again"
+            );
+            return self
+                .resend(&ctx, handled)
+                .map_err(SagaError::into_handler_error);
+        }
+        let (state, mut handled, is_new) = match loaded.document {
+            Some(SagaDocument {
+                state: Some(state),
+                handled,
+            }) => (state, handled, false),
+            Some(SagaDocument { state: None, .. }) => {
+                return self.missing(SagaError::Completed {
+                    saga: S::NAME,
+                    key,
+                    message_type: M::NAME,
+                    message_id,
+                });
+            }
+            None if route.initiates => (S::State::default(), Vec::new(), true),
+            None => {
+                return self.missing(SagaError::NotFound {
+                    saga: S::NAME,
+                    key,
+                    message_type: M::NAME,
+                    message_id,
+                });
+            }
+        };
+        let mut saga_ctx = SagaContext::<S>::new(state, key, ctx, is_new);
+        if let (Some(merge), Mode::Merging { react, .. }) = (loaded.merge, &self.persister.mode) {
+            react(&self.saga, merge, &mut saga_ctx).await?;
+        }
+        (route.run)(&self.saga, message, &mut saga_ctx).await?;
+        let (state, completed, sent) = saga_ctx.into_parts();
+        self.learn(&sent);
+        let mut document = SagaDocument {
+            state: (!completed).then_some(state),
+            handled: std::mem::take(&mut handled),
+        };
+        document.remember(
+            HandledMessage {
+                id: message_id,
+                outgoing: sent.into_iter().map(|(s, _)| s).collect(),
+            },
+            self.persister.remember,
+        );
+        let value = document.encode().map_err(SagaError::into_handler_error)?;
+        let request = SaveRequest {
+            key: dht_key,
+            value,
+            parents: loaded.parents,
+            optimistic: self.persister.is_optimistic(),
+            expires_at: completed.then(|| SystemTime::now() + self.persister.completed_retention),
+        };
+        self.persister
+            .store
+            .save(request)
+            .await
+            .map_err(|e| store_error(e).into_handler_error())?;
+        Ok(())
+    }
+}
+
+/// Puts sagas on an endpoint: one line per saga with its persister.
+///
+/// ```
+/// use rhinobus::{Endpoint, transport::InMemory};
+/// use rhinobus_sagas::{MemoryStore, Persister, SagaEndpointExt};
+/// # use rhinobus_sagas::{Routes, Saga};
+/// # struct Billing;
+/// # impl Saga for Billing {
+/// #     const NAME: &'static str = "demo.billing"; type State = u64; type Key = u64;
+/// #     fn routes(_: &mut Routes<Self>) {}
+/// # }
+///
+/// let builder = Endpoint::builder("billing", InMemory::new())
+///     .saga(Billing, Persister::optimistic(MemoryStore::new()));
+/// # let _ = builder;
+/// ```
+pub trait SagaEndpointExt: Sized {
+    /// Handles every message `saga` lists in [`Saga::routes`], with state in `persister`.
+    fn saga<S: Saga>(self, saga: S, persister: Persister<S>) -> Self;
+}
+
+impl SagaEndpointExt for EndpointBuilder {
+    fn saga<S: Saga>(self, saga: S, persister: Persister<S>) -> Self {
+        let (runtime, routes) = Runtime::new(saga, persister);
+        routes.routes.iter().fold(self, |builder, route| {
+            (route.register)(builder, runtime.clone())
+        })
+    }
+}

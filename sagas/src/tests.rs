@@ -1,0 +1,374 @@
+//! Unit tests of the saga runtime through the harness and an in-memory endpoint.
+
+use crate::*;
+use async_trait::async_trait;
+use rhinobus::{ErrorKind, HandlerError, Message};
+use rhinobus_dht::{Sibling, Version};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::Barrier;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Start {
+    id: u32,
+}
+impl Message for Start {
+    const NAME: &'static str = "test.start";
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Add {
+    id: u32,
+    item: u32,
+}
+impl Message for Add {
+    const NAME: &'static str = "test.add";
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Finish {
+    id: u32,
+}
+impl Message for Finish {
+    const NAME: &'static str = "test.finish";
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Added {
+    item: u32,
+}
+impl Message for Added {
+    const NAME: &'static str = "test.added";
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Undeclared;
+impl Message for Undeclared {
+    const NAME: &'static str = "test.undeclared";
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Basket {
+    items: BTreeSet<u32>,
+    applied: u32,
+    merges: u32,
+}
+
+struct BasketSaga;
+
+impl Saga for BasketSaga {
+    const NAME: &'static str = "test.basket";
+    type State = Basket;
+    type Key = u32;
+    fn routes(r: &mut Routes<Self>) {
+        r.initiated_by::<Start>()
+            .orchestrates::<Add>()
+            .orchestrates::<Finish>()
+            .sends::<Added>();
+    }
+}
+
+#[async_trait]
+impl InitiatedBy<Start> for BasketSaga {
+    fn correlate(m: &Start) -> u32 {
+        m.id
+    }
+    async fn handle(&self, _: Start, _: &mut SagaContext<Self>) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Orchestrates<Add> for BasketSaga {
+    fn correlate(m: &Add) -> u32 {
+        m.id
+    }
+    async fn handle(&self, m: Add, saga: &mut SagaContext<Self>) -> Result<(), HandlerError> {
+        saga.state.items.insert(m.item);
+        saga.state.applied += 1;
+        saga.send("audit", &Added { item: m.item })?;
+        if m.item == 999 {
+            saga.publish(&Undeclared)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Orchestrates<Finish> for BasketSaga {
+    fn correlate(m: &Finish) -> u32 {
+        m.id
+    }
+    async fn handle(&self, _: Finish, saga: &mut SagaContext<Self>) -> Result<(), HandlerError> {
+        saga.complete();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl OrchestratesMerge for BasketSaga {
+    async fn merged(
+        &self,
+        merge: MergeSagaState<Basket>,
+        saga: &mut SagaContext<Self>,
+    ) -> Result<(), HandlerError> {
+        assert!(merge.siblings.len() >= 2);
+        saga.state.merges += 1;
+        Ok(())
+    }
+}
+
+fn union(states: Vec<Basket>) -> Basket {
+    let mut out = Basket::default();
+    for s in states {
+        out.items.extend(s.items);
+        out.merges = out.merges.max(s.merges);
+    }
+    out.applied = out.items.len() as u32;
+    out
+}
+
+#[tokio::test]
+async fn initiates_orchestrates_and_sends_with_saga_headers() {
+    let h = SagaHarness::new(BasketSaga);
+    assert!(h.handle(&Start { id: 1 }).await.unwrap().is_empty());
+    let sent = h.handle(&Add { id: 1, item: 5 }).await.unwrap();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].queue(), Some("audit"));
+    assert_eq!(sent[0].decode::<Added>(), Some(Added { item: 5 }));
+    assert_eq!(sent[0].header(rhinobus::headers::names::SAGA_ID), Some("1"));
+    assert_eq!(
+        sent[0].header(rhinobus::headers::names::SAGA_TYPE),
+        Some("test.basket")
+    );
+    let state = h.state(&1).await.unwrap().unwrap();
+    assert_eq!(state.items, BTreeSet::from([5]));
+}
+
+#[tokio::test]
+async fn a_message_for_a_missing_saga_fails_with_the_reason_or_is_discarded() {
+    let h = SagaHarness::new(BasketSaga);
+    let err = h.handle(&Add { id: 9, item: 1 }).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Failure);
+    assert!(
+        err.to_string()
+            .contains("no test.basket saga with key \"9\""),
+        "{err}"
+    );
+    assert!(
+        err.error_type().contains("SagaError"),
+        "{}",
+        err.error_type()
+    );
+    assert_eq!(h.state(&9).await.unwrap(), None);
+
+    let store = MemoryStore::new();
+    let lenient = SagaHarness::with_persister(BasketSaga, store, |s| {
+        Persister::optimistic(s).on_missing(MissingSaga::Discard)
+    });
+    assert!(
+        lenient
+            .handle(&Add { id: 9, item: 1 })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(lenient.versions(&9).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_completed_saga_rejects_late_messages_but_recognises_a_redelivery() {
+    let h = SagaHarness::new(BasketSaga);
+    h.handle(&Start { id: 2 }).await.unwrap();
+    h.handle_with_id(&Finish { id: 2 }, "finish-1")
+        .await
+        .unwrap();
+    assert!(h.is_completed(&2).await.unwrap());
+    assert_eq!(h.state(&2).await.unwrap(), None);
+    h.handle_with_id(&Finish { id: 2 }, "finish-1")
+        .await
+        .expect("a redelivered final message is not an error");
+    let err = h.handle(&Add { id: 2, item: 1 }).await.unwrap_err();
+    assert!(err.to_string().contains("has completed"), "{err}");
+}
+
+#[tokio::test]
+async fn a_redelivery_is_not_applied_twice_and_sends_the_same_messages_again() {
+    let h = SagaHarness::new(BasketSaga);
+    h.handle(&Start { id: 3 }).await.unwrap();
+    let first = h
+        .handle_with_id(&Add { id: 3, item: 7 }, "m-1")
+        .await
+        .unwrap();
+    let again = h
+        .handle_with_id(&Add { id: 3, item: 7 }, "m-1")
+        .await
+        .unwrap();
+    assert_eq!(h.state(&3).await.unwrap().unwrap().applied, 1);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].decode::<Added>(), first[0].decode::<Added>());
+    assert_eq!(again[0].queue(), Some("audit"));
+    assert_eq!(
+        again[0].header(rhinobus::headers::names::SAGA_ID),
+        Some("3")
+    );
+}
+
+#[tokio::test]
+async fn a_redelivery_after_a_restart_needs_the_sent_types_declared() {
+    let store = MemoryStore::new();
+    let before = SagaHarness::with_persister(BasketSaga, store.clone(), Persister::optimistic);
+    before.handle(&Start { id: 4 }).await.unwrap();
+    before
+        .handle_with_id(&Add { id: 4, item: 999 }, "m-undeclared")
+        .await
+        .unwrap();
+    // A new process: `Added` is declared with Routes::sends, `Undeclared` is not.
+    let after = SagaHarness::with_persister(BasketSaga, store, Persister::optimistic);
+    let err = after
+        .handle_with_id(&Add { id: 4, item: 999 }, "m-undeclared")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("test.undeclared"), "{err}");
+    assert_eq!(after.state(&4).await.unwrap().unwrap().applied, 1);
+}
+
+/// Wraps a store; the first `n` loads wait for each other, so that `n` concurrent handlings
+/// all read the same version.
+#[derive(Clone)]
+struct SameVersion {
+    inner: MemoryStore,
+    barrier: Arc<Barrier>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl SameVersion {
+    fn new(n: usize) -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            barrier: Arc::new(Barrier::new(n)),
+            waiting: Arc::new(AtomicUsize::new(n)),
+        }
+    }
+}
+
+#[async_trait]
+impl SagaStore for SameVersion {
+    async fn load(&self, key: &str) -> Result<Vec<Sibling>, StoreError> {
+        let loaded = self.inner.load(key).await?;
+        let left = self
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if left.is_ok() {
+            self.barrier.wait().await;
+        }
+        Ok(loaded)
+    }
+    async fn save(&self, request: SaveRequest) -> Result<Version, StoreError> {
+        self.inner.save(request).await
+    }
+}
+
+#[tokio::test]
+async fn the_optimistic_persister_turns_a_lost_race_into_a_conflict() {
+    let store = SameVersion::new(2);
+    let h = SagaHarness::with_persister(BasketSaga, store.clone(), Persister::optimistic);
+    store.inner.save(seed(5)).await.unwrap();
+    let (a, b) = tokio::join!(
+        h.handle(&Add { id: 5, item: 1 }),
+        h.handle(&Add { id: 5, item: 2 })
+    );
+    let conflicts = [&a, &b]
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.kind() == ErrorKind::Conflict))
+        .count();
+    assert_eq!(conflicts, 1, "{a:?} {b:?}");
+    assert_eq!(h.versions(&5).await.unwrap(), 1);
+    // The bus re-runs the loser on fresh state; so does this test.
+    let lost = if a.is_err() { 1 } else { 2 };
+    h.handle(&Add { id: 5, item: lost }).await.unwrap();
+    let state = h.state(&5).await.unwrap().unwrap();
+    assert_eq!(state.items, BTreeSet::from([1, 2]));
+    assert_eq!(state.applied, 2);
+}
+
+/// An instance of `BasketSaga` with key `id`, written straight to a store.
+fn seed(id: u32) -> SaveRequest {
+    let doc = crate::document::SagaDocument {
+        state: Some(Basket::default()),
+        handled: Vec::new(),
+    };
+    SaveRequest {
+        key: saga_key::<BasketSaga>(&id),
+        value: doc.encode().unwrap(),
+        ..SaveRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn the_merging_persister_keeps_both_writes_and_merges_them_on_the_next_load() {
+    let store = SameVersion::new(3);
+    let h =
+        SagaHarness::with_persister(BasketSaga, store.clone(), |s| Persister::merging(s, union));
+    store.inner.save(seed(6)).await.unwrap();
+    let (a, b, c) = tokio::join!(
+        h.handle(&Add { id: 6, item: 1 }),
+        h.handle(&Add { id: 6, item: 2 }),
+        h.handle(&Add { id: 6, item: 3 }),
+    );
+    a.unwrap();
+    b.unwrap();
+    c.unwrap();
+    assert_eq!(h.versions(&6).await.unwrap(), 3, "three siblings");
+    h.handle(&Add { id: 6, item: 4 }).await.unwrap();
+    assert_eq!(h.versions(&6).await.unwrap(), 1, "collapsed into one");
+    let state = h.state(&6).await.unwrap().unwrap();
+    assert_eq!(state.items, BTreeSet::from([1, 2, 3, 4]));
+    assert_eq!(state.merges, 1, "the saga reacted to the merge once");
+}
+
+#[tokio::test]
+async fn the_optimistic_persister_refuses_siblings_it_cannot_merge() {
+    let store = MemoryStore::new();
+    store.save(seed(7)).await.unwrap();
+    store.save(seed(7)).await.unwrap();
+    let h = SagaHarness::with_persister(BasketSaga, store, Persister::optimistic);
+    let err = h.handle(&Add { id: 7, item: 1 }).await.unwrap_err();
+    assert!(err.to_string().contains("2 concurrent versions"), "{err}");
+}
+
+#[tokio::test]
+async fn on_an_endpoint_a_message_for_a_missing_saga_lands_in_the_error_queue() {
+    use rhinobus::transport::InMemory;
+    use rhinobus::{Bus, Endpoint};
+    let broker = InMemory::new();
+    broker.declare_queue("audit");
+    let ep = Endpoint::builder("baskets", broker.clone())
+        .immediate_retries(0)
+        .saga(BasketSaga, Persister::optimistic(MemoryStore::new()))
+        .start()
+        .await
+        .unwrap();
+    let bus = Bus::new(broker.clone(), "client");
+    bus.send("baskets", &Add { id: 1, item: 1 }).await.unwrap();
+    bus.send("baskets", &Start { id: 2 }).await.unwrap();
+    bus.send("baskets", &Add { id: 2, item: 1 }).await.unwrap();
+    for _ in 0..10_000 {
+        if broker.queue_len("error") == 1 && broker.queue_len("audit") == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    ep.shutdown().await;
+    let (headers, _) = broker
+        .take("error")
+        .expect("the orphan is in the error queue");
+    let reason = &headers[rhinobus::headers::names::FAILURE_ERROR_MESSAGE];
+    assert!(
+        reason.contains("no test.basket saga with key \"1\""),
+        "{reason}"
+    );
+    assert_eq!(broker.queue_len("audit"), 1);
+}
