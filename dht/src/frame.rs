@@ -4,9 +4,9 @@
 //! Decoding never panics: a frame that cannot be read becomes a [`WireError`], and when even the
 //! request id cannot be recovered the connection is closed after the error is sent.
 
-use crate::routing::Topology;
+use crate::routing::{RangeId, Topology};
 use crate::storage::{
-    AddItemRequest, Conflict, GetRequest, ListItem, Op, OpResult, PutOutcome, PutRequest,
+    AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PutOutcome, PutRequest,
     RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError,
 };
 use crate::version::ItemId;
@@ -58,12 +58,21 @@ pub enum Request {
     },
     /// The node's current topology (answered whatever the request's topology version).
     Topology,
+    /// Everything this node holds for one range, whatever its role for it: for comparing
+    /// replicas (answered whatever the request's topology version).
+    Dump {
+        /// The range.
+        range: RangeId,
+    },
 }
 
 impl Request {
     /// Whether the node checks the request's topology version before serving it.
     pub fn is_routed(&self) -> bool {
-        !matches!(self, Request::Hello { .. } | Request::Topology)
+        !matches!(
+            self,
+            Request::Hello { .. } | Request::Topology | Request::Dump { .. }
+        )
     }
 
     /// Whether the request writes.
@@ -75,9 +84,11 @@ impl Request {
             Request::Batch { ops } => ops
                 .iter()
                 .any(|op| !matches!(op, Op::Get(_) | Op::GetItems(_))),
-            Request::Hello { .. } | Request::Get(_) | Request::GetItems(_) | Request::Topology => {
-                false
-            }
+            Request::Hello { .. }
+            | Request::Get(_)
+            | Request::GetItems(_)
+            | Request::Topology
+            | Request::Dump { .. } => false,
         }
     }
 }
@@ -116,6 +127,8 @@ pub enum Response {
     Batch(Vec<OpResult>),
     /// To [`Request::Topology`].
     Topology(Topology),
+    /// To [`Request::Dump`], ordered by key.
+    Dump(Vec<KeyDump>),
 }
 
 /// Why a node refused or failed a request.

@@ -4,13 +4,19 @@
 //! - [`storage`]: the persistent hash table — versions and siblings, optimistic writes, lists,
 //!   expiry, atomic batches, durability. Everything else is a way to reach it.
 //! - [`version`]: version and list-item ids, unique across nodes and restarts.
-//! - [`routing`]: the 1024 hash ranges and the versioned [`Topology`] that maps them to nodes.
+//! - [`routing`]: the 1024 hash ranges and the versioned [`Topology`] that maps them to nodes
+//!   (contiguous blocks, the previous nodes as secondary and tertiary: [`Topology::blocks`]).
 //! - [`frame`]: the wire format — request and response frames, MessagePack in a length prefix.
 //! - [`connection`]: a framed TCP socket; the writer task batches frames into few syscalls.
 //! - [`request`]: serving one decoded request against storage.
 //! - [`server`]: the node — accept loop, authentication, topology check, pipelined serving.
 //! - [`shutdown`]: the signal every node task watches to stop cleanly.
-//! - [`client`]: [`Client`], routing by range over pooled, pipelined connections.
+//! - [`client`]: [`Client`], routing by range over pooled, pipelined connections, failing over
+//!   primary → secondary → tertiary.
+//! - [`cluster`]: the cluster file ([`ClusterSpec`]), node queue names, and the topology as
+//!   stored in the DHT itself.
+//! - [`replication`]: replication as bus messages — the outbox committed with every write,
+//!   batched senders per destination, idempotent apply, catch-up at start-up.
 //! - `main.rs`: the `rhinobus-dht` binary (node and CLI), a thin shell over the above.
 //!
 //! # Versions and siblings
@@ -22,8 +28,10 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod cluster;
 pub mod connection;
 pub mod frame;
+pub mod replication;
 pub mod request;
 pub mod routing;
 pub mod server;
@@ -32,13 +40,16 @@ pub mod storage;
 pub mod version;
 
 pub use client::{Client, ClientError, ClientOptions};
+pub use cluster::{ClusterSpec, NodeSpec};
 pub use frame::{Request, Response, WireError};
+pub use replication::{Replication, ReplicationOptions, ReplicationOutbox};
 pub use server::{NodeOptions, serve};
 
 pub use routing::{RANGE_COUNT, RangeAssignment, RangeId, Topology, TopologyError};
 pub use storage::{
-    AddItemRequest, Batch, Change, Conflict, Durability, GetRequest, ListItem, MAX_KEY_LEN,
-    MAX_PARENTS, MAX_VALUE_LEN, Op, OpResult, PutOutcome, PutRequest, RemoveItemRequest,
-    RemoveOutcome, RemoveRequest, Sibling, Storage, StorageError, StorageOptions,
+    AddItemRequest, Batch, Change, Conflict, Durability, GetRequest, KeyDump, ListItem,
+    MAX_KEY_LEN, MAX_PARENTS, MAX_VALUE_LEN, Op, OpResult, PutOutcome, PutRequest,
+    RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, Storage, StorageError,
+    StorageOptions,
 };
 pub use version::{ItemId, ParseVersionError, Version};

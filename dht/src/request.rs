@@ -1,11 +1,12 @@
 //! Serving one request: from a decoded [`Request`] to the [`Response`] the node sends back.
 
 use crate::frame::{Request, Response, WireError};
+use crate::replication::ReplicationOutbox;
 use crate::routing::Topology;
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Batch, Storage, StorageError};
 
-/// Runs a data request against `storage`. `Hello` and `Topology` are answered from the node's
-/// own state, given here.
+/// Runs a data request against `storage`, without replication. `Hello` and `Topology` are
+/// answered from the node's own state, given here.
 ///
 /// Engine failures are logged here and reach the client only as [`WireError::Internal`].
 pub fn execute(
@@ -13,24 +14,36 @@ pub fn execute(
     topology: &Topology,
     request: Request,
 ) -> Result<Response, WireError> {
+    execute_replicated(storage, topology, None, request)
+}
+
+/// [`execute`], staging every write's replication in `outbox` within the write's own batch.
+pub fn execute_replicated(
+    storage: &Storage,
+    topology: &Topology,
+    outbox: Option<&ReplicationOutbox>,
+    request: Request,
+) -> Result<Response, WireError> {
     let result = match request {
         Request::Hello { .. } => Ok(Response::Hello {
             topology: topology.version,
         }),
         Request::Topology => Ok(Response::Topology(topology.clone())),
+        Request::Dump { range } => storage.dump(range).map(Response::Dump),
         Request::Get(r) => storage.get(&r.key).map(Response::Siblings),
-        Request::Put(r) => storage.put(r).map(Response::Put),
-        Request::Remove(r) => storage.remove(r).map(Response::Removed),
-        Request::AddItem(r) => storage.add_item(r).map(Response::ItemAdded),
-        Request::RemoveItem(r) => storage.remove_item(r).map(Response::ItemRemoved),
         Request::GetItems(r) => storage.get_items(&r.key).map(Response::Items),
-        Request::Batch { ops } => storage
-            .batch(|b| {
-                ops.into_iter()
-                    .map(|op| b.execute(op))
-                    .collect::<Result<Vec<_>, StorageError>>()
-            })
-            .map(Response::Batch),
+        Request::Put(r) => write(storage, outbox, |b| b.put(r)).map(Response::Put),
+        Request::Remove(r) => write(storage, outbox, |b| b.remove(r)).map(Response::Removed),
+        Request::AddItem(r) => write(storage, outbox, |b| b.add_item(r)).map(Response::ItemAdded),
+        Request::RemoveItem(r) => {
+            write(storage, outbox, |b| b.remove_item(r)).map(Response::ItemRemoved)
+        }
+        Request::Batch { ops } => write(storage, outbox, |b| {
+            ops.into_iter()
+                .map(|op| b.execute(op))
+                .collect::<Result<Vec<_>, StorageError>>()
+        })
+        .map(Response::Batch),
     };
     result.map_err(|e| {
         if matches!(e, StorageError::Engine(_) | StorageError::Corrupt { .. }) {
@@ -40,6 +53,24 @@ pub fn execute(
     })
 }
 
+/// Runs `f` in one batch together with the outbox records of what it changed, and queues the
+/// records for sending once the batch committed.
+fn write<T>(
+    storage: &Storage,
+    outbox: Option<&ReplicationOutbox>,
+    f: impl FnOnce(&mut Batch<'_>) -> Result<T, StorageError>,
+) -> Result<T, StorageError> {
+    let Some(outbox) = outbox else {
+        return storage.batch(f);
+    };
+    let (out, records) = storage.batch(|b| {
+        let out = f(b)?;
+        let records = outbox.stage(b)?;
+        Ok::<_, StorageError>((out, records))
+    })?;
+    outbox.committed(records);
+    Ok(out)
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,6 +88,10 @@ pub struct Topology {
     pub version: u64,
     /// Node addresses (`host:port`).
     pub nodes: Vec<String>,
+    /// Node names, in the order of [`nodes`](Self::nodes): what replication addresses a node
+    /// by (its queue is named after it). Empty for a node that does not replicate.
+    #[serde(default)]
+    pub names: Vec<String>,
     /// Exactly [`RANGE_COUNT`] entries, indexed by range number.
     pub ranges: Vec<RangeAssignment>,
 }
@@ -116,6 +120,7 @@ impl Topology {
         Self {
             version: 1,
             nodes: vec![addr.into()],
+            names: Vec::new(),
             ranges: (0..RANGE_COUNT)
                 .map(|_| RangeAssignment {
                     primary: 0,
@@ -124,6 +129,67 @@ impl Topology {
                 })
                 .collect(),
         }
+    }
+
+    /// The layout of Rhino DHT's four-node example, for any number of nodes: the ranges are cut
+    /// into one contiguous block per node, in order; node `i` is primary of block `i`, and the
+    /// nodes before it in the list (wrapping around) are its secondary and tertiary. With four
+    /// nodes, node 1 is primary of 0–255, secondary of 256–511 and tertiary of 512–767.
+    ///
+    /// `nodes` are `(name, address)` pairs. With fewer than three nodes, ranges have fewer
+    /// replicas.
+    ///
+    /// ```
+    /// use rhinobus_dht::{RangeId, Topology};
+    ///
+    /// let t = Topology::blocks(1, [("a", "h:1"), ("b", "h:2"), ("c", "h:3"), ("d", "h:4")]);
+    /// assert_eq!(t.replicas(RangeId::new(0).unwrap()), ["h:1", "h:4", "h:3"]);
+    /// assert_eq!(t.replicas(RangeId::new(300).unwrap()), ["h:2", "h:1", "h:4"]);
+    /// ```
+    pub fn blocks<N: Into<String>, A: Into<String>>(
+        version: u64,
+        nodes: impl IntoIterator<Item = (N, A)>,
+    ) -> Self {
+        let (names, nodes): (Vec<String>, Vec<String>) =
+            nodes.into_iter().map(|(n, a)| (n.into(), a.into())).unzip();
+        let n = nodes.len().max(1) as u32;
+        let count = u32::from(RANGE_COUNT);
+        let ranges = (0..count)
+            .map(|r| {
+                let primary = r * n / count;
+                let back = |k: u32| (k < n).then(|| (primary + n - k) % n);
+                RangeAssignment {
+                    primary,
+                    secondary: back(1),
+                    tertiary: back(2),
+                }
+            })
+            .collect();
+        Self {
+            version,
+            nodes,
+            names,
+            ranges,
+        }
+    }
+
+    /// The indexes of the nodes that hold `range`, primary first.
+    pub fn replica_indexes(&self, range: RangeId) -> Vec<u32> {
+        let Some(a) = self.ranges.get(usize::from(range.get())) else {
+            return Vec::new();
+        };
+        [Some(a.primary), a.secondary, a.tertiary]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// The index of the node named `name`.
+    pub fn index_of(&self, name: &str) -> Option<u32> {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .and_then(|i| u32::try_from(i).ok())
     }
 
     /// Checks that every range is assigned to a known node.
@@ -193,6 +259,35 @@ mod tests {
         t.validate().unwrap();
         assert!(RangeId::all().all(|r| t.primary(r) == Some("a:1")));
         assert_eq!(t.replicas(RangeId::of(b"x")), vec!["a:1"]);
+    }
+
+    #[test]
+    fn four_nodes_are_laid_out_as_in_the_rhino_dht_post() {
+        let t = Topology::blocks(1, (1..=4).map(|i| (format!("n{i}"), format!("h:{i}"))));
+        t.validate().unwrap();
+        let at = |r: u16| t.replicas(RangeId::new(r).unwrap());
+        // Node 1: primary 0-256, secondary 256-512, tertiary 512-768; and so on.
+        assert_eq!(at(0), ["h:1", "h:4", "h:3"]);
+        assert_eq!(at(255), ["h:1", "h:4", "h:3"]);
+        assert_eq!(at(256), ["h:2", "h:1", "h:4"]);
+        assert_eq!(at(512), ["h:3", "h:2", "h:1"]);
+        assert_eq!(at(1023), ["h:4", "h:3", "h:2"]);
+    }
+
+    #[test]
+    fn uneven_and_small_clusters_cover_every_range() {
+        let three = Topology::blocks(2, [("a", "1"), ("b", "2"), ("c", "3")]);
+        three.validate().unwrap();
+        for r in RangeId::all() {
+            let mut replicas = three.replica_indexes(r);
+            replicas.sort();
+            assert_eq!(replicas, [0, 1, 2]);
+        }
+        let one = Topology::blocks(1, [("a", "1")]);
+        one.validate().unwrap();
+        assert!(RangeId::all().all(|r| one.replicas(r) == ["1"]));
+        assert_eq!(one.index_of("a"), Some(0));
+        assert_eq!(one.index_of("z"), None);
     }
 
     #[test]

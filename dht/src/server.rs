@@ -3,6 +3,7 @@
 
 use crate::connection::{self, ReadError};
 use crate::frame::{self, Request, ResponseFrame, WireError};
+use crate::replication::ReplicationOutbox;
 use crate::request;
 use crate::routing::Topology;
 use crate::shutdown::{self, Shutdown};
@@ -30,6 +31,8 @@ pub struct NodeOptions {
     /// The topology to serve; by default one node (this one, at its listening address) owning
     /// every range.
     pub topology: Option<Topology>,
+    /// Where writes stage their replication; none for a node that does not replicate.
+    pub outbox: Option<ReplicationOutbox>,
 }
 
 impl Default for NodeOptions {
@@ -40,6 +43,7 @@ impl Default for NodeOptions {
             max_in_flight: 256,
             max_connections: 1024,
             topology: None,
+            outbox: None,
         }
     }
 }
@@ -48,6 +52,18 @@ impl NodeOptions {
     /// The same options with a shared secret.
     pub fn secret(mut self, secret: Option<String>) -> Self {
         self.secret = secret;
+        self
+    }
+
+    /// The same options serving `topology`.
+    pub fn topology(mut self, topology: Topology) -> Self {
+        self.topology = Some(topology);
+        self
+    }
+
+    /// The same options, replicating writes through `outbox`.
+    pub fn outbox(mut self, outbox: ReplicationOutbox) -> Self {
+        self.outbox = Some(outbox);
         self
     }
 
@@ -62,6 +78,17 @@ struct Node {
     storage: Storage,
     topology: Topology,
     options: NodeOptions,
+}
+
+impl Node {
+    fn execute(&self, request: Request) -> Result<frame::Response, WireError> {
+        request::execute_replicated(
+            &self.storage,
+            &self.topology,
+            self.options.outbox.as_ref(),
+            request,
+        )
+    }
 }
 
 /// Serves `storage` on `listener` until `shutdown` resolves, then stops accepting, lets every
@@ -237,22 +264,20 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
             let node = node.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let result = tokio::task::spawn_blocking(move || {
-                    request::execute(&node.storage, &node.topology, frame.request)
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    Err(WireError::Internal {
-                        message: format!("request task failed: {e}"),
-                    })
-                });
+                let result = tokio::task::spawn_blocking(move || node.execute(frame.request))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(WireError::Internal {
+                            message: format!("request task failed: {e}"),
+                        })
+                    });
                 respond(&tx, id, result).await;
                 drop(permit);
             });
         } else {
             // Local reads and buffered writes take microseconds: answering inline keeps the
             // answers in order and avoids a task per request.
-            let result = request::execute(&node.storage, &node.topology, frame.request);
+            let result = node.execute(frame.request);
             respond(&tx, id, result).await;
         }
     }

@@ -3,6 +3,7 @@
 use super::layout::{
     self, ItemRecord, VersionRecord, expiry_key, id_of, item_key, parse_expiry_key, version_key,
 };
+use super::outbox::OutboxRecord;
 use super::{
     AddItemRequest, Change, Conflict, Inner, ListItem, Op, OpResult, PutOutcome, PutRequest,
     RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError, check_key,
@@ -26,6 +27,7 @@ pub struct Batch<'a> {
     superseded: Overlay,
     expiry: Overlay,
     items: Overlay,
+    outbox: Overlay,
     changes: Vec<Change>,
 }
 
@@ -72,7 +74,7 @@ impl Overlay {
     }
 }
 
-fn decode_version(k: &[u8], v: &[u8]) -> Result<(Version, VersionRecord), StorageError> {
+pub(super) fn decode_version(k: &[u8], v: &[u8]) -> Result<(Version, VersionRecord), StorageError> {
     let id = id_of(k).ok_or_else(|| StorageError::Corrupt {
         what: "version key",
         detail: format!("{} bytes", k.len()),
@@ -84,7 +86,7 @@ fn decode_version(k: &[u8], v: &[u8]) -> Result<(Version, VersionRecord), Storag
     Ok((Version::from_bytes(id), record))
 }
 
-fn decode_item(k: &[u8], v: &[u8]) -> Result<(ItemId, ItemRecord), StorageError> {
+pub(super) fn decode_item(k: &[u8], v: &[u8]) -> Result<(ItemId, ItemRecord), StorageError> {
     let id = id_of(k).ok_or_else(|| StorageError::Corrupt {
         what: "item key",
         detail: format!("{} bytes", k.len()),
@@ -96,11 +98,11 @@ fn decode_item(k: &[u8], v: &[u8]) -> Result<(ItemId, ItemRecord), StorageError>
     Ok((ItemId::from_bytes(id), record))
 }
 
-fn is_live(record: &VersionRecord, now_ms: u64) -> bool {
+pub(super) fn is_live(record: &VersionRecord, now_ms: u64) -> bool {
     record.expires_at_ms.is_none_or(|at| at > now_ms)
 }
 
-fn to_sibling(version: Version, record: VersionRecord) -> Sibling {
+pub(super) fn to_sibling(version: Version, record: VersionRecord) -> Sibling {
     Sibling {
         version,
         value: record.value,
@@ -160,6 +162,7 @@ impl<'a> Batch<'a> {
             superseded: Overlay::default(),
             expiry: Overlay::default(),
             items: Overlay::default(),
+            outbox: Overlay::default(),
             changes: Vec::new(),
         }
     }
@@ -490,6 +493,20 @@ impl<'a> Batch<'a> {
         &self.changes
     }
 
+    /// Records, in this batch, that `changes` still have to reach `destination`: the record
+    /// commits (or not) together with the writes that made the changes. Returns the record, to
+    /// hand to the sender once the batch committed.
+    pub fn enqueue_outbox(
+        &mut self,
+        destination: &str,
+        changes: Vec<Change>,
+    ) -> Result<OutboxRecord, StorageError> {
+        let record = OutboxRecord::new(destination, changes)?;
+        self.outbox
+            .set(&record.storage_key(), record.encode_changes());
+        Ok(record)
+    }
+
     pub(super) fn purge_expired(
         &mut self,
         now_ms: u64,
@@ -539,6 +556,7 @@ impl<'a> Batch<'a> {
             (self.superseded, &self.inner.superseded),
             (self.expiry, &self.inner.expiry),
             (self.items, &self.inner.items),
+            (self.outbox, &self.inner.outbox),
         ] {
             for (k, v) in overlay.0 {
                 match v {

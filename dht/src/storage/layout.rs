@@ -17,6 +17,8 @@
 //!   instead of resurrected.
 //! - `expiry`: `expires-at ms ++ digest ++ version` → empty (what to clean up, in time order)
 //! - `items`: `digest ++ item id` → [`ItemRecord`] (list items)
+//! - `outbox`: `destination ++ 0x00 ++ record id` → MessagePack `Vec<Change>` (replication not yet
+//!   confirmed by the broker; see [`OutboxRecord`](super::OutboxRecord))
 
 use crate::routing::key_digest;
 use crate::version::{ItemId, Version};

@@ -15,10 +15,14 @@
 //! superseded is never brought back, whatever order the writes arrive in.
 
 mod batch;
+mod dump;
 mod group_commit;
 mod layout;
+mod outbox;
 
 pub use batch::Batch;
+pub use dump::KeyDump;
+pub use outbox::{OutboxId, OutboxRecord};
 
 use crate::version::{ItemId, Version};
 use bytes::Bytes;
@@ -370,6 +374,18 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// The key the change touches.
+    pub fn key(&self) -> &Bytes {
+        match self {
+            Change::Put { key, .. }
+            | Change::Remove { key, .. }
+            | Change::AddItem { key, .. }
+            | Change::RemoveItem { key, .. } => key,
+        }
+    }
+}
+
 /// The persistent hash table. Cheap to clone; clones share one database.
 ///
 /// Calls block the calling thread for the duration of a local read or write (and an fsync with
@@ -409,6 +425,8 @@ struct Inner {
     superseded: Keyspace,
     expiry: Keyspace,
     items: Keyspace,
+    /// Replication records not yet confirmed by the broker: `destination ++ 0 ++ id`.
+    outbox: Keyspace,
     /// Writers read current versions and then write; one writer at a time keeps that
     /// read-check-write (and whole batches) serializable. Readers never take it.
     write_lock: Mutex<()>,
@@ -442,6 +460,7 @@ impl Storage {
         let items = db.keyspace("items", || {
             KeyspaceCreateOptions::default().with_kv_separation(Some(Default::default()))
         })?;
+        let outbox = db.keyspace("outbox", KeyspaceCreateOptions::default)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -449,6 +468,7 @@ impl Storage {
                 superseded,
                 expiry,
                 items,
+                outbox,
                 write_lock: Mutex::new(()),
                 durability: options.durability,
                 group_commit: GroupCommit::default(),
