@@ -80,6 +80,15 @@ impl Raw {
         self.forget_later(name);
     }
 
+    /// A unique endpoint queue (declared) and a unique error queue (left to the endpoint to
+    /// declare), both deleted at clean-up.
+    pub async fn endpoint_queues(&mut self, prefix: &str) -> (String, String) {
+        let (queue, error) = (unique(prefix), unique("error"));
+        self.queue(&queue).await;
+        self.forget_later(&error);
+        (queue, error)
+    }
+
     /// Deletes this queue too at clean-up (queues the code under test declared).
     pub fn forget_later(&mut self, name: &str) {
         self.created.push(name.to_owned());

@@ -62,11 +62,16 @@ async fn send_reaches_the_handler_and_reply_comes_back() {
     for q in [&server, &client, &error] {
         raw.forget_later(q);
     }
+    let (trace_tx, mut request_trace) = mpsc::unbounded_channel();
     let server_ep = Endpoint::builder(&server, rabbit())
         .error_queue(&error)
-        .handle(|w: Work, ctx: Context| async move {
-            ctx.reply(&Done { n: w.n * 2 })?;
-            Ok::<_, HandlerError>(())
+        .handle(move |w: Work, ctx: Context| {
+            let trace_tx = trace_tx.clone();
+            async move {
+                trace_tx.send(ctx.header(names::TRACEPARENT).map(str::to_owned))?;
+                ctx.reply(&Done { n: w.n * 2 })?;
+                Ok::<_, HandlerError>(())
+            }
         })
         .start()
         .await
@@ -95,7 +100,16 @@ async fn send_reaches_the_handler_and_reply_comes_back() {
     assert_eq!(headers[names::CONVERSATION_ID], sent.to_string());
     assert_eq!(headers[names::SOURCE_ENDPOINT], server);
     assert_eq!(headers[names::MESSAGE_TYPE], Done::NAME);
-    assert!(headers.contains_key(names::TRACEPARENT));
+    let trace_of = |traceparent: &str| traceparent.split('-').nth(1).map(str::to_owned);
+    let request = recv(&mut request_trace)
+        .await
+        .expect("the request carries a traceparent");
+    assert_eq!(
+        trace_of(&headers[names::TRACEPARENT]),
+        trace_of(&request),
+        "the reply continues the request's trace"
+    );
+    assert_ne!(headers[names::TRACEPARENT], request, "in a span of its own");
     server_ep.shutdown().await;
     client_ep.shutdown().await;
     raw.cleanup().await;
@@ -192,9 +206,7 @@ async fn an_unreachable_broker_is_a_clear_error() {
 #[tokio::test]
 async fn failing_messages_are_retried_then_kept_in_the_error_queue_byte_for_byte() {
     let mut raw = Raw::connect().await;
-    let (queue, error) = (unique("failing"), unique("error"));
-    raw.queue(&queue).await;
-    raw.forget_later(&error);
+    let (queue, error) = raw.endpoint_queues("failing").await;
     let calls = Arc::new(AtomicU32::new(0));
     let counter = calls.clone();
     let ep = Endpoint::builder(&queue, rabbit())
@@ -269,9 +281,7 @@ fn rmp_body<M: Message>(m: &M) -> Vec<u8> {
 #[tokio::test]
 async fn garbage_unknown_types_and_unhandled_types_go_straight_to_the_error_queue() {
     let mut raw = Raw::connect().await;
-    let (queue, error) = (unique("garbage"), unique("error"));
-    raw.queue(&queue).await;
-    raw.forget_later(&error);
+    let (queue, error) = raw.endpoint_queues("garbage").await;
     let calls = Arc::new(AtomicU32::new(0));
     let counter = calls.clone();
     let ep = Endpoint::builder(&queue, rabbit())
@@ -346,9 +356,7 @@ async fn a_failed_handlers_sends_are_discarded() {
 #[tokio::test]
 async fn conflicts_are_retried_on_their_own_budget() {
     let mut raw = Raw::connect().await;
-    let (queue, error) = (unique("conflict"), unique("error"));
-    raw.queue(&queue).await;
-    raw.forget_later(&error);
+    let (queue, error) = raw.endpoint_queues("conflict").await;
     let calls = Arc::new(AtomicU32::new(0));
     let counter = calls.clone();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -383,9 +391,7 @@ async fn conflicts_are_retried_on_their_own_budget() {
 #[tokio::test]
 async fn delayed_retries_wait_and_come_back_before_the_error_queue() {
     let mut raw = Raw::connect().await;
-    let (queue, error) = (unique("delayed"), unique("error"));
-    raw.queue(&queue).await;
-    raw.forget_later(&error);
+    let (queue, error) = raw.endpoint_queues("delayed").await;
     for n in 1..=2 {
         raw.forget_later(&format!("{queue}.delay.{n}"));
     }
@@ -427,9 +433,7 @@ async fn closing_the_connection_mid_stream_loses_nothing() {
     init_tracing();
     const N: u32 = 3000;
     let mut raw = Raw::connect().await;
-    let (queue, error) = (unique("reconnect"), unique("error"));
-    raw.queue(&queue).await;
-    raw.forget_later(&error);
+    let (queue, error) = raw.endpoint_queues("reconnect").await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let ep = Endpoint::builder(&queue, rabbit())
         .error_queue(&error)
@@ -490,9 +494,7 @@ async fn closing_the_connection_mid_stream_loses_nothing() {
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_messages_and_leaves_the_rest_queued() {
     let mut raw = Raw::connect().await;
-    let (queue, error) = (unique("shutdown"), unique("error"));
-    raw.queue(&queue).await;
-    raw.forget_later(&error);
+    let (queue, error) = raw.endpoint_queues("shutdown").await;
     let finished = Arc::new(AtomicU32::new(0));
     let (started_tx, mut started) = mpsc::unbounded_channel();
     let done = finished.clone();
