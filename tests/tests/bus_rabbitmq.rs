@@ -527,3 +527,35 @@ async fn graceful_shutdown_finishes_in_flight_messages_and_leaves_the_rest_queue
     assert_eq!(raw.count(&queue).await, 20 - finished);
     raw.cleanup().await;
 }
+
+#[tokio::test]
+async fn endpoints_sharing_a_transport_keep_it_open_for_each_other() {
+    let mut raw = Raw::connect().await;
+    let (first, error) = raw.endpoint_queues("shared-a").await;
+    let (second, _) = raw.endpoint_queues("shared-b").await;
+    let transport = rabbit();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let start = |name: &str| {
+        let tx = tx.clone();
+        Endpoint::builder(name, transport.clone())
+            .error_queue(&error)
+            .handle(move |w: Work, _: Context| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(w.n)?;
+                    Ok::<_, HandlerError>(())
+                }
+            })
+            .start()
+    };
+    let a = start(&first).await.expect("start a");
+    let b = start(&second).await.expect("start b");
+    a.shutdown().await;
+    b.bus()
+        .send(&second, &Work { n: 2 })
+        .await
+        .expect("b still sends");
+    assert_eq!(recv(&mut rx).await, 2, "b still receives");
+    b.shutdown().await;
+    raw.cleanup().await;
+}

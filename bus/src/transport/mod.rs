@@ -102,6 +102,7 @@ pub trait Transport: Send + Sync + 'static {
     /// that no queue subscribes to is not.
     async fn send(&self, messages: Vec<OutgoingMessage>) -> Result<(), BusError>;
 
-    /// Releases connections after the endpoint stopped. Pending confirms are awaited first.
+    /// Called when an endpoint using this transport stopped: releases its connections once no
+    /// other endpoint uses them. Pending confirms are awaited first.
     async fn close(&self);
 }

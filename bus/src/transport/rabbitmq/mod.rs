@@ -249,7 +249,16 @@ impl Transport for RabbitMq {
         }
     }
 
+    /// Closes the connection once no endpoint consumes through it any more: endpoints that
+    /// share one `RabbitMq` keep it open for each other.
     async fn close(&self) {
+        {
+            let mut consumers = self.inner.consumers.lock().await;
+            consumers.retain(|c| !c.stop.is_cancelled());
+            if !consumers.is_empty() {
+                return;
+            }
+        }
         self.inner.shutdown.cancel();
         let link = self.inner.link.send_replace(None);
         if let Some(link) = link {
