@@ -50,7 +50,7 @@ async fn ship(placed: OrderPlaced, ctx: Context) -> Result<(), HandlerError> {
             placed.order
         )));
     }
-    if placed.order % 3 == 0 && ctx.attempt() == 1 {
+    if placed.order.is_multiple_of(3) && ctx.attempt() == 1 {
         return Err(HandlerError::msg("the courier's API timed out"));
     }
     ctx.reply(&OrderShipped {
