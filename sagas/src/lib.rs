@@ -118,7 +118,7 @@ pub use error::SagaError;
 pub use harness::{SagaHarness, Sent};
 pub use persister::{DEFAULT_REMEMBER, MissingSaga, Persister};
 pub use routes::Routes;
-pub use runtime::{SagaEndpointExt, saga_key};
+pub use runtime::{SagaEndpointExt, saga_key, saga_states};
 pub use saga::{
     InitiatedBy, MergeSagaState, Orchestrates, OrchestratesMerge, Saga, SagaStateMerger,
 };

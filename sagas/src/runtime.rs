@@ -7,7 +7,7 @@ use crate::error::SagaError;
 use crate::persister::{MissingSaga, Mode, Persister};
 use crate::routes::{RouteFns, Routes};
 use crate::saga::{MergeSagaState, Saga};
-use crate::store::{SaveRequest, StoreError};
+use crate::store::{SagaStore, SaveRequest, StoreError};
 use rhinobus::message::Message;
 use rhinobus::{Context, EndpointBuilder, HandlerError};
 use rhinobus_dht::Version;
@@ -277,4 +277,33 @@ impl SagaEndpointExt for EndpointBuilder {
             (route.register)(builder, runtime.clone())
         })
     }
+}
+
+/// The state of every current version of the instance `key` of saga `S` in `store`, oldest
+/// first, without merging: `None` for a completed instance. Empty when there is no instance.
+/// For tools and tests that look at sagas from outside.
+///
+/// ```
+/// use rhinobus_sagas::{MemoryStore, saga_states};
+/// # use rhinobus_sagas::{Routes, Saga};
+/// # struct Counter;
+/// # impl Saga for Counter {
+/// #     const NAME: &'static str = "demo.counter"; type State = u64; type Key = u64;
+/// #     fn routes(_: &mut Routes<Self>) {}
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), rhinobus_sagas::SagaError> {
+/// let states = saga_states::<Counter>(&MemoryStore::new(), &7).await?;
+/// assert!(states.is_empty());
+/// # Ok(()) }
+/// ```
+pub async fn saga_states<S: Saga>(
+    store: &dyn SagaStore,
+    key: &S::Key,
+) -> Result<Vec<Option<S::State>>, SagaError> {
+    let siblings = store.load(&saga_key::<S>(key)).await.map_err(store_error)?;
+    siblings
+        .iter()
+        .map(|s| SagaDocument::<S::State>::decode(&s.value).map(|d| d.state))
+        .collect()
 }
