@@ -5,7 +5,7 @@ use crate::connection;
 use crate::frame::{self, Request, Response, ResponseFrame, WireError};
 use crate::routing::{RangeId, Topology};
 use crate::storage::{
-    AddItemRequest, Conflict, GetRequest, ListItem, Op, OpResult, PutOutcome, PutRequest,
+    AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PutOutcome, PutRequest,
     RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, check_key, check_parents,
     check_value,
 };
@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -110,6 +110,19 @@ pub enum ClientError {
     /// The topology has no node for a range, or a batch's keys live on different nodes.
     #[error("routing: {0}")]
     Routing(String),
+}
+
+impl ClientError {
+    /// Whether the node could not be reached or went away: the cases in which the client
+    /// fails over to the next replica.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. }
+                | ClientError::ConnectionLost { .. }
+                | ClientError::Timeout { .. }
+        )
+    }
 }
 
 impl From<WireError> for ClientError {
@@ -346,20 +359,67 @@ impl Client {
         }
     }
 
-    /// Sends a routed request, refreshing the topology and retrying once when the node says it
-    /// changed.
+    /// Everything node `addr` holds for `range`, whatever its role for it: for comparing
+    /// replicas (`rhinobus-dht dump`).
+    pub async fn dump(&self, addr: &str, range: RangeId) -> Result<Vec<KeyDump>, ClientError> {
+        match self.send(addr, 0, &Request::Dump { range }).await? {
+            Response::Dump(keys) => Ok(keys),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Every current sibling of `key` as node `addr` holds it, whether or not it is the
+    /// primary: for checking how far replication got.
+    pub async fn get_from(
+        &self,
+        addr: &str,
+        key: impl Into<Bytes>,
+    ) -> Result<Vec<Sibling>, ClientError> {
+        let key = key.into();
+        check_key(&key)?;
+        let version = self.topology().version;
+        match self
+            .send(addr, version, &Request::Get(GetRequest { key }))
+            .await?
+        {
+            Response::Siblings(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends a routed request to the key's primary, failing over to the secondary and then the
+    /// tertiary when a node cannot be reached; refreshes the topology and retries once when a
+    /// node says it changed.
+    ///
+    /// A write whose node went away before answering may have been applied there; retried on
+    /// the next replica it is applied again, as a new version: a sibling, never a loss.
     async fn call(&self, key: &[u8], request: Request) -> Result<Response, ClientError> {
         let mut refreshed = false;
-        loop {
+        'routing: loop {
             let topology = self.topology();
-            let addr = route(&topology, key)?.to_owned();
-            match self.send(&addr, topology.version, &request).await {
-                Err(ClientError::Rejected(WireError::TopologyChanged { .. })) if !refreshed => {
-                    refreshed = true;
-                    self.refresh_topology().await?;
-                }
-                other => return other,
+            let replicas = topology.replicas(RangeId::of(key));
+            if replicas.is_empty() {
+                return Err(ClientError::Routing(format!(
+                    "no node serves range {}",
+                    RangeId::of(key).get()
+                )));
             }
+            let mut last_error = None;
+            for addr in replicas {
+                match self.send(addr, topology.version, &request).await {
+                    Err(ClientError::Rejected(WireError::TopologyChanged { .. })) if !refreshed => {
+                        refreshed = true;
+                        self.refresh_topology().await?;
+                        continue 'routing;
+                    }
+                    Err(e) if e.is_unreachable() => {
+                        tracing::debug!(%addr, error = %e, "node unreachable; failing over");
+                        last_error = Some(e);
+                    }
+                    other => return other,
+                }
+            }
+            return Err(last_error.unwrap_or_else(|| ClientError::Routing("no replica".into())));
         }
     }
 
@@ -422,7 +482,13 @@ struct NodePool {
     addr: String,
     slots: Vec<Mutex<Option<Arc<Conn>>>>,
     next: AtomicUsize,
+    /// After a failed connect, further attempts fail at once until then: callers fail over
+    /// without each waiting for its own connect to a dead node.
+    down_until: Mutex<Option<Instant>>,
 }
+
+/// How long a node that refused a connection is skipped.
+const DOWN_FOR: Duration = Duration::from_millis(250);
 
 impl NodePool {
     fn new(addr: String, size: usize) -> Self {
@@ -430,6 +496,7 @@ impl NodePool {
             addr,
             slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
+            down_until: Mutex::new(None),
         }
     }
 
@@ -441,9 +508,34 @@ impl NodePool {
         {
             return Ok(c.clone());
         }
+        if let Some(until) = *self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            && Instant::now() < until
+        {
+            return Err(ClientError::Connect {
+                addr: self.addr.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "node was unreachable moments ago",
+                ),
+            });
+        }
         // Two callers may both open a connection here; the later one replaces the earlier,
         // whose in-flight requests still complete.
-        let c = Conn::open(&self.addr, options).await?;
+        let c = match Conn::open(&self.addr, options).await {
+            Ok(c) => c,
+            Err(e) => {
+                if matches!(e, ClientError::Connect { .. }) {
+                    *self
+                        .down_until
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + DOWN_FOR);
+                }
+                return Err(e);
+            }
+        };
         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(c.clone());
         Ok(c)
     }

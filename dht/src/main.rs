@@ -3,13 +3,15 @@
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use rhinobus_dht::{
-    AddItemRequest, Client, ClientError, ClientOptions, Durability, ItemId, NodeOptions,
-    PutRequest, RemoveItemRequest, RemoveRequest, Sibling, Storage, StorageOptions, Version,
-    WireError, serve, shutdown,
+    AddItemRequest, Client, ClientError, ClientOptions, ClusterSpec, Durability, ItemId,
+    NodeOptions, PutRequest, RangeAssignment, RangeId, RemoveItemRequest, RemoveRequest,
+    Replication, ReplicationOptions, Sibling, Storage, StorageOptions, Version, WireError, cluster,
+    serve, shutdown,
 };
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// A versioned, persistent hash table node and its command-line client.
@@ -49,9 +51,20 @@ enum Command {
         /// Where the data lives.
         #[arg(long)]
         data: PathBuf,
-        /// The address to listen on; port 0 picks a free one (printed on start).
-        #[arg(long, default_value = "127.0.0.1:7480")]
-        listen: String,
+        /// The address to listen on; port 0 picks a free one (printed on start). Defaults to
+        /// this node's address in the cluster file, or 127.0.0.1:7480.
+        #[arg(long)]
+        listen: Option<String>,
+        /// The cluster file (JSON: version and nodes by name and address). Without it the node
+        /// stands alone and does not replicate.
+        #[arg(long, requires = "name")]
+        cluster: Option<PathBuf>,
+        /// This node's name in the cluster file.
+        #[arg(long, requires = "cluster")]
+        name: Option<String>,
+        /// The RabbitMQ that carries replication.
+        #[arg(long, env = "RHINOBUS_AMQP_URL", default_value = rhinobus::transport::DEFAULT_AMQP_URL)]
+        amqp: String,
         /// When a write counts as done.
         #[arg(long, value_enum, default_value_t = DurabilityArg::Buffered)]
         durability: DurabilityArg,
@@ -112,6 +125,13 @@ enum Command {
     },
     /// Print the topology the node serves.
     Topology,
+    /// Print everything the node holds (every range, or one), whatever its role for the
+    /// ranges: for comparing replicas.
+    Dump {
+        /// Only this range (0-1023).
+        #[arg(long)]
+        range: Option<u16>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -145,9 +165,26 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Node {
             ref data,
             ref listen,
+            ref cluster,
+            ref name,
+            ref amqp,
             durability,
             max_frame,
-        } => run_node(data, listen, durability, max_frame, cli.secret.clone()).await,
+        } => {
+            let cluster = match (cluster, name) {
+                (Some(file), Some(name)) => Some((file.as_path(), name.as_str(), amqp.as_str())),
+                _ => None,
+            };
+            run_node(
+                data,
+                listen.as_deref(),
+                cluster,
+                durability,
+                max_frame,
+                cli.secret.clone(),
+            )
+            .await
+        }
         _ => match client_command(cli).await {
             Ok(()) => Ok(()),
             Err(ClientError::Conflict(c)) => {
@@ -173,7 +210,8 @@ async fn run(cli: Cli) -> ExitCode {
 
 async fn run_node(
     data: &std::path::Path,
-    listen: &str,
+    listen: Option<&str>,
+    cluster: Option<(&std::path::Path, &str, &str)>,
     durability: DurabilityArg,
     max_frame: usize,
     secret: Option<String>,
@@ -181,7 +219,7 @@ async fn run_node(
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")
+                tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn,lapin=warn")
             }),
         )
         .with_writer(std::io::stderr)
@@ -190,20 +228,57 @@ async fn run_node(
         DurabilityArg::Buffered => Durability::Buffered,
         DurabilityArg::Fsync => Durability::Fsync,
     };
+    let spec = match cluster {
+        Some((file, name, _)) => {
+            let spec = ClusterSpec::load(file)?;
+            let addr = spec.node(name)?.addr.clone();
+            Some((spec, addr))
+        }
+        None => None,
+    };
+    let listen = listen
+        .map(str::to_owned)
+        .or_else(|| spec.as_ref().map(|(_, addr)| addr.clone()))
+        .unwrap_or_else(|| "127.0.0.1:7480".into());
     let dir = data.to_owned();
     let storage = tokio::task::spawn_blocking(move || {
         Storage::open(&dir, StorageOptions::default().durability(durability))
     })
     .await??;
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let mut options = NodeOptions::default().secret(secret).max_frame(max_frame);
+    let mut replication = None;
+    if let (Some((spec, _)), Some((_, name, amqp))) = (&spec, cluster) {
+        let s = storage.clone();
+        let file_topology = spec.topology();
+        let topology =
+            tokio::task::spawn_blocking(move || cluster::store_topology(&s, &file_topology))
+                .await??;
+        tracing::info!(
+            node = name,
+            topology = topology.version,
+            "catching up before serving"
+        );
+        // Catch up before the port opens: until then clients fail over to the other replicas.
+        let r = Replication::start(
+            storage.clone(),
+            Arc::new(topology.clone()),
+            ReplicationOptions::rabbitmq(name, amqp),
+        )
+        .await?;
+        options = options.topology(topology).outbox(r.outbox().clone());
+        replication = Some(r);
+    }
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
     let addr = listener.local_addr()?;
     // Scripts and tests read this line to learn the port when they asked for port 0.
     println!("listening on {addr}");
     tracing::info!(%addr, data = %data.display(), ?durability, "node started");
     let purger = tokio::spawn(purge_expired(storage.clone()));
-    let options = NodeOptions::default().secret(secret).max_frame(max_frame);
     let served = serve(listener, storage, options, shutdown::signal()).await;
     purger.abort();
+    if let Some(r) = replication {
+        r.shutdown().await;
+    }
     Ok(served?)
 }
 
@@ -228,6 +303,7 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
         .secret(cli.secret)
         .timeout(Duration::from_millis(cli.timeout_ms))
         .connections_per_node(1);
+    let node = cli.node.clone();
     let client = Client::connect_with([cli.node], options).await?;
     let json = cli.json;
     match cli.command {
@@ -342,11 +418,82 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
         Command::Topology => {
             let t = client.topology();
             if json {
-                println!("{}", json!({ "version": t.version, "nodes": t.nodes }));
+                println!("{}", serde_json::to_string(&*t).unwrap_or_default());
             } else {
                 println!("version {}", t.version);
-                for n in &t.nodes {
-                    println!("  {n}");
+                println!(
+                    "{:<20}  {:<24}  {:>7}  {:>9}  {:>8}",
+                    "NAME", "ADDRESS", "PRIMARY", "SECONDARY", "TERTIARY"
+                );
+                for (i, addr) in t.nodes.iter().enumerate() {
+                    let count = |role: fn(&RangeAssignment) -> Option<u32>| {
+                        t.ranges
+                            .iter()
+                            .filter(|a| role(a) == Some(i as u32))
+                            .count()
+                    };
+                    println!(
+                        "{:<20}  {:<24}  {:>7}  {:>9}  {:>8}",
+                        t.names.get(i).map(String::as_str).unwrap_or("-"),
+                        addr,
+                        count(|a| Some(a.primary)),
+                        count(|a| a.secondary),
+                        count(|a| a.tertiary),
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Dump { range } => {
+            let ranges: Vec<RangeId> = match range {
+                Some(r) => vec![RangeId::new(r).ok_or_else(|| {
+                    ClientError::Routing(format!(
+                        "range {r} is not below {}",
+                        rhinobus_dht::RANGE_COUNT
+                    ))
+                })?],
+                None => RangeId::all().collect(),
+            };
+            let mut keys = Vec::new();
+            for r in ranges {
+                keys.extend(client.dump(&node, r).await?);
+            }
+            if json {
+                let list: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        let mut m = serde_json::Map::new();
+                        m.insert("range".into(), json!(RangeId::of(&k.key).get()));
+                        m.insert("key_hex".into(), json!(hex(&k.key)));
+                        let siblings: Vec<_> = k.siblings.iter().map(sibling_json).collect();
+                        m.insert("siblings".into(), json!(siblings));
+                        let items: Vec<_> = k
+                            .items
+                            .iter()
+                            .map(|i| {
+                                let mut v = value_json(&i.value);
+                                v.insert("id".into(), json!(i.id.to_string()));
+                                v
+                            })
+                            .collect();
+                        m.insert("items".into(), json!(items));
+                        serde_json::Value::Object(m)
+                    })
+                    .collect();
+                println!("{}", json!({ "node": node, "keys": list }));
+            } else {
+                println!(
+                    "{:<5}  {:<30}  {:>8}  {:>5}",
+                    "RANGE", "KEY", "SIBLINGS", "ITEMS"
+                );
+                for k in &keys {
+                    println!(
+                        "{:<5}  {:<30}  {:>8}  {:>5}",
+                        RangeId::of(&k.key).get(),
+                        String::from_utf8_lossy(&k.key).escape_debug().to_string(),
+                        k.siblings.len(),
+                        k.items.len()
+                    );
                 }
             }
             Ok(())
@@ -354,15 +501,16 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// `value` as text when it is UTF-8, else `value_hex`, so any bytes print losslessly.
 fn value_json(value: &[u8]) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
     match std::str::from_utf8(value) {
         Ok(s) => m.insert("value".into(), json!(s)),
-        Err(_) => m.insert(
-            "value_hex".into(),
-            json!(value.iter().map(|b| format!("{b:02x}")).collect::<String>()),
-        ),
+        Err(_) => m.insert("value_hex".into(), json!(hex(value))),
     };
     m
 }

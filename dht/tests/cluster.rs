@@ -1,0 +1,335 @@
+//! A replicated cluster of real `rhinobus-dht node` processes on real RabbitMQ: failover,
+//! catch-up after kill -9, and siblings that converge.
+
+mod common;
+
+use common::{NodeProcess, cli};
+use rhinobus_dht::{Client, ClientOptions, KeyDump, PutRequest, RangeId, Version};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+fn amqp_url() -> String {
+    std::env::var("RHINOBUS_AMQP_URL")
+        .unwrap_or_else(|_| rhinobus::transport::DEFAULT_AMQP_URL.into())
+}
+
+/// A broker connection for cleaning up; fails the test loudly when RabbitMQ is not there.
+async fn broker() -> lapin::Connection {
+    let url = amqp_url();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        lapin::Connection::connect(&url, lapin::ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!(
+            "the cluster tests need RabbitMQ at {url} (set RHINOBUS_AMQP_URL; `bash .ci/run` starts one): {e}"
+        ),
+        Err(_) => panic!("the cluster tests need RabbitMQ at {url}: no answer within 10 s"),
+    }
+}
+
+/// Both tests start three node processes; on two cores they take turns.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+    names: Vec<String>,
+    addrs: Vec<String>,
+    nodes: Vec<Option<NodeProcess>>,
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").to_string()
+}
+
+impl Cluster {
+    fn new(n: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let run = uuid::Uuid::now_v7().simple().to_string();
+        let names: Vec<String> = (1..=n).map(|i| format!("test-{run}-n{i}")).collect();
+        let addrs: Vec<String> = (0..n).map(|_| free_addr()).collect();
+        let nodes: Vec<_> = names
+            .iter()
+            .zip(&addrs)
+            .map(|(name, addr)| serde_json::json!({ "name": name, "addr": addr }))
+            .collect();
+        let file = dir.path().join("cluster.json");
+        std::fs::write(
+            &file,
+            serde_json::json!({ "version": 1, "nodes": nodes }).to_string(),
+        )
+        .expect("write cluster file");
+        let mut c = Self {
+            dir,
+            file,
+            names,
+            addrs,
+            nodes: (0..n).map(|_| None).collect(),
+        };
+        for i in 0..n {
+            c.start(i);
+        }
+        c
+    }
+
+    fn start(&mut self, i: usize) {
+        let data = self.dir.path().join(&self.names[i]);
+        let file = self.file.to_string_lossy().into_owned();
+        let url = amqp_url();
+        self.nodes[i] = Some(NodeProcess::start(
+            &data,
+            &[
+                "--cluster",
+                &file,
+                "--name",
+                &self.names[i],
+                "--amqp",
+                &url,
+                "--listen",
+                &self.addrs[i],
+            ],
+        ));
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut node) = self.nodes[i].take() {
+            node.signal_and_wait("KILL");
+        }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect_with(self.addrs.clone(), ClientOptions::default())
+            .await
+            .expect("connect to the cluster")
+    }
+
+    /// Every node's full contents, by node.
+    async fn dumps(&self, client: &Client) -> Vec<Vec<KeyDump>> {
+        let mut out = Vec::new();
+        for addr in &self.addrs {
+            let mut keys = Vec::new();
+            for r in RangeId::all() {
+                keys.extend(client.dump(addr, r).await.expect("dump a node"));
+            }
+            out.push(keys);
+        }
+        out
+    }
+
+    /// Waits until every node holds the same data and `check` accepts it; panics with what
+    /// differs when that does not happen within `within`.
+    async fn converge(&self, client: &Client, check: impl Fn(&[KeyDump]) -> Result<(), String>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let dumps = self.dumps(client).await;
+            let same = dumps.windows(2).all(|w| w[0] == w[1]);
+            let checked = dumps.iter().try_for_each(|d| check(d));
+            if same && checked.is_ok() {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let sizes: Vec<usize> = dumps.iter().map(Vec::len).collect();
+                panic!(
+                    "replicas did not converge: identical = {same}, keys per node = {sizes:?}, check: {checked:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn cleanup(mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        let conn = broker().await;
+        let channel = conn.create_channel().await.expect("channel");
+        for name in &self.names {
+            let _ = channel
+                .queue_delete(
+                    rhinobus_dht::cluster::queue_name(name).as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+}
+
+fn versions_of(dump: &[KeyDump]) -> BTreeMap<&[u8], BTreeSet<Version>> {
+    dump.iter()
+        .map(|k| {
+            (
+                k.key.as_ref(),
+                k.siblings.iter().map(|s| s.version).collect(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_acknowledged_write_is_lost_when_a_primary_is_killed_and_restarted() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    drop(broker().await);
+    let mut cluster = Cluster::new(3);
+    let client = cluster.client().await;
+    const WRITES: usize = 10_000;
+    const WRITERS: usize = 20;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let client = client.clone();
+            let (acked, next) = (acked.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= WRITES {
+                        return mine;
+                    }
+                    let key = format!("jepsen/{n}");
+                    // Retry until acknowledged; an unacknowledged attempt may still land, as
+                    // an extra sibling, which the set check allows.
+                    for attempt in 0.. {
+                        match client.put(PutRequest::new(key.clone(), key.clone())).await {
+                            Ok(out) => {
+                                mine.push((key.clone(), out.version));
+                                acked.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            Err(e) => {
+                                assert!(attempt < 200, "write {key} keeps failing: {e}");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let wait_for = |n: usize| {
+        let acked = acked.clone();
+        async move {
+            while acked.load(Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    // Node 1 is the primary of the first third of the ranges.
+    wait_for(WRITES * 3 / 10).await;
+    cluster.kill(0);
+    let killed_at = acked.load(Ordering::Relaxed);
+    wait_for(WRITES * 6 / 10).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.start(0);
+        cluster
+    })
+    .await
+    .expect("restart node 1");
+    let restarted_at = acked.load(Ordering::Relaxed);
+    let mut all = Vec::new();
+    for w in writers {
+        all.extend(w.await.expect("writer"));
+    }
+    assert_eq!(all.len(), WRITES);
+    assert!(
+        restarted_at > killed_at,
+        "writes must go on while node 1 is down ({killed_at} before, {restarted_at} after)"
+    );
+    cluster
+        .converge(&client, |dump| {
+            let present = versions_of(dump);
+            let missing: Vec<&str> = all
+                .iter()
+                .filter(|(k, v)| !present.get(k.as_bytes()).is_some_and(|s| s.contains(v)))
+                .map(|(k, _)| k.as_str())
+                .take(5)
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("acknowledged writes missing, e.g. {missing:?}"))
+            }
+        })
+        .await;
+    // The CLI sees the same: every node's dump is identical.
+    let outs: Vec<String> = cluster
+        .addrs
+        .iter()
+        .map(|a| {
+            let (code, out, err) = cli(a, &["dump", "--json"], None);
+            assert_eq!(code, 0, "dump failed: {err}");
+            let v: serde_json::Value = serde_json::from_str(&out).expect("dump prints JSON");
+            v["keys"].to_string()
+        })
+        .collect();
+    assert!(outs.windows(2).all(|w| w[0] == w[1]), "CLI dumps differ");
+    assert!(outs[0].contains("jepsen/9999"));
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_leave_the_same_siblings_on_every_replica() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    drop(broker().await);
+    let cluster = Cluster::new(3);
+    let client = cluster.client().await;
+    let (code, out, err) = cli(&cluster.addrs[1], &["topology", "--json"], None);
+    assert_eq!(code, 0, "topology failed: {err}");
+    let topology: serde_json::Value = serde_json::from_str(&out).expect("topology JSON");
+    assert_eq!(topology["version"], 1);
+    assert_eq!(topology["names"][0], cluster.names[0]);
+    const KEYS: usize = 5;
+    const WRITERS: usize = 4;
+    const PUTS: usize = 20;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..PUTS {
+                    for k in 0..KEYS {
+                        // No parents, not optimistic: every put is concurrent with the others.
+                        let out = client
+                            .put(PutRequest::new(format!("shared/{k}"), format!("w{w}-{i}")))
+                            .await
+                            .expect("put");
+                        mine.push((format!("shared/{k}"), out.version));
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut expected: BTreeMap<String, BTreeSet<Version>> = BTreeMap::new();
+    for w in writers {
+        for (k, v) in w.await.expect("writer") {
+            expected.entry(k).or_default().insert(v);
+        }
+    }
+    cluster
+        .converge(&client, |dump| {
+            let present = versions_of(dump);
+            for (k, want) in &expected {
+                let have = present.get(k.as_bytes()).cloned().unwrap_or_default();
+                if &have != want {
+                    return Err(format!(
+                        "{k}: {} siblings, expected {}",
+                        have.len(),
+                        want.len()
+                    ));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    assert!(expected.values().all(|s| s.len() == WRITERS * PUTS));
+    cluster.cleanup().await;
+}
