@@ -57,15 +57,19 @@ impl Default for Recoverability {
 
 impl Recoverability {
     /// The delay queues the delayed retries need for an endpoint queue, shortest first.
+    ///
+    /// A queue is named after its delay, not its round: a broker fixes a queue's message TTL
+    /// when it is declared, so a changed policy gets new queues, and the old ones still drain
+    /// what they hold into the endpoint queue.
     pub(crate) fn delay_queues(&self, queue: &str) -> Vec<DelayQueue> {
         let Some(d) = &self.delayed_retries else {
             return Vec::new();
         };
         let mut delay = d.delay;
         (1..=d.max)
-            .map(|n| {
+            .map(|_| {
                 let q = DelayQueue {
-                    name: format!("{queue}.delay.{n}"),
+                    name: format!("{queue}.delay.{}ms", delay.as_millis()),
                     delay,
                 };
                 delay = delay.saturating_mul(d.multiplier.max(1));
@@ -129,9 +133,9 @@ mod tests {
         assert_eq!(
             got,
             [
-                ("billing.delay.1", 1),
-                ("billing.delay.2", 3),
-                ("billing.delay.3", 9)
+                ("billing.delay.1000ms", 1),
+                ("billing.delay.3000ms", 3),
+                ("billing.delay.9000ms", 9)
             ]
         );
         assert!(Recoverability::default().delay_queues("x").is_empty());

@@ -392,8 +392,8 @@ async fn conflicts_are_retried_on_their_own_budget() {
 async fn delayed_retries_wait_and_come_back_before_the_error_queue() {
     let mut raw = Raw::connect().await;
     let (queue, error) = raw.endpoint_queues("delayed").await;
-    for n in 1..=2 {
-        raw.forget_later(&format!("{queue}.delay.{n}"));
+    for ms in [300, 600] {
+        raw.forget_later(&format!("{queue}.delay.{ms}ms"));
     }
     let times = Arc::new(Mutex::new(Vec::new()));
     let seen = times.clone();

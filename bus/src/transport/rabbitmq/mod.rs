@@ -6,7 +6,7 @@
 //!   message type's wire name as the routing key;
 //! - the endpoint's durable input queue, bound to the exchange once per subscribed type;
 //! - the durable error queue;
-//! - one durable delay queue per delayed-retry level (`<queue>.delay.<n>`), whose messages
+//! - one durable delay queue per delayed-retry delay (`<queue>.delay.<ms>ms`), whose messages
 //!   expire after the level's delay and are dead-lettered back into the input queue.
 
 pub(crate) mod amqp;
