@@ -9,7 +9,7 @@
 use clap::{Parser, ValueEnum};
 use rhinobus_samples::report::Report;
 use rhinobus_samples::scenarios::amqp::{self, Load, Metadata};
-use rhinobus_samples::scenarios::{dht, errors, redis};
+use rhinobus_samples::scenarios::{dht, errors, redis, sagas};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -29,6 +29,10 @@ enum Scenario {
     DhtPutFsync,
     /// `rhinobus errors list` and `replay --all` on an error queue of --error-messages.
     Errors,
+    /// Sagas with the optimistic persister on a 1-node DHT, one saga per message (baseline: bus).
+    SagaOptimistic,
+    /// Sagas with the merging persister on a 1-node DHT, one saga per message (baseline: bus).
+    SagaMerging,
     /// Every scenario.
     All,
 }
@@ -132,6 +136,22 @@ async fn run(args: &Args) -> Result<(), BenchError> {
     }
     if wants(Scenario::DhtPutFsync) {
         print(&dht::dht_put_fsync(args.ops / 5, args.clients).await?);
+    }
+    if wants(Scenario::SagaOptimistic) || wants(Scenario::SagaMerging) {
+        let baseline = amqp::bus_rabbitmq(&load).await?;
+        print(&baseline);
+        for (scenario, kind) in [
+            (Scenario::SagaOptimistic, sagas::PersisterKind::Optimistic),
+            (Scenario::SagaMerging, sagas::PersisterKind::Merging),
+        ] {
+            if wants(scenario) {
+                print(
+                    &sagas::saga_rabbitmq(&load, kind)
+                        .await?
+                        .with_baseline(&baseline),
+                );
+            }
+        }
     }
     Ok(())
 }

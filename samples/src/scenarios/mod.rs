@@ -4,3 +4,4 @@ pub mod amqp;
 pub mod dht;
 pub mod errors;
 pub mod redis;
+pub mod sagas;
