@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 /// The most changes one [`Replicate`] message carries.
-pub const MAX_CHANGES_PER_MESSAGE: usize = 2_000;
+pub const MAX_CHANGES_PER_MESSAGE: usize = 500;
 /// How long a sender waits before it tries again after a failed send.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 

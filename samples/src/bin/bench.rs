@@ -9,7 +9,8 @@
 use clap::{Parser, ValueEnum};
 use rhinobus_samples::report::Report;
 use rhinobus_samples::scenarios::amqp::{self, Load, Metadata};
-use rhinobus_samples::scenarios::{dht, errors, redis, sagas};
+use rhinobus_samples::scenarios::dht_cluster;
+use rhinobus_samples::scenarios::{dht, errors, redis};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -27,12 +28,11 @@ enum Scenario {
     DhtPut,
     /// rhinobus-dht PUT with an fsync per commit, shared by concurrent writers.
     DhtPutFsync,
+    /// rhinobus-dht PUT through three in-process nodes replicating over RabbitMQ (baseline:
+    /// dht-put of the same run); reports replication lag.
+    DhtPutReplicated,
     /// `rhinobus errors list` and `replay --all` on an error queue of --error-messages.
     Errors,
-    /// Sagas with the optimistic persister on a 1-node DHT, one saga per message (baseline: bus).
-    SagaOptimistic,
-    /// Sagas with the merging persister on a 1-node DHT, one saga per message (baseline: bus).
-    SagaMerging,
     /// Every scenario.
     All,
 }
@@ -137,21 +137,11 @@ async fn run(args: &Args) -> Result<(), BenchError> {
     if wants(Scenario::DhtPutFsync) {
         print(&dht::dht_put_fsync(args.ops / 5, args.clients).await?);
     }
-    if wants(Scenario::SagaOptimistic) || wants(Scenario::SagaMerging) {
-        let baseline = amqp::bus_rabbitmq(&load).await?;
-        print(&baseline);
-        for (scenario, kind) in [
-            (Scenario::SagaOptimistic, sagas::PersisterKind::Optimistic),
-            (Scenario::SagaMerging, sagas::PersisterKind::Merging),
-        ] {
-            if wants(scenario) {
-                print(
-                    &sagas::saga_rabbitmq(&load, kind)
-                        .await?
-                        .with_baseline(&baseline),
-                );
-            }
-        }
+    if wants(Scenario::DhtPutReplicated) {
+        let single = dht::dht_put(args.ops, args.clients).await?;
+        let replicated =
+            dht_cluster::dht_put_replicated(args.ops, args.clients, &args.amqp).await?;
+        print(&replicated.with_baseline(&single));
     }
     Ok(())
 }

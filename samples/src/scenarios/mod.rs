@@ -2,6 +2,6 @@
 
 pub mod amqp;
 pub mod dht;
+pub mod dht_cluster;
 pub mod errors;
 pub mod redis;
-pub mod sagas;
