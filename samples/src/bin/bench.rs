@@ -10,7 +10,7 @@ use clap::{Parser, ValueEnum};
 use rhinobus_samples::report::Report;
 use rhinobus_samples::scenarios::amqp::{self, Load, Metadata};
 use rhinobus_samples::scenarios::dht_cluster;
-use rhinobus_samples::scenarios::{dht, errors, redis};
+use rhinobus_samples::scenarios::{dht, errors, redis, sagas};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -33,6 +33,10 @@ enum Scenario {
     DhtPutReplicated,
     /// `rhinobus errors list` and `replay --all` on an error queue of --error-messages.
     Errors,
+    /// Sagas with the optimistic persister on a 1-node DHT, one saga per message (baseline: bus).
+    SagaOptimistic,
+    /// Sagas with the merging persister on a 1-node DHT, one saga per message (baseline: bus).
+    SagaMerging,
     /// Every scenario.
     All,
 }
@@ -142,6 +146,22 @@ async fn run(args: &Args) -> Result<(), BenchError> {
         let replicated =
             dht_cluster::dht_put_replicated(args.ops, args.clients, &args.amqp).await?;
         print(&replicated.with_baseline(&single));
+    }
+    if wants(Scenario::SagaOptimistic) || wants(Scenario::SagaMerging) {
+        let baseline = amqp::bus_rabbitmq(&load).await?;
+        print(&baseline);
+        for (scenario, kind) in [
+            (Scenario::SagaOptimistic, sagas::PersisterKind::Optimistic),
+            (Scenario::SagaMerging, sagas::PersisterKind::Merging),
+        ] {
+            if wants(scenario) {
+                print(
+                    &sagas::saga_rabbitmq(&load, kind)
+                        .await?
+                        .with_baseline(&baseline),
+                );
+            }
+        }
     }
     Ok(())
 }

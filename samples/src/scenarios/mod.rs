@@ -5,3 +5,4 @@ pub mod dht;
 pub mod dht_cluster;
 pub mod errors;
 pub mod redis;
+pub mod sagas;
