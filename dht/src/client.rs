@@ -233,9 +233,15 @@ impl Client {
         let current = self.topology();
         let mut candidates: Vec<String> = current.nodes.clone();
         candidates.extend(self.inner.seeds.iter().cloned());
+        let last = candidates.len().saturating_sub(1);
         let mut last_error = None;
-        for addr in candidates {
-            match self.send(&addr, 0, &Request::Topology).await {
+        for (i, addr) in candidates.into_iter().enumerate() {
+            let reach = if i == last {
+                Reach::Always
+            } else {
+                Reach::UnlessRecentlyDown
+            };
+            match self.send(&addr, 0, &Request::Topology, reach).await {
                 Ok(Response::Topology(t)) => {
                     t.validate()
                         .map_err(|e| ClientError::Protocol(format!("node sent {e}")))?;
@@ -362,7 +368,10 @@ impl Client {
     /// Everything node `addr` holds for `range`, whatever its role for it: for comparing
     /// replicas (`rhinobus-dht dump`).
     pub async fn dump(&self, addr: &str, range: RangeId) -> Result<Vec<KeyDump>, ClientError> {
-        match self.send(addr, 0, &Request::Dump { range }).await? {
+        match self
+            .send(addr, 0, &Request::Dump { range }, Reach::Always)
+            .await?
+        {
             Response::Dump(keys) => Ok(keys),
             other => Err(unexpected(&other)),
         }
@@ -379,7 +388,12 @@ impl Client {
         check_key(&key)?;
         let version = self.topology().version;
         match self
-            .send(addr, version, &Request::Get(GetRequest { key }))
+            .send(
+                addr,
+                version,
+                &Request::Get(GetRequest { key }),
+                Reach::Always,
+            )
             .await?
         {
             Response::Siblings(s) => Ok(s),
@@ -405,8 +419,16 @@ impl Client {
                 )));
             }
             let mut last_error = None;
-            for addr in replicas {
-                match self.send(addr, topology.version, &request).await {
+            let last = replicas.len() - 1;
+            for (i, addr) in replicas.into_iter().enumerate() {
+                // Skipping a node that refused moments ago only helps when there is another
+                // replica to fail over to; the last one is always tried.
+                let reach = if i == last {
+                    Reach::Always
+                } else {
+                    Reach::UnlessRecentlyDown
+                };
+                match self.send(addr, topology.version, &request, reach).await {
                     Err(ClientError::Rejected(WireError::TopologyChanged { .. })) if !refreshed => {
                         refreshed = true;
                         self.refresh_topology().await?;
@@ -428,6 +450,7 @@ impl Client {
         addr: &str,
         topology: u64,
         request: &Request,
+        reach: Reach,
     ) -> Result<Response, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let body = frame::encode(&RequestFrameRef {
@@ -441,7 +464,7 @@ impl Client {
                 max: self.inner.options.max_frame as u64,
             }));
         }
-        let conn = self.pool(addr).conn(&self.inner.options).await?;
+        let conn = self.pool(addr).conn(&self.inner.options, reach).await?;
         let frame = conn
             .call(id, Bytes::from(body), self.inner.options.timeout)
             .await?;
@@ -477,6 +500,17 @@ fn unexpected(r: &Response) -> ClientError {
     ClientError::Protocol(format!("unexpected answer {r:?}"))
 }
 
+/// Whether a request may skip a node that refused a connection moments ago.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Fail at once while the node is marked down: the caller has another replica to try.
+    UnlessRecentlyDown,
+    /// Always try to connect: the request is aimed at this node (dump, `get_from`) or it is the
+    /// last candidate. An operator who restarts a node and dumps it right away must reach it,
+    /// not be told what another request saw a moment before.
+    Always,
+}
+
 /// A few connections to one node, used round-robin and re-opened when they break.
 struct NodePool {
     addr: String,
@@ -500,7 +534,7 @@ impl NodePool {
         }
     }
 
-    async fn conn(&self, options: &ClientOptions) -> Result<Arc<Conn>, ClientError> {
+    async fn conn(&self, options: &ClientOptions, reach: Reach) -> Result<Arc<Conn>, ClientError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let slot = &self.slots[i];
         if let Some(c) = slot.lock().unwrap_or_else(PoisonError::into_inner).as_ref()
@@ -508,10 +542,11 @@ impl NodePool {
         {
             return Ok(c.clone());
         }
-        if let Some(until) = *self
-            .down_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        if reach == Reach::UnlessRecentlyDown
+            && let Some(until) = *self
+                .down_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
             && Instant::now() < until
         {
             return Err(ClientError::Connect {
@@ -536,6 +571,11 @@ impl NodePool {
                 return Err(e);
             }
         };
+        // The node is back: requests that may skip it stop doing so at once.
+        *self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(c.clone());
         Ok(c)
     }
@@ -676,5 +716,74 @@ impl Conn {
         ClientError::ConnectionLost {
             addr: self.addr.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{NodeOptions, serve};
+    use crate::storage::{Storage, StorageOptions};
+
+    /// A node served in this process until the returned sender is dropped.
+    async fn node() -> (tempfile::TempDir, String, oneshot::Sender<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(serve(
+            listener,
+            storage,
+            NodeOptions::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        (dir, addr, stop)
+    }
+
+    /// As after the node refused a connection while it restarted: every pooled connection is
+    /// gone and the pool says the node is down (for an hour, so timing cannot matter).
+    fn mark_down(client: &Client, addr: &str) {
+        let pool = client.pool(addr);
+        *pool.down_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(3600));
+        for slot in &pool.slots {
+            *slot.lock().unwrap() = None;
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_aimed_at_a_node_reach_it_even_if_it_was_down_moments_ago() {
+        let (_dir, addr, _stop) = node().await;
+        let client = Client::connect(addr.clone()).await.unwrap();
+        client.put(PutRequest::new("k", "v")).await.unwrap();
+        mark_down(&client, &addr);
+        let dumped = client.dump(&addr, RangeId::of(b"k")).await.unwrap();
+        assert_eq!(dumped.len(), 1);
+        // The connect succeeded, so the node is no longer skipped by anyone.
+        assert!(client.pool(&addr).down_until.lock().unwrap().is_none());
+
+        mark_down(&client, &addr);
+        assert_eq!(client.get_from(&addr, "k").await.unwrap().len(), 1);
+        // The only replica of a key is the last candidate of its failover: it is tried too.
+        mark_down(&client, &addr);
+        assert_eq!(client.get("k").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn failover_skips_a_node_that_was_down_moments_ago_when_another_replica_remains() {
+        let (_dir, addr, _stop) = node().await;
+        let client = Client::connect(addr.clone()).await.unwrap();
+        mark_down(&client, &addr);
+        let skipped = client
+            .pool(&addr)
+            .conn(&client.inner.options, Reach::UnlessRecentlyDown)
+            .await
+            .err();
+        assert!(
+            matches!(skipped, Some(ClientError::Connect { .. })),
+            "{skipped:?}"
+        );
     }
 }
