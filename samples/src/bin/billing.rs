@@ -106,7 +106,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
     )
     .await?;
-    wait_for("the account to open", WAIT, || versions(store.inner(), &phone, 1)).await?;
+    wait_for("the account to open", WAIT, || {
+        versions(store.inner(), &phone, 1)
+    })
+    .await?;
 
     // The race: each of the four handlings loads the same version ("version 42").
     store.arm(WORKERS);

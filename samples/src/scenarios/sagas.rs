@@ -66,9 +66,14 @@ pub async fn saga_rabbitmq(load: &Load, kind: PersisterKind) -> Result<Report, B
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let (stop_node, node_stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(serve(listener, storage, NodeOptions::default(), async move {
-        let _ = node_stopped.await;
-    }));
+    let node = tokio::spawn(serve(
+        listener,
+        storage,
+        NodeOptions::default(),
+        async move {
+            let _ = node_stopped.await;
+        },
+    ));
     let client = Client::connect_with(
         [addr],
         ClientOptions::default().connections_per_node(DHT_CONNECTIONS),
