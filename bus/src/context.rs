@@ -85,7 +85,7 @@ impl Context {
         message: &M,
         options: SendOptions,
     ) -> Result<Uuid, BusError> {
-        self.stage(Destination::Queue(queue.into()), message, options)
+        self.stage_new(Destination::Queue(queue.into()), message, options)
     }
 
     /// Publishes `message` to its subscribers once the handlers succeeded.
@@ -99,7 +99,7 @@ impl Context {
         message: &M,
         options: SendOptions,
     ) -> Result<Uuid, BusError> {
-        self.stage(Destination::Topic(M::NAME.into()), message, options)
+        self.stage_new(Destination::Topic(M::NAME.into()), message, options)
     }
 
     /// Sends `message` to the reply address of the message being handled. Saga headers of
@@ -118,12 +118,36 @@ impl Context {
         self.send_with(&queue, message, options)
     }
 
+    /// Builds the envelope of `message` exactly as [`Context::send`] or [`Context::publish`]
+    /// would (a new message id, this conversation, this trace), without staging it.
+    pub fn envelope<M: Message>(
+        &self,
+        destination: Destination,
+        message: &M,
+        options: SendOptions,
+    ) -> Result<OutgoingMessage, BusError> {
+        let (_, m) = self
+            .bus
+            .envelope(destination, message, Some(&self.incoming), options)?;
+        Ok(m)
+    }
+
+    /// Stages a message built earlier, exactly as it is: same id, headers and body. Built for
+    /// re-sending what an earlier handling of a redelivered message sent, so that receivers
+    /// can recognise the duplicate by its id.
+    pub fn stage(&self, message: OutgoingMessage) {
+        self.outbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(message);
+    }
+
     /// Everything sent so far, taken out of the context.
     pub fn take_outgoing(&self) -> Vec<OutgoingMessage> {
         std::mem::take(&mut *self.outbox.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    fn stage<M: Message>(
+    fn stage_new<M: Message>(
         &self,
         destination: Destination,
         message: &M,
@@ -132,10 +156,7 @@ impl Context {
         let (id, m) = self
             .bus
             .envelope(destination, message, Some(&self.incoming), options)?;
-        self.outbox
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(m);
+        self.stage(m);
         Ok(id)
     }
 }

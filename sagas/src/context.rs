@@ -1,10 +1,10 @@
 //! [`SagaContext`]: a saga handler's view of its instance: the state, the message, and how to
 //! send, publish, reply and complete.
 
-use crate::document::{Resender, StoredOutgoing, resend};
 use crate::saga::Saga;
 use rhinobus::headers::names;
-use rhinobus::message::{Message, encode};
+use rhinobus::message::Message;
+use rhinobus::transport::{Destination, OutgoingMessage};
 use rhinobus::{BusError, Context, Headers, SendOptions};
 
 /// The instance a message is handled by.
@@ -19,7 +19,7 @@ pub struct SagaContext<S: Saga> {
     ctx: Context,
     is_new: bool,
     completed: bool,
-    pub(crate) sent: Vec<(StoredOutgoing, Resender)>,
+    pub(crate) sent: Vec<OutgoingMessage>,
 }
 
 impl<S: Saga> std::fmt::Debug for SagaContext<S> {
@@ -85,13 +85,13 @@ impl<S: Saga> SagaContext<S> {
     /// Sends `message` to `queue` once the state is saved; it carries this saga's id and type.
     pub fn send<M: Message>(&mut self, queue: &str, message: &M) -> Result<(), BusError> {
         let headers = self.saga_headers();
-        self.stage::<M>(false, queue.to_owned(), message, headers)
+        self.stage(Destination::Queue(queue.to_owned()), message, headers)
     }
 
     /// Publishes `message` once the state is saved; it carries this saga's id and type.
     pub fn publish<M: Message>(&mut self, message: &M) -> Result<(), BusError> {
         let headers = self.saga_headers();
-        self.stage::<M>(true, String::new(), message, headers)
+        self.stage(Destination::Topic(M::NAME.to_owned()), message, headers)
     }
 
     /// Replies to the sender of the message being handled, once the state is saved. As
@@ -108,7 +108,7 @@ impl<S: Saga> SagaContext<S> {
                 headers.insert(name.into(), v.to_owned());
             }
         }
-        self.stage::<M>(false, queue, message, headers)
+        self.stage(Destination::Queue(queue), message, headers)
     }
 
     fn saga_headers(&self) -> Headers {
@@ -120,34 +120,19 @@ impl<S: Saga> SagaContext<S> {
 
     fn stage<M: Message>(
         &mut self,
-        publish: bool,
-        destination: String,
+        destination: Destination,
         message: &M,
         headers: Headers,
     ) -> Result<(), BusError> {
-        let body = encode(message)?;
-        let options = SendOptions {
-            headers: headers.clone(),
-        };
-        if publish {
-            self.ctx.publish_with(message, options)?;
-        } else {
-            self.ctx.send_with(&destination, message, options)?;
-        }
-        self.sent.push((
-            StoredOutgoing {
-                publish,
-                destination,
-                message_type: M::NAME.into(),
-                headers,
-                body,
-            },
-            resend::<M> as Resender,
-        ));
+        let envelope = self
+            .ctx
+            .envelope(destination, message, SendOptions { headers })?;
+        self.ctx.stage(envelope.clone());
+        self.sent.push(envelope);
         Ok(())
     }
 
-    pub(crate) fn into_parts(self) -> (S::State, bool, Vec<(StoredOutgoing, Resender)>) {
+    pub(crate) fn into_parts(self) -> (S::State, bool, Vec<OutgoingMessage>) {
         (self.state, self.completed, self.sent)
     }
 }

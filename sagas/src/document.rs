@@ -2,9 +2,7 @@
 //! each of them sent.
 
 use crate::error::SagaError;
-use rhinobus::Context;
-use rhinobus::message::{Message, decode};
-use rhinobus::{Headers, SendOptions};
+use rhinobus::transport::OutgoingMessage;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// One stored version of a saga instance.
@@ -23,40 +21,9 @@ pub(crate) struct SagaDocument<St> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct HandledMessage {
     pub(crate) id: String,
+    /// Envelopes and all, so that a redelivery stages them again with the same ids.
     #[serde(default)]
-    pub(crate) outgoing: Vec<StoredOutgoing>,
-}
-
-/// A message sent by a handling, kept so that a redelivery can send it again.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct StoredOutgoing {
-    /// Published to subscribers (`true`) or sent to the queue `destination`.
-    pub(crate) publish: bool,
-    /// Queue name (for sends and replies).
-    pub(crate) destination: String,
-    /// Wire name of the message type.
-    pub(crate) message_type: String,
-    /// Headers given by the saga (saga id and type).
-    pub(crate) headers: Headers,
-    /// The encoded body.
-    pub(crate) body: Vec<u8>,
-}
-
-/// Stages a stored message again, as the type it was sent as.
-pub(crate) type Resender = fn(&Context, &StoredOutgoing) -> Result<(), SagaError>;
-
-/// The [`Resender`] of message type `M`.
-pub(crate) fn resend<M: Message>(ctx: &Context, stored: &StoredOutgoing) -> Result<(), SagaError> {
-    let message: M = decode(&stored.body).map_err(|e| SagaError::Corrupt(e.to_string()))?;
-    let options = SendOptions {
-        headers: stored.headers.clone(),
-    };
-    if stored.publish {
-        ctx.publish_with(&message, options)?;
-    } else {
-        ctx.send_with(&stored.destination, &message, options)?;
-    }
-    Ok(())
+    pub(crate) outgoing: Vec<OutgoingMessage>,
 }
 
 impl<St> SagaDocument<St> {

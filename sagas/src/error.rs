@@ -54,12 +54,6 @@ pub enum SagaError {
     /// The state could not be encoded.
     #[error("cannot encode saga state: {0}")]
     Encode(String),
-    /// A redelivered message sent a type the saga never declared with
-    /// [`crate::Routes::sends`], so it cannot be sent again.
-    #[error(
-        "a redelivered message had sent {0:?}, which this saga does not declare with Routes::sends; it cannot be sent again"
-    )]
-    UndeclaredType(String),
     /// The store failed (the DHT could not be reached, ...).
     #[error("saga store: {0}")]
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),

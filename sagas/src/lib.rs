@@ -9,7 +9,7 @@
 //! # Layout
 //! - [`saga`]: the traits a saga implements — [`Saga`], [`InitiatedBy`], [`Orchestrates`],
 //!   and for merging, [`OrchestratesMerge`] and [`SagaStateMerger`].
-//! - [`routes`]: [`Routes`], the declared list of handled (and sent) message types.
+//! - [`routes`]: [`Routes`], the declared list of handled message types.
 //! - [`context`]: [`SagaContext`], a handler's view: state, send, publish, reply, complete.
 //! - [`persister`]: [`Persister`] (optimistic or merging) and [`MissingSaga`].
 //! - `runtime`: handling one message — load, merge, skip redeliveries, run, save — and
@@ -25,7 +25,8 @@
 //! A message whose handling saved the state but whose delivery was not acknowledged (the
 //! process died in between) comes back. Its id is found among the handled ids kept with the
 //! state, so it is not applied again, and what its first handling sent is sent again from the
-//! copy kept with the state: the crash may have come before those sends left. Sending them
+//! copy kept with the state, envelopes included: the crash may have come before those sends
+//! left, and the copies keep their message ids, so receivers can tell a duplicate. Sending them
 //! again rather than re-running the handler keeps handlers free to be non-deterministic.
 //!
 //! # Example
@@ -58,8 +59,7 @@
 //!     type Key = u64;
 //!     fn routes(r: &mut Routes<Self>) {
 //!         r.initiated_by::<OrderPlaced>()
-//!             .orchestrates::<PaymentReceived>()
-//!             .sends::<ShipOrder>();
+//!             .orchestrates::<PaymentReceived>();
 //!     }
 //! }
 //!

@@ -1,7 +1,6 @@
 //! [`Routes`]: the list of messages a saga handles, turned into bus handlers.
 
 use crate::context::SagaContext;
-use crate::document::{Resender, resend};
 use crate::runtime::Runtime;
 use crate::saga::{InitiatedBy, Orchestrates, Saga};
 use async_trait::async_trait;
@@ -38,7 +37,6 @@ pub(crate) struct Route<S: Saga> {
 /// registered once.
 pub struct Routes<S: Saga> {
     pub(crate) routes: Vec<Route<S>>,
-    pub(crate) sends: Vec<(&'static str, Resender)>,
 }
 
 impl<S: Saga> std::fmt::Debug for Routes<S> {
@@ -53,10 +51,7 @@ impl<S: Saga> std::fmt::Debug for Routes<S> {
 
 impl<S: Saga> Routes<S> {
     pub(crate) fn of() -> Self {
-        let mut routes = Self {
-            routes: Vec::new(),
-            sends: Vec::new(),
-        };
+        let mut routes = Self { routes: Vec::new() };
         S::routes(&mut routes);
         routes
     }
@@ -94,14 +89,6 @@ impl<S: Saga> Routes<S> {
             register: register::<S, M, Orchestrating>,
             dispatch: dispatch::<S, M, Orchestrating>,
         });
-        self
-    }
-
-    /// Declares that the saga sends (or publishes) `M`. A redelivered message sends again
-    /// what its first handling sent, which needs the Rust type of each message: types sent
-    /// since the process started are known, declared ones are known from the start.
-    pub fn sends<M: Message>(&mut self) -> &mut Self {
-        self.sends.push((M::NAME, resend::<M> as Resender));
         self
     }
 }

@@ -2,7 +2,7 @@
 //! save; and [`SagaEndpointExt`], which puts a saga on an endpoint.
 
 use crate::context::SagaContext;
-use crate::document::{HandledMessage, Resender, SagaDocument, union_handled};
+use crate::document::{HandledMessage, SagaDocument, union_handled};
 use crate::error::SagaError;
 use crate::persister::{MissingSaga, Mode, Persister};
 use crate::routes::{RouteFns, Routes};
@@ -11,8 +11,7 @@ use crate::store::{SagaStore, SaveRequest, StoreError};
 use rhinobus::message::Message;
 use rhinobus::{Context, EndpointBuilder, HandlerError};
 use rhinobus_dht::Version;
-use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::SystemTime;
 use tracing::{debug, warn};
 
@@ -25,7 +24,6 @@ pub fn saga_key<S: Saga>(key: &S::Key) -> String {
 pub(crate) struct Runtime<S: Saga> {
     pub(crate) saga: S,
     pub(crate) persister: Persister<S>,
-    resenders: RwLock<HashMap<String, Resender>>,
 }
 
 /// A loaded instance.
@@ -46,18 +44,7 @@ fn store_error(e: StoreError) -> SagaError {
 
 impl<S: Saga> Runtime<S> {
     pub(crate) fn new(saga: S, persister: Persister<S>) -> (Arc<Self>, Routes<S>) {
-        let routes = Routes::<S>::of();
-        let resenders = routes
-            .sends
-            .iter()
-            .map(|(name, r)| ((*name).to_owned(), *r))
-            .collect();
-        let runtime = Arc::new(Self {
-            saga,
-            persister,
-            resenders: RwLock::new(resenders),
-        });
-        (runtime, routes)
+        (Arc::new(Self { saga, persister }), Routes::<S>::of())
     }
 
     pub(crate) async fn load(&self, key: &str) -> Result<Loaded<S::State>, SagaError> {
@@ -131,37 +118,11 @@ impl<S: Saga> Runtime<S> {
         }
     }
 
-    /// Sends again what the first handling of a redelivered message sent.
-    fn resend(&self, ctx: &Context, handled: &HandledMessage) -> Result<(), SagaError> {
-        let resenders = self
-            .resenders
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        for stored in &handled.outgoing {
-            let resend = resenders
-                .get(&stored.message_type)
-                .ok_or_else(|| SagaError::UndeclaredType(stored.message_type.clone()))?;
-            resend(ctx, stored)?;
-        }
-        Ok(())
-    }
-
-    fn learn(&self, sent: &[(crate::document::StoredOutgoing, Resender)]) {
-        let known = {
-            let r = self
-                .resenders
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            sent.iter().all(|(s, _)| r.contains_key(&s.message_type))
-        };
-        if !known {
-            let mut w = self
-                .resenders
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            for (s, r) in sent {
-                w.entry(s.message_type.clone()).or_insert(*r);
-            }
+    /// Stages again, as they were, the messages the first handling of a redelivered message
+    /// sent: the crash may have come between the save and their sending.
+    fn resend(ctx: &Context, handled: &HandledMessage) {
+        for m in &handled.outgoing {
+            ctx.stage(m.clone());
         }
     }
 
@@ -187,9 +148,8 @@ impl<S: Saga> Runtime<S> {
                 saga = S::NAME,
                 key, message_id, "already handled; sending its messages again"
             );
-            return self
-                .resend(&ctx, handled)
-                .map_err(SagaError::into_handler_error);
+            Self::resend(&ctx, handled);
+            return Ok(());
         }
         let (state, mut handled, is_new) = match loaded.document {
             Some(SagaDocument {
@@ -220,7 +180,6 @@ impl<S: Saga> Runtime<S> {
         }
         (route.run)(&self.saga, message, &mut saga_ctx).await?;
         let (state, completed, sent) = saga_ctx.into_parts();
-        self.learn(&sent);
         let mut document = SagaDocument {
             state: (!completed).then_some(state),
             handled: std::mem::take(&mut handled),
@@ -228,7 +187,7 @@ impl<S: Saga> Runtime<S> {
         document.remember(
             HandledMessage {
                 id: message_id,
-                outgoing: sent.into_iter().map(|(s, _)| s).collect(),
+                outgoing: sent,
             },
             self.persister.remember,
         );

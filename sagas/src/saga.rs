@@ -71,7 +71,7 @@ pub trait Saga: Send + Sync + Sized + 'static {
     /// DHT key, so two keys must not print the same.
     type Key: Display + Send + Sync + 'static;
 
-    /// Lists the messages the saga handles (and, with [`Routes::sends`], the types it sends).
+    /// Lists the messages the saga handles.
     fn routes(routes: &mut Routes<Self>);
 }
 

@@ -238,10 +238,7 @@ impl Saga for BillingSaga {
             .orchestrates::<CallMade>()
             .orchestrates::<SmsSent>()
             .orchestrates::<PaymentReceived>()
-            .orchestrates::<CloseStatement>()
-            .sends::<OverdraftCharged>()
-            .sends::<OverdraftWaived>()
-            .sends::<StatementIssued>();
+            .orchestrates::<CloseStatement>();
     }
 }
 

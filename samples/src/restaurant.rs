@@ -215,12 +215,7 @@ impl Saga for OrderSaga {
             .orchestrates::<SubmitToKitchen>()
             .orchestrates::<RequestBill>()
             .orchestrates::<PayBill>()
-            .orchestrates::<CardCharged>()
-            .sends::<KitchenTicket>()
-            .sends::<BillReady>()
-            .sends::<ChargeCard>()
-            .sends::<PaymentIncomplete>()
-            .sends::<OrderPaid>();
+            .orchestrates::<CardCharged>();
     }
 }
 

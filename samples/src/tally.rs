@@ -63,7 +63,7 @@ impl Saga for TallySaga {
     type Key = String;
 
     fn routes(routes: &mut Routes<Self>) {
-        routes.initiated_by::<TallyUpdate>().sends::<TallyApplied>();
+        routes.initiated_by::<TallyUpdate>();
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Where an outgoing message goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Destination {
     /// Point to point: straight into the named queue, which must exist.
     Queue(String),
@@ -26,8 +26,9 @@ pub enum Destination {
     Topic(String),
 }
 
-/// A message ready to leave: its headers and its encoded body.
-#[derive(Debug, Clone)]
+/// A message ready to leave: its headers and its encoded body. It can be stored (sagas keep
+/// what a handling sent with their state) and staged again as it is with [`crate::Context::stage`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OutgoingMessage {
     /// Where it goes.
     pub destination: Destination,
