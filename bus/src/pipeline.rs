@@ -15,6 +15,9 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tracing::{Instrument, debug, error, field, info_span, warn};
 
+/// How long a delivery that could not be settled is held before it goes back to its queue.
+const SETTLE_FAILURE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub(crate) struct Pipeline {
     pub(crate) bus: Bus,
     pub(crate) handlers: Handlers,
@@ -158,8 +161,11 @@ impl Pipeline {
             }
         };
         if let Err(e) = result {
-            // The delivery was not removed, so the broker hands it out again.
+            // The delivery was not removed, so the broker hands it out again. Pause before
+            // letting it go, so that a broker refusing the error queue (deleted by hand, say)
+            // does not turn into a hot loop of handler runs.
             warn!(error = %e, "could not settle the message; it will be redelivered");
+            tokio::time::sleep(SETTLE_FAILURE_PAUSE).await;
         }
     }
 }
