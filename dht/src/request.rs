@@ -63,12 +63,14 @@ fn write<T>(
     let Some(outbox) = outbox else {
         return storage.batch(f);
     };
-    let (out, records) = storage.batch(|b| {
+    let (out, staged) = storage.batch(|b| {
         let out = f(b)?;
-        let records = outbox.stage(b)?;
-        Ok::<_, StorageError>((out, records))
+        let staged = outbox.stage(b)?;
+        Ok::<_, StorageError>((out, staged))
     })?;
-    outbox.committed(records);
+    if let Some(staged) = staged {
+        outbox.committed(staged);
+    }
     Ok(out)
 }
 #[cfg(test)]

@@ -14,5 +14,5 @@ pub mod runtime;
 
 pub use apply::apply;
 pub use message::{CatchUpMarker, Replicate};
-pub use outbox::ReplicationOutbox;
+pub use outbox::{ReplicationOutbox, Staged};
 pub use runtime::{Replication, ReplicationError, ReplicationOptions, TransportFactory};

@@ -1,14 +1,15 @@
 //! [`ReplicationOutbox`]: what this node still owes the other replicas, durable until the
 //! broker confirmed it.
 //!
-//! A write stages one outbox record per destination in its own storage batch
+//! A write stages one outbox record, listing every destination, in its own storage batch
 //! ([`ReplicationOutbox::stage`]), so the write and the promise to replicate it commit together.
-//! After the commit the records also go to an in-memory queue per destination
+//! After the commit the record's changes go to an in-memory queue per destination
 //! ([`ReplicationOutbox::committed`]); one sender per destination takes everything queued (up
-//! to [`MAX_CHANGES_PER_MESSAGE`]), sends it as one [`Replicate`] message, and deletes the
-//! records only once `Bus::send` returned, i.e. the broker confirmed. A crash in between
-//! leaves the records on disk; they are loaded and sent again at start-up. Sends that fail are
-//! retried every [`RETRY_INTERVAL`].
+//! to [`MAX_CHANGES_PER_MESSAGE`]) and sends it as one [`Replicate`] message. When `Bus::send`
+//! returned (the broker confirmed) for the last destination of a record, the record is deleted,
+//! in one storage batch with the others that message completed. A crash in between leaves the
+//! records on disk; they are loaded and sent again, to every destination they list, at
+//! start-up. Sends that fail are retried every [`RETRY_INTERVAL`].
 
 use super::message::Replicate;
 use crate::cluster::queue_name;
@@ -17,6 +18,7 @@ use crate::shutdown::Shutdown;
 use crate::storage::{Batch, Change, OutboxRecord, Storage, StorageError};
 use rhinobus::Bus;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -41,8 +43,30 @@ struct Inner {
 
 #[derive(Default)]
 struct Destination {
-    pending: Mutex<VecDeque<OutboxRecord>>,
+    pending: Mutex<VecDeque<Pending>>,
     wake: Notify,
+}
+
+/// A record's changes for one destination.
+struct Pending {
+    changes: Vec<Change>,
+    delivery: Arc<Delivery>,
+}
+
+/// One stored record and how many of its destinations still wait for it. Which ones have it
+/// is known only here: after a crash, all of them get it again.
+struct Delivery {
+    /// The record, without its changes (they sit in each destination's [`Pending`]).
+    record: OutboxRecord,
+    remaining: AtomicUsize,
+}
+
+/// A write's replication, staged in its batch; hand it to
+/// [`committed`](ReplicationOutbox::committed) once the batch committed.
+#[derive(Debug)]
+pub struct Staged {
+    record: OutboxRecord,
+    routes: BTreeMap<String, Vec<Change>>,
 }
 
 impl std::fmt::Debug for ReplicationOutbox {
@@ -83,7 +107,18 @@ impl ReplicationOutbox {
                 "re-sending replication left from an earlier run"
             );
         }
-        outbox.committed(leftover);
+        let mut owed_to_nobody = Vec::new();
+        for mut record in leftover {
+            let mut routes = outbox.routes(&record.changes);
+            // Only the destinations the record names: the others were not owed these changes.
+            routes.retain(|d, _| record.destinations.contains(d));
+            record.changes = Vec::new();
+            if let Some(record) = outbox.queue(record, routes) {
+                owed_to_nobody.push(record);
+            }
+        }
+        // Records none of whose changes a listed destination replicates any more.
+        storage.remove_outbox(&owed_to_nobody)?;
         Ok(outbox)
     }
 
@@ -92,7 +127,7 @@ impl ReplicationOutbox {
         &self.inner.node
     }
 
-    /// How many records wait to be confirmed, over all destinations.
+    /// How many records' changes wait to be confirmed, counted once per destination.
     pub fn pending(&self) -> usize {
         self.inner
             .destinations
@@ -106,52 +141,93 @@ impl ReplicationOutbox {
             .sum()
     }
 
-    /// Stages, in batch `b`, one outbox record per other replica of the keys `b` changed.
-    /// Hand the result to [`committed`](Self::committed) once the batch committed.
-    pub fn stage(&self, b: &mut Batch<'_>) -> Result<Vec<OutboxRecord>, StorageError> {
-        if b.changes().is_empty() {
-            return Ok(Vec::new());
-        }
+    /// The changes each other replica must receive: those of the ranges it holds.
+    fn routes(&self, changes: &[Change]) -> BTreeMap<String, Vec<Change>> {
         let topology = &self.inner.topology;
-        let mut by_destination: BTreeMap<&str, Vec<Change>> = BTreeMap::new();
-        for change in b.changes() {
+        let mut by_destination: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+        for change in changes {
             for i in topology.replica_indexes(RangeId::of(change.key())) {
                 let Some(name) = topology.names.get(i as usize) else {
                     continue;
                 };
-                if *name != self.inner.node {
-                    by_destination
-                        .entry(name.as_str())
-                        .or_default()
-                        .push(change.clone());
+                if *name == self.inner.node {
+                    continue;
+                }
+                match by_destination.get_mut(name) {
+                    Some(list) => list.push(change.clone()),
+                    None => {
+                        by_destination.insert(name.clone(), vec![change.clone()]);
+                    }
                 }
             }
         }
-        let mut records = Vec::with_capacity(by_destination.len());
-        for (destination, changes) in by_destination {
-            records.push(b.enqueue_outbox(destination, changes)?);
-        }
-        Ok(records)
+        by_destination
     }
 
-    /// Queues committed records for their senders.
-    pub fn committed(&self, records: Vec<OutboxRecord>) {
-        for r in records {
-            match self.inner.destinations.get(&r.destination) {
-                Some(d) => {
-                    d.pending
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push_back(r);
-                    d.wake.notify_one();
-                }
+    /// Stages, in batch `b`, one outbox record for what `b` changed, listing every other
+    /// replica of the keys changed. `None` when there is nobody to send to.
+    pub fn stage(&self, b: &mut Batch<'_>) -> Result<Option<Staged>, StorageError> {
+        if b.changes().is_empty() {
+            return Ok(None);
+        }
+        let routes = self.routes(b.changes());
+        if routes.is_empty() {
+            return Ok(None);
+        }
+        let changes = b.changes().to_vec();
+        let mut record = b.enqueue_outbox(routes.keys().cloned().collect(), changes)?;
+        // The sender needs only the record's key; the changes travel in `routes`.
+        record.changes = Vec::new();
+        Ok(Some(Staged { record, routes }))
+    }
+
+    /// Queues a committed record for its senders.
+    pub fn committed(&self, staged: Staged) {
+        if let Some(record) = self.queue(staged.record, staged.routes) {
+            // `stage` only returns records with destinations, all known at staging time.
+            tracing::warn!(id = ?record.id, "outbox record without a destination");
+        }
+    }
+
+    /// Hands each destination its changes; returns the record when no destination is owed
+    /// anything, for the caller to delete.
+    fn queue(
+        &self,
+        record: OutboxRecord,
+        routes: BTreeMap<String, Vec<Change>>,
+    ) -> Option<OutboxRecord> {
+        let mut known = Vec::with_capacity(routes.len());
+        let mut unknown = false;
+        for (name, changes) in routes {
+            match self.inner.destinations.get(&name) {
+                Some(d) => known.push((d, changes)),
                 // A node no longer in the topology: nobody to send to. The record stays on
                 // disk, for an operator to look at, rather than being dropped.
                 None => {
-                    tracing::warn!(destination = %r.destination, "outbox record for an unknown node")
+                    tracing::warn!(destination = %name, "outbox record for an unknown node");
+                    unknown = true;
                 }
             }
         }
+        if known.is_empty() && !unknown {
+            return Some(record);
+        }
+        // An unknown destination never confirms, so such a record is never deleted.
+        let delivery = Arc::new(Delivery {
+            record,
+            remaining: AtomicUsize::new(known.len() + usize::from(unknown)),
+        });
+        for (d, changes) in known {
+            d.pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push_back(Pending {
+                    changes,
+                    delivery: delivery.clone(),
+                });
+            d.wake.notify_one();
+        }
+        None
     }
 
     /// Runs one sender per destination until `stop`, sending through `bus`.
@@ -177,11 +253,11 @@ impl ReplicationOutbox {
                 let pending = d.pending.lock().unwrap_or_else(PoisonError::into_inner);
                 let mut changes = Vec::new();
                 let mut count = 0;
-                for r in pending.iter() {
-                    if count > 0 && changes.len() + r.changes.len() > MAX_CHANGES_PER_MESSAGE {
+                for p in pending.iter() {
+                    if count > 0 && changes.len() + p.changes.len() > MAX_CHANGES_PER_MESSAGE {
                         break;
                     }
-                    changes.extend(r.changes.iter().cloned());
+                    changes.extend(p.changes.iter().cloned());
                     count += 1;
                 }
                 (count, changes)
@@ -208,12 +284,15 @@ impl ReplicationOutbox {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .drain(..count)
+                        .filter(|p| p.delivery.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
+                        .map(|p| p.delivery.record.clone())
                         .collect();
+                    if done.is_empty() {
+                        continue;
+                    }
                     let storage = self.inner.storage.clone();
-                    let removed = tokio::task::spawn_blocking(move || {
-                        storage.remove_outbox(done.iter().map(|r| (r.destination.as_str(), r.id)))
-                    })
-                    .await;
+                    let removed =
+                        tokio::task::spawn_blocking(move || storage.remove_outbox(&done)).await;
                     match removed {
                         Ok(Ok(())) => {}
                         // The records stay on disk and are sent again after a restart:
@@ -233,5 +312,91 @@ impl ReplicationOutbox {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shutdown;
+    use crate::storage::{PutRequest, StorageOptions};
+    use rhinobus::Endpoint;
+    use rhinobus::transport::InMemory;
+
+    /// Polls `done` until it holds; the deadline is only a backstop against a hang.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_record_per_write_is_deleted_once_every_destination_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let names = ["a", "b", "c"].map(String::from);
+        let topology = Arc::new(Topology::blocks(
+            1,
+            names
+                .iter()
+                .cloned()
+                .zip(["a:1", "b:1", "c:1"].map(String::from)),
+        ));
+        let broker = InMemory::new();
+        // Only b's queue exists: sends to c fail until it is declared.
+        broker.declare_queue(&queue_name("b"));
+        let endpoint = Endpoint::builder(queue_name("a"), broker.clone())
+            .start()
+            .await
+            .unwrap();
+        let outbox = ReplicationOutbox::open(storage.clone(), "a", topology).unwrap();
+        let staged = storage
+            .batch(|b| {
+                b.put(PutRequest::new("k", "v"))?;
+                outbox.stage(b)
+            })
+            .unwrap()
+            .expect("three replicas: two destinations");
+        let stored = storage.outbox().unwrap();
+        assert_eq!(stored.len(), 1, "one record for both destinations");
+        assert_eq!(stored[0].destinations, vec!["b".to_owned(), "c".to_owned()]);
+        outbox.committed(staged);
+
+        let (stop, stopped) = shutdown::channel();
+        let senders = tokio::spawn({
+            let outbox = outbox.clone();
+            let bus = endpoint.bus();
+            async move { outbox.run_senders(bus, stopped).await }
+        });
+        eventually("b receives the write", || {
+            broker.queue_len(&queue_name("b")) == 1
+        })
+        .await;
+        // Give c's sender a few failed attempts: the record must stay.
+        tokio::time::sleep(RETRY_INTERVAL * 2).await;
+        assert_eq!(
+            storage.outbox().unwrap().len(),
+            1,
+            "c has not confirmed yet"
+        );
+        assert_eq!(outbox.pending(), 1);
+
+        broker.declare_queue(&queue_name("c"));
+        eventually("the record is deleted once c confirmed", || {
+            storage.outbox().unwrap().is_empty()
+        })
+        .await;
+        assert_eq!(broker.queue_len(&queue_name("c")), 1);
+        assert_eq!(
+            broker.queue_len(&queue_name("b")),
+            1,
+            "b is not sent it twice"
+        );
+        assert_eq!(outbox.pending(), 0);
+        stop.trigger();
+        senders.await.unwrap();
+        endpoint.shutdown().await;
     }
 }

@@ -206,15 +206,33 @@ impl<'a> Batch<'a> {
                 .is_some())
     }
 
-    /// Whether superseding `version` would change anything: it is not yet tombstoned.
-    fn is_live_or_unknown(&self, key: &[u8], version: Version) -> Result<bool, StorageError> {
-        Ok(self
-            .overlay_or_snapshot(
-                &self.superseded,
-                &self.inner.superseded,
-                &version_key(key, version),
-            )?
-            .is_none())
+    /// Supersedes exactly `versions` of `key` (a replicated write's parents), stored here or
+    /// not yet arrived, with point lookups only; returns whether any was not yet tombstoned.
+    ///
+    /// Unlike [`supersede_parents`](Self::supersede_parents) this does not scan the key's
+    /// versions to clean up expired ones on the way: applying replication is the hot path of
+    /// every replica, expired values are never returned anyway, and each node's own
+    /// [`purge_expired`](Self::purge_expired) removes them.
+    fn supersede_named(&mut self, key: &[u8], versions: &[Version]) -> Result<bool, StorageError> {
+        let mut changed = false;
+        for v in dedup(versions) {
+            let k = version_key(key, v);
+            // A tombstone is written together with the deletion, so a tombstoned version is
+            // not stored either: nothing left to do.
+            if self
+                .overlay_or_snapshot(&self.superseded, &self.inner.superseded, &k)?
+                .is_some()
+            {
+                continue;
+            }
+            let record = match self.overlay_or_snapshot(&self.versions, &self.inner.versions, &k)? {
+                Some(bytes) => Some(decode_version(&k, &bytes)?.1).filter(|r| r.key == key),
+                None => None,
+            };
+            self.supersede(key, v, record.as_ref());
+            changed = true;
+        }
+        Ok(changed)
     }
 
     /// Deletes `version` of `key` if stored and leaves a tombstone either way, so it can never
@@ -440,11 +458,7 @@ impl<'a> Batch<'a> {
                 // Parents are superseded even when this version itself was already removed:
                 // a removal can overtake the write it removes, and the write's own
                 // supersessions must still happen.
-                let mut changed = false;
-                for p in parents {
-                    changed |= self.is_live_or_unknown(key, *p)?;
-                }
-                self.supersede_parents(key, parents, false)?;
+                let changed = self.supersede_named(key, parents)?;
                 if self.knows_version(key, *version)? {
                     return Ok(changed);
                 }
@@ -459,12 +473,7 @@ impl<'a> Batch<'a> {
             Change::Remove { key, parents } => {
                 check_key(key)?;
                 check_parents(parents)?;
-                let mut changed = false;
-                for p in parents {
-                    changed |= self.is_live_or_unknown(key, *p)?;
-                }
-                self.supersede_parents(key, parents, false)?;
-                Ok(changed)
+                self.supersede_named(key, parents)
             }
             Change::AddItem { key, id, value } => {
                 check_key(key)?;
@@ -493,17 +502,16 @@ impl<'a> Batch<'a> {
         &self.changes
     }
 
-    /// Records, in this batch, that `changes` still have to reach `destination`: the record
-    /// commits (or not) together with the writes that made the changes. Returns the record, to
-    /// hand to the sender once the batch committed.
+    /// Records, in this batch, that `changes` still have to reach `destinations`: one record,
+    /// committed (or not) together with the writes that made the changes. Returns the record,
+    /// to hand to the senders once the batch committed.
     pub fn enqueue_outbox(
         &mut self,
-        destination: &str,
+        destinations: Vec<String>,
         changes: Vec<Change>,
     ) -> Result<OutboxRecord, StorageError> {
-        let record = OutboxRecord::new(destination, changes)?;
-        self.outbox
-            .set(&record.storage_key(), record.encode_changes());
+        let record = OutboxRecord::new(destinations, changes)?;
+        self.outbox.set(&record.storage_key(), record.encode());
         Ok(record)
     }
 

@@ -17,8 +17,10 @@
 //!   instead of resurrected.
 //! - `expiry`: `expires-at ms ++ digest ++ version` → empty (what to clean up, in time order)
 //! - `items`: `digest ++ item id` → [`ItemRecord`] (list items)
-//! - `outbox`: `destination ++ 0x00 ++ record id` → MessagePack `Vec<Change>` (replication not yet
-//!   confirmed by the broker; see [`OutboxRecord`](super::OutboxRecord))
+//! - `outbox`: `record id` → MessagePack `{ destinations, changes }`, one record per write
+//!   (replication not yet confirmed by the broker; see [`OutboxRecord`](super::OutboxRecord)).
+//!   Records of the earlier layout, `destination ++ 0x00 ++ record id` → `Vec<Change>`, are still
+//!   read and deleted.
 
 use crate::routing::key_digest;
 use crate::version::{ItemId, Version};

@@ -425,7 +425,7 @@ struct Inner {
     superseded: Keyspace,
     expiry: Keyspace,
     items: Keyspace,
-    /// Replication records not yet confirmed by the broker: `destination ++ 0 ++ id`.
+    /// Replication records not yet confirmed by the broker: `id` (see `layout`).
     outbox: Keyspace,
     /// Writers read current versions and then write; one writer at a time keeps that
     /// read-check-write (and whole batches) serializable. Readers never take it.

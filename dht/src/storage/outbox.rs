@@ -1,6 +1,12 @@
-//! Replication outbox records: changes committed here that another replica has not been sent
-//! yet. They are written in the same batch as the changes, so a crash between the commit and
-//! the send loses nothing; they are deleted once the broker confirmed the send.
+//! Replication outbox records: changes committed here that other replicas have not been sent
+//! yet. A record is written in the same batch as the changes, so a crash between the commit and
+//! the send loses nothing; it is deleted once the broker confirmed the send to every
+//! destination it lists.
+//!
+//! One record per write, whatever the number of replicas: the write costs one outbox insert
+//! and, later, one delete. Which destination has confirmed is kept in memory only; after a
+//! crash the record is sent to all its destinations again, a duplicate that applying
+//! replication ignores.
 
 use super::{Change, Storage, StorageError};
 use serde::{Deserialize, Serialize};
@@ -9,45 +15,70 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OutboxId([u8; 16]);
 
-/// Changes that still have to reach one destination (a node name).
+/// Changes that still have to reach some destinations (node names).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRecord {
     /// The record's id.
     pub id: OutboxId,
-    /// The node the changes are for.
-    pub destination: String,
+    /// The nodes the changes are for.
+    pub destinations: Vec<String>,
     /// The changes, in the order they were made.
     pub changes: Vec<Change>,
+    /// Set for a record in the layout of earlier versions (`destination ++ 0 ++ id`, one
+    /// record per destination), so that it is deleted under the key it was found at.
+    legacy_destination: Option<String>,
+}
+
+/// How a record is stored: named fields, so later fields can be added.
+#[derive(Serialize, Deserialize)]
+struct StoredRecord {
+    destinations: Vec<String>,
+    changes: Vec<Change>,
 }
 
 /// The longest destination name accepted.
 const MAX_DESTINATION_LEN: usize = 255;
 
 impl OutboxRecord {
-    pub(super) fn new(destination: &str, changes: Vec<Change>) -> Result<Self, StorageError> {
-        // The name is the key prefix, ended by a zero byte: it must not contain one.
-        if destination.is_empty()
-            || destination.len() > MAX_DESTINATION_LEN
-            || destination.as_bytes().contains(&0)
-        {
-            return Err(StorageError::Corrupt {
-                what: "outbox destination",
-                detail: format!("{destination:?} is not a valid node name"),
-            });
+    pub(super) fn new(
+        destinations: Vec<String>,
+        changes: Vec<Change>,
+    ) -> Result<Self, StorageError> {
+        for destination in &destinations {
+            // Names were key prefixes ended by a zero byte in the earlier layout, and still
+            // travel in queue names: keep refusing what would not fit there.
+            if destination.is_empty()
+                || destination.len() > MAX_DESTINATION_LEN
+                || destination.as_bytes().contains(&0)
+            {
+                return Err(StorageError::Corrupt {
+                    what: "outbox destination",
+                    detail: format!("{destination:?} is not a valid node name"),
+                });
+            }
         }
         Ok(Self {
             id: OutboxId(*uuid::Uuid::now_v7().as_bytes()),
-            destination: destination.to_owned(),
+            destinations,
             changes,
+            legacy_destination: None,
         })
     }
 
     pub(super) fn storage_key(&self) -> Vec<u8> {
-        storage_key(&self.destination, self.id)
+        match &self.legacy_destination {
+            Some(destination) => legacy_key(destination, self.id),
+            None => self.id.0.to_vec(),
+        }
     }
 
-    pub(super) fn encode_changes(&self) -> Vec<u8> {
-        super::layout::encode(&self.changes)
+    pub(super) fn encode(&self) -> Vec<u8> {
+        // Serialising plain structs into a Vec cannot fail (no I/O, string keys only).
+        rmp_serde::to_vec_named(&StoredRecord {
+            destinations: self.destinations.clone(),
+            changes: self.changes.clone(),
+        })
+        .unwrap_or_default()
     }
 
     fn decode(k: &[u8], v: &[u8]) -> Result<Self, StorageError> {
@@ -55,10 +86,21 @@ impl OutboxRecord {
             what: "outbox record",
             detail,
         };
+        if let Ok(id) = <[u8; 16]>::try_from(k) {
+            let stored: StoredRecord =
+                rmp_serde::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
+            return Ok(Self {
+                id: OutboxId(id),
+                destinations: stored.destinations,
+                changes: stored.changes,
+                legacy_destination: None,
+            });
+        }
+        // The earlier layout: `destination ++ 0 ++ id` → the changes for that destination.
         let split = k
             .len()
             .checked_sub(17)
-            .filter(|&i| k[i] == 0)
+            .filter(|&i| i > 0 && k[i] == 0)
             .ok_or_else(|| corrupt(format!("key of {} bytes", k.len())))?;
         let destination = std::str::from_utf8(&k[..split])
             .map_err(|e| corrupt(e.to_string()))?
@@ -68,13 +110,14 @@ impl OutboxRecord {
         let changes = rmp_serde::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
         Ok(Self {
             id: OutboxId(id),
-            destination,
+            destinations: vec![destination.clone()],
             changes,
+            legacy_destination: Some(destination),
         })
     }
 }
 
-fn storage_key(destination: &str, id: OutboxId) -> Vec<u8> {
+fn legacy_key(destination: &str, id: OutboxId) -> Vec<u8> {
     let mut k = Vec::with_capacity(destination.len() + 17);
     k.extend_from_slice(destination.as_bytes());
     k.push(0);
@@ -83,7 +126,7 @@ fn storage_key(destination: &str, id: OutboxId) -> Vec<u8> {
 }
 
 impl Storage {
-    /// Every outbox record, oldest first per destination: what a node re-sends at start-up.
+    /// Every outbox record: what a node re-sends at start-up.
     pub fn outbox(&self) -> Result<Vec<OutboxRecord>, StorageError> {
         let mut out = Vec::new();
         for kv in self.inner.outbox.iter() {
@@ -93,17 +136,17 @@ impl Storage {
         Ok(out)
     }
 
-    /// Deletes outbox records whose changes the broker confirmed. Deleting a record that is not
-    /// there is not an error.
+    /// Deletes, in one batch, outbox records whose changes the broker confirmed for every
+    /// destination. Deleting a record that is not there is not an error.
     pub fn remove_outbox<'r>(
         &self,
-        records: impl IntoIterator<Item = (&'r str, OutboxId)>,
+        records: impl IntoIterator<Item = &'r OutboxRecord>,
     ) -> Result<(), StorageError> {
         // No write lock: nothing else writes these keys once they exist, and a deletion lost
         // in a crash only means the changes are sent (and applied, idempotently) again.
         let mut wb = self.inner.db.batch();
-        for (destination, id) in records {
-            wb.remove(&self.inner.outbox, storage_key(destination, id));
+        for r in records {
+            wb.remove(&self.inner.outbox, r.storage_key());
         }
         if !wb.is_empty() {
             wb.commit()?;
@@ -114,7 +157,12 @@ impl Storage {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::storage::{Change, PutRequest, Storage, StorageOptions};
+
+    fn nodes(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
 
     #[test]
     fn outbox_records_commit_with_the_batch_and_survive_reopening() {
@@ -125,12 +173,12 @@ mod tests {
                 .batch(|b| {
                     b.put(PutRequest::new("k", "v"))?;
                     let changes = b.changes().to_vec();
-                    b.enqueue_outbox("node-b", changes)
+                    b.enqueue_outbox(nodes(&["node-b", "node-c"]), changes)
                 })
                 .unwrap();
             // A failed batch leaves no record behind.
             let failed: Result<(), crate::StorageError> = s.batch(|b| {
-                b.enqueue_outbox("node-b", vec![])?;
+                b.enqueue_outbox(nodes(&["node-b"]), vec![])?;
                 Err(crate::StorageError::Corrupt {
                     what: "test",
                     detail: "abort".into(),
@@ -143,9 +191,36 @@ mod tests {
         let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
         let stored = s.outbox().unwrap();
         assert_eq!(stored, vec![record.clone()]);
+        assert_eq!(stored[0].destinations, nodes(&["node-b", "node-c"]));
         assert!(matches!(&stored[0].changes[0], Change::Put { key, .. } if key == "k"));
-        s.remove_outbox([(record.destination.as_str(), record.id)])
+        s.remove_outbox([&record]).unwrap();
+        assert!(s.outbox().unwrap().is_empty());
+    }
+
+    #[test]
+    fn records_of_the_earlier_one_per_destination_layout_are_read_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let changes = s
+            .batch(|b| {
+                b.put(PutRequest::new("k", "v"))?;
+                Ok::<_, StorageError>(b.changes().to_vec())
+            })
             .unwrap();
+        let id = OutboxId(*uuid::Uuid::now_v7().as_bytes());
+        s.inner
+            .outbox
+            .insert(
+                legacy_key("node-b", id),
+                rmp_serde::to_vec_named(&changes).unwrap(),
+            )
+            .unwrap();
+        let stored = s.outbox().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].id, id);
+        assert_eq!(stored[0].destinations, nodes(&["node-b"]));
+        assert_eq!(stored[0].changes, changes);
+        s.remove_outbox(&stored).unwrap();
         assert!(s.outbox().unwrap().is_empty());
     }
 
@@ -154,7 +229,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
         for bad in ["", "a\0b"] {
-            let r = s.batch(|b| b.enqueue_outbox(bad, vec![]));
+            let r = s.batch(|b| b.enqueue_outbox(nodes(&["ok", bad]), vec![]));
             assert!(r.is_err(), "{bad:?} accepted");
         }
     }
