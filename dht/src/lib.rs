@@ -10,14 +10,16 @@
 //! - [`connection`]: a framed TCP socket; the writer task batches frames into few syscalls.
 //! - [`request`]: serving one decoded request against storage.
 //! - [`server`]: the node — accept loop, authentication, topology check, pipelined serving.
-//! - [`shutdown`]: the signal every node task watches to stop cleanly.
+//! - [`shutdown`]: the signal every node task watches to stop cleanly (OS signals are the
+//!   bus's `rhinobus::endpoint::wait_for_signal`).
 //! - [`client`]: [`Client`], routing by range over pooled, pipelined connections, failing over
 //!   primary → secondary → tertiary.
 //! - [`cluster`]: the cluster file ([`ClusterSpec`]), node queue names, and the topology as
 //!   stored in the DHT itself.
 //! - [`replication`]: replication as bus messages — the outbox committed with every write,
 //!   batched senders per destination, idempotent apply, catch-up at start-up.
-//! - `main.rs`: the `rhinobus-dht` binary (node and CLI), a thin shell over the above.
+//! - `main.rs`: the `rhinobus-dht` binary (node and CLI), a thin shell over the above; behind
+//!   the default `cli` feature, so the library does not pull clap or tracing-subscriber.
 //!
 //! # Versions and siblings
 //! A key holds one or more siblings. A put names the versions it replaces (its parents); it

@@ -2,11 +2,12 @@
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use rhinobus::endpoint::wait_for_signal;
 use rhinobus_dht::{
     AddItemRequest, Client, ClientError, ClientOptions, ClusterSpec, Durability, ItemId,
     NodeOptions, PutRequest, RangeAssignment, RangeId, RemoveItemRequest, RemoveRequest,
     Replication, ReplicationOptions, Sibling, Storage, StorageOptions, Version, WireError, cluster,
-    serve, shutdown,
+    serve,
 };
 use serde_json::json;
 use std::path::PathBuf;
@@ -274,7 +275,7 @@ async fn run_node(
     println!("listening on {addr}");
     tracing::info!(%addr, data = %data.display(), ?durability, "node started");
     let purger = tokio::spawn(purge_expired(storage.clone()));
-    let served = serve(listener, storage, options, shutdown::signal()).await;
+    let served = serve(listener, storage, options, wait_for_signal()).await;
     purger.abort();
     if let Some(r) = replication {
         r.shutdown().await;

@@ -96,11 +96,12 @@ impl Node {
 ///
 /// ```no_run
 /// # async fn run() -> std::io::Result<()> {
-/// use rhinobus_dht::{NodeOptions, Storage, StorageOptions, serve, shutdown};
+/// use rhinobus::endpoint::wait_for_signal;
+/// use rhinobus_dht::{NodeOptions, Storage, StorageOptions, serve};
 ///
 /// let storage = Storage::open("data", StorageOptions::default()).expect("open storage");
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:7480").await?;
-/// serve(listener, storage, NodeOptions::default(), shutdown::signal()).await
+/// serve(listener, storage, NodeOptions::default(), wait_for_signal()).await
 /// # }
 /// ```
 pub async fn serve(

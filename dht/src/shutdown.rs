@@ -1,5 +1,6 @@
 //! Graceful shutdown: one signal, observed by every task, so each can finish what it is writing
-//! and stop taking new work.
+//! and stop taking new work. The operating system's signals (SIGINT, SIGTERM) are the bus's
+//! [`rhinobus::endpoint::wait_for_signal`].
 
 use tokio::sync::watch;
 
@@ -33,29 +34,6 @@ impl Shutdown {
     /// Resolves once shutdown is signalled (or the trigger is gone).
     pub async fn recv(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM (Ctrl-C elsewhere).
-pub async fn signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -22,8 +22,14 @@ use rhinobus::{BusError, Context, Endpoint, HandlerError};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::oneshot;
 
-/// Makes a fresh transport. Replication needs two in turn (an endpoint's shutdown closes its
-/// transport): one for catching up, one for the running node.
+/// Makes a fresh transport. Replication needs two in turn: one for catching up, one for the
+/// running node.
+///
+/// Still needed although endpoints sharing a `RabbitMq` now keep its connection open for each
+/// other (rhinobus 8a8e1ea): the catch-up endpoint must stop before the running one starts
+/// (both consuming the node's queue at once would let messages queued before the marker be
+/// applied after it came back), so it is the *last* endpoint on its transport when it stops,
+/// and that closes the transport for good.
 pub type TransportFactory = Arc<dyn Fn() -> Arc<dyn Transport> + Send + Sync>;
 
 /// How a node replicates.
