@@ -98,6 +98,8 @@ async fn run(args: &Args) -> Result<(), BenchError> {
         concurrency: args.concurrency,
         amqp_url: args.amqp.clone(),
     };
+    // The bus figure is also the sagas' baseline; measured once when both are wanted.
+    let mut bus_report = None;
     if wants(Scenario::RawAmqp) || wants(Scenario::RawAmqpEnvelope) || wants(Scenario::Bus) {
         let raw = amqp::raw_amqp(&load, Metadata::Bare).await?;
         if wants(Scenario::RawAmqp) {
@@ -108,7 +110,9 @@ async fn run(args: &Args) -> Result<(), BenchError> {
             print(&enveloped.with_baseline(&raw));
         }
         if wants(Scenario::Bus) {
-            print(&amqp::bus_rabbitmq(&load).await?.with_baseline(&raw));
+            let bus = amqp::bus_rabbitmq(&load).await?.with_baseline(&raw);
+            print(&bus);
+            bus_report = Some(bus);
         }
     }
     if wants(Scenario::BusInmemory) {
@@ -148,8 +152,14 @@ async fn run(args: &Args) -> Result<(), BenchError> {
         print(&replicated.with_baseline(&single));
     }
     if wants(Scenario::SagaOptimistic) || wants(Scenario::SagaMerging) {
-        let baseline = amqp::bus_rabbitmq(&load).await?;
-        print(&baseline);
+        let baseline = match bus_report {
+            Some(bus) => bus,
+            None => {
+                let bus = amqp::bus_rabbitmq(&load).await?;
+                print(&bus);
+                bus
+            }
+        };
         for (scenario, kind) in [
             (Scenario::SagaOptimistic, sagas::PersisterKind::Optimistic),
             (Scenario::SagaMerging, sagas::PersisterKind::Merging),
