@@ -54,7 +54,11 @@ pub fn execute_replicated(
 }
 
 /// Runs `f` in one batch together with the outbox records of what it changed, and queues the
-/// records for sending once the batch committed.
+/// records for sending as soon as the batch committed.
+///
+/// Queued before waiting for durability, not after: when the fsync fails the write is visible
+/// all the same (and the client told it may or may not have happened), so its replication must
+/// go out too, not sit on disk until the next start.
 fn write<T>(
     storage: &Storage,
     outbox: Option<&ReplicationOutbox>,
@@ -63,14 +67,18 @@ fn write<T>(
     let Some(outbox) = outbox else {
         return storage.batch(f);
     };
-    let (out, staged) = storage.batch(|b| {
-        let out = f(b)?;
-        let staged = outbox.stage(b)?;
-        Ok::<_, StorageError>((out, staged))
-    })?;
-    if let Some(staged) = staged {
-        outbox.committed(staged);
-    }
+    let (out, _) = storage.batch_then(
+        |b| {
+            let out = f(b)?;
+            let staged = outbox.stage(b)?;
+            Ok::<_, StorageError>((out, staged))
+        },
+        |(_, staged)| {
+            if let Some(staged) = staged.take() {
+                outbox.committed(staged);
+            }
+        },
+    )?;
     Ok(out)
 }
 #[cfg(test)]
@@ -110,5 +118,33 @@ mod tests {
         let huge = PutRequest::new("k", vec![0u8; crate::storage::MAX_VALUE_LEN + 1]);
         let err = execute(&s, &t, Request::Put(huge)).unwrap_err();
         assert!(matches!(err, WireError::ValueTooLarge { .. }));
+    }
+
+    #[test]
+    fn a_write_whose_fsync_failed_still_reaches_the_senders() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(
+            dir.path(),
+            StorageOptions::default().durability(crate::storage::Durability::Fsync),
+        )
+        .unwrap();
+        let t = std::sync::Arc::new(Topology::blocks(
+            1,
+            [("a", "a:1"), ("b", "b:1"), ("c", "c:1")].map(|(n, a)| (n.to_owned(), a.to_owned())),
+        ));
+        let outbox = ReplicationOutbox::open(s.clone(), "a", t.clone()).unwrap();
+        s.fail_syncs(true);
+        let err = execute_replicated(
+            &s,
+            &t,
+            Some(&outbox),
+            Request::Put(PutRequest::new("k", "v")),
+        )
+        .unwrap_err();
+        assert!(matches!(err, WireError::Internal { .. }), "{err:?}");
+        // Committed, so visible: its replication must be queued for b and c, not only on disk.
+        assert_eq!(s.get(b"k").unwrap().len(), 1);
+        assert_eq!(s.outbox().unwrap().len(), 1);
+        assert_eq!(outbox.pending(), 2);
     }
 }

@@ -432,6 +432,22 @@ struct Inner {
     write_lock: Mutex<()>,
     durability: Durability,
     group_commit: GroupCommit,
+    /// Makes every fsync fail, to test what a failed [`Durability::Fsync`] leaves behind.
+    #[cfg(test)]
+    fail_sync: std::sync::atomic::AtomicBool,
+}
+
+impl Inner {
+    /// Syncs the journal: what [`Durability::Fsync`] waits for.
+    fn sync(&self) -> Result<(), fjall::Error> {
+        #[cfg(test)]
+        if self.fail_sync.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(fjall::Error::Io(std::io::Error::other(
+                "fsync failed (test)",
+            )));
+        }
+        self.db.persist(PersistMode::SyncData)
+    }
 }
 
 impl std::fmt::Debug for Storage {
@@ -472,6 +488,8 @@ impl Storage {
                 write_lock: Mutex::new(()),
                 durability: options.durability,
                 group_commit: GroupCommit::default(),
+                #[cfg(test)]
+                fail_sync: Default::default(),
             }),
         })
     }
@@ -538,20 +556,54 @@ impl Storage {
     where
         E: From<StorageError>,
     {
+        self.batch_then(f, |_| {})
+    }
+
+    /// [`batch`](Self::batch), running `committed` on `f`'s result as soon as the batch
+    /// committed, before waiting for durability.
+    ///
+    /// `committed` runs whenever the changes are visible, even when the fsync of
+    /// [`Durability::Fsync`] then fails and the call returns an error: what must follow every
+    /// committed write (handing its replication to the senders) goes there, not after the call.
+    /// It does not run when `f` fails or the commit itself fails.
+    ///
+    /// ```
+    /// use rhinobus_dht::{PutRequest, Storage, StorageError, StorageOptions};
+    ///
+    /// # fn main() -> Result<(), StorageError> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let table = Storage::open(dir.path(), StorageOptions::default())?;
+    /// let mut seen = None;
+    /// table.batch_then(
+    ///     |b| b.put(PutRequest::new("k", "v")),
+    ///     |put| seen = Some(put.version),
+    /// )?;
+    /// assert_eq!(table.get(b"k")?[0].version, seen.unwrap());
+    /// # Ok(()) }
+    /// ```
+    pub fn batch_then<T, E>(
+        &self,
+        f: impl FnOnce(&mut Batch<'_>) -> Result<T, E>,
+        committed: impl FnOnce(&mut T),
+    ) -> Result<T, E>
+    where
+        E: From<StorageError>,
+    {
         let inner = &*self.inner;
         let guard = inner
             .write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let mut batch = Batch::new(inner);
-        let out = f(&mut batch)?;
+        let mut out = f(&mut batch)?;
         let wrote = batch.commit()?;
         let ticket = wrote.then(|| inner.group_commit.ticket());
         drop(guard);
+        committed(&mut out);
         if let (Some(ticket), Durability::Fsync) = (ticket, inner.durability) {
             inner
                 .group_commit
-                .wait_durable(ticket, || inner.db.persist(PersistMode::SyncData))
+                .wait_durable(ticket, || inner.sync())
                 .map_err(StorageError::from)?;
         }
         Ok(out)
@@ -562,6 +614,15 @@ impl Storage {
     /// returned even before it runs.
     pub fn purge_expired(&self, now: SystemTime, limit: usize) -> Result<usize, StorageError> {
         self.batch(|b| b.purge_expired(system_time_ms(now), limit))
+    }
+
+    /// Makes every later fsync fail (or succeed again), for tests of what a failed
+    /// [`Durability::Fsync`] leaves behind.
+    #[cfg(test)]
+    pub(crate) fn fail_syncs(&self, fail: bool) {
+        self.inner
+            .fail_sync
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Forces everything written so far to disk.
