@@ -53,6 +53,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod bus;
 pub mod context;
 pub mod endpoint;

@@ -106,7 +106,10 @@ impl Failure {
         h.insert(names::FAILURE_ERROR_TYPE.into(), self.error_type.clone());
         h.insert(names::FAILURE_ERROR_MESSAGE.into(), self.message.clone());
         h.insert(names::FAILURE_ERROR_CHAIN.into(), self.causes.join("\n"));
-        h.insert(names::FAILED_TIMES.into(), (failed_before + 1).to_string());
+        h.insert(
+            names::FAILED_TIMES.into(),
+            failed_before.saturating_add(1).to_string(),
+        );
         h
     }
 }

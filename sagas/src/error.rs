@@ -6,6 +6,19 @@ use rhinobus::{BusError, HandlerError};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SagaError {
+    /// The message has no `rhinobus-message-id` header (sent by a client other than
+    /// rhinobus): sagas recognise redeliveries by id, so they cannot take it safely.
+    #[error(
+        "message {message_type} for {saga} saga {key:?} has no message id; sagas need one to recognise redeliveries"
+    )]
+    MissingMessageId {
+        /// Saga type.
+        saga: &'static str,
+        /// Correlation key.
+        key: String,
+        /// Wire name of the message.
+        message_type: &'static str,
+    },
     /// No instance exists for the key, and the message does not initiate the saga.
     #[error(
         "no {saga} saga with key {key:?} for message {message_type} ({message_id}): it was never started (the message is not one that initiates it)"

@@ -90,7 +90,16 @@ impl<S: Saga> Runtime<S> {
                     completed,
                     "merging siblings"
                 );
-                // Completion wins: an instance completed on one branch stays completed.
+                // Completion wins: an instance completed on one branch stays completed. What
+                // the other branches did is not merged, so say so where operators look.
+                if completed && !states.is_empty() {
+                    warn!(
+                        saga = S::NAME,
+                        key,
+                        dropped_branches = states.len(),
+                        "the saga completed on one branch; concurrent branches are not merged"
+                    );
+                }
                 let (state, merge) = if completed || states.is_empty() {
                     (None, None)
                 } else if states.len() == 1 {
@@ -132,9 +141,19 @@ impl<S: Saga> Runtime<S> {
         ctx: Context,
         route: RouteFns<S, M>,
     ) -> Result<(), HandlerError> {
-        let key = (route.correlate)(&message).to_string();
-        let dht_key = format!("saga/{}/{}", S::NAME, key);
+        let correlation = (route.correlate)(&message);
+        let (key, dht_key) = (correlation.to_string(), saga_key::<S>(&correlation));
         let message_id = ctx.message_id().to_owned();
+        if message_id.is_empty() {
+            // Redeliveries are recognised by id: without one, a second message would pass
+            // for a redelivery of the first and be dropped.
+            return Err(SagaError::MissingMessageId {
+                saga: S::NAME,
+                key,
+                message_type: M::NAME,
+            }
+            .into_handler_error());
+        }
         let loaded = self
             .load(&dht_key)
             .await

@@ -375,3 +375,15 @@ async fn on_an_endpoint_a_message_for_a_missing_saga_lands_in_the_error_queue() 
     );
     assert_eq!(broker.queue_len("audit"), 1);
 }
+
+#[tokio::test]
+async fn a_message_without_an_id_is_refused_not_taken_for_a_redelivery() {
+    let harness = SagaHarness::new(BasketSaga);
+    harness.handle(&Start { id: 5 }).await.unwrap();
+    let err = harness
+        .handle_with_id(&Add { id: 5, item: 1 }, "")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no message id"), "{err}");
+    assert_eq!(harness.state(&5).await.unwrap().unwrap().applied, 0);
+}

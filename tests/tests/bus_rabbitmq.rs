@@ -187,6 +187,20 @@ async fn sending_to_a_missing_queue_is_an_error() {
 }
 
 #[tokio::test]
+async fn names_amqp_cannot_carry_are_errors_not_panics() {
+    let long = "n".repeat(300);
+    let err = Endpoint::builder(&long, rabbit())
+        .handle(|_: Work, _: Context| async { Ok::<_, HandlerError>(()) })
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("at most 255"), "{err}");
+    let bus = rhinobus::Bus::new(rabbit(), unique("sender"));
+    let err = bus.send(&long, &Work { n: 1 }).await.unwrap_err();
+    assert!(err.to_string().contains("at most 255"), "{err}");
+}
+
+#[tokio::test]
 async fn an_unreachable_broker_is_a_clear_error() {
     let ep = Endpoint::builder(
         unique("lonely"),

@@ -151,20 +151,36 @@ async fn list_groups_show_and_replay_one_leaving_the_rest_in_order() {
 }
 
 #[tokio::test]
-async fn replay_to_a_missing_queue_fails_loudly_and_keeps_the_message() {
+async fn messages_that_cannot_be_replayed_fail_loudly_stay_and_do_not_stop_the_rest() {
     let mut raw = Raw::connect().await;
     let error = unique("error");
     raw.queue(&error).await;
-    let gone = unique("gone");
+    let (gone, source) = (unique("gone"), unique("source"));
+    raw.queue(&source).await;
+    let overlong = "q".repeat(300);
     raw.publish(&error, &body(1), failure_headers("lonely", &gone, "E"))
         .await;
-    let (ok, _, err) = rhinobus_cli(&["errors", "--queue", &error, "replay", "--all"]);
+    raw.publish(&error, &body(2), failure_headers("fine", &source, "E"))
+        .await;
+    raw.publish(
+        &error,
+        &body(3),
+        failure_headers("overlong", &overlong, "E"),
+    )
+    .await;
+    let (ok, out, err) = rhinobus_cli(&["errors", "--queue", &error, "replay", "--all"]);
     assert!(
         !ok,
         "a message that could not be replayed makes the command fail"
     );
     assert!(err.contains("lonely") && err.contains(&gone), "{err}");
-    assert_eq!(ids_in(&raw.drain(&error).await), ["lonely"]);
+    assert!(
+        err.contains("overlong") && err.contains("at most 255"),
+        "{err}"
+    );
+    assert!(out.contains("replayed 1 of 3"), "the others went on: {out}");
+    assert_eq!(ids_in(&raw.drain(&source).await), ["fine"]);
+    assert_eq!(ids_in(&raw.drain(&error).await), ["lonely", "overlong"]);
     raw.cleanup().await;
 }
 

@@ -209,10 +209,17 @@ async fn errors_command(errors: &ErrorQueue, command: ErrorsCommand) -> Result<E
             limit,
             json,
         } => {
+            let since = since
+                .map(|d| {
+                    SystemTime::now()
+                        .checked_sub(d)
+                        .ok_or("--since reaches back too far")
+                })
+                .transpose()?;
             let filter = Selection {
                 message_type,
                 source_queue: source,
-                since: since.map(|d| SystemTime::now() - d),
+                since,
                 all: true,
                 ..Selection::default()
             };
@@ -273,12 +280,7 @@ async fn errors_command(errors: &ErrorQueue, command: ErrorsCommand) -> Result<E
             }
         }
         ErrorsCommand::Show { id, json } => {
-            let found: Vec<_> = errors
-                .browse()
-                .await?
-                .into_iter()
-                .filter(|m| m.id == id)
-                .collect();
+            let found = errors.find(&id).await?;
             if found.is_empty() {
                 return Err(format!("no message {id:?} in error queue {:?}", errors.name()).into());
             }

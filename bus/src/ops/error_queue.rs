@@ -97,13 +97,33 @@ impl ErrorQueue {
         &self.queue
     }
 
-    /// Every message in the queue, in queue order, leaving the queue as it was.
+    /// Every message in the queue, in queue order, leaving the queue as it was. Bodies are
+    /// left out (empty) to keep a large queue's listing small; [`ErrorQueue::find`] has them.
     pub async fn browse(&self) -> Result<Vec<FailedMessage>, BusError> {
+        self.read(|_| false).await
+    }
+
+    /// The messages with id `id` (a message replayed and failed again can be there twice),
+    /// bodies included, leaving the queue as it was.
+    pub async fn find(&self, id: &str) -> Result<Vec<FailedMessage>, BusError> {
+        let found = self.read(|m| m.id == id).await?;
+        Ok(found.into_iter().filter(|m| m.id == id).collect())
+    }
+
+    /// Reads the whole queue without taking anything from it, keeping the bodies of the
+    /// messages for which `keep_body` says so.
+    async fn read(
+        &self,
+        keep_body: impl Fn(&FailedMessage) -> bool,
+    ) -> Result<Vec<FailedMessage>, BusError> {
         let (channel, mut reader) = self.open_reader().await?;
         let mut out = Vec::with_capacity(reader.remaining);
         while let Some(d) = reader.next().await? {
-            let headers = amqp::envelope_headers(&d.properties);
-            out.push(FailedMessage::new(headers, d.data));
+            let mut m = FailedMessage::new(amqp::envelope_headers(&d.properties), Vec::new());
+            if keep_body(&m) {
+                m.body = d.data;
+            }
+            out.push(m);
         }
         let _ = channel.close(200, "browsed".into()).await;
         Ok(out)
@@ -140,29 +160,43 @@ impl ErrorQueue {
             if dry_run {
                 continue;
             }
-            let (target, props) = match action {
+            let moving = match action {
                 Action::Purge => {
-                    d.acker.ack(BasicAckOptions::default()).await?;
-                    outcome.moved += 1;
+                    settle(Some((failed.id, d.acker, Ok(()))), &mut outcome).await;
                     continue;
                 }
-                Action::Archive => (Some(archive.clone()), d.properties.clone()),
-                Action::Replay { to } => (
-                    to.clone().or_else(|| failed.source_queue.clone()),
-                    replay_properties(&d.properties, &failed.headers)?,
-                ),
-            };
-            let Some(target) = target else {
-                outcome.failed.push(MoveFailure {
-                    id: failed.id,
-                    error: "no source queue header; name a queue with --to".into(),
-                });
-                continue;
+                Action::Archive => Ok((archive.clone(), d.properties.clone())),
+                Action::Replay { to } => to
+                    .clone()
+                    .or_else(|| failed.source_queue.clone())
+                    .ok_or_else(|| {
+                        BusError::Invalid("no source queue header; name a queue with --to".into())
+                    })
+                    .and_then(|target| {
+                        Ok((target, replay_properties(&d.properties, &failed.headers)?))
+                    }),
             };
             if pending.len() >= CONFIRM_WINDOW {
-                settle(pending.next().await, &mut outcome).await?;
+                settle(pending.next().await, &mut outcome).await;
             }
-            let confirm = amqp::publish(&publisher, "", &target, &d.data, props).await?;
+            // A message that cannot be moved stays where it is (unacked, it goes back when the
+            // channel closes) and is reported; the others go on.
+            let published = match moving {
+                Ok((target, props)) => amqp::publish(&publisher, "", &target, &d.data, props)
+                    .await
+                    .map(|confirm| (target, confirm)),
+                Err(e) => Err(e),
+            };
+            let (target, confirm) = match published {
+                Ok(p) => p,
+                Err(e) => {
+                    outcome.failed.push(MoveFailure {
+                        id: failed.id,
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
             let acker = d.acker;
             pending.push(async move {
                 let result =
@@ -172,7 +206,7 @@ impl ErrorQueue {
             });
         }
         while let Some(done) = pending.next().await {
-            settle(Some(done), &mut outcome).await?;
+            settle(Some(done), &mut outcome).await;
         }
         let _ = channel.close(200, "done".into()).await;
         let _ = publisher.close(200, "done".into()).await;
@@ -183,7 +217,7 @@ impl ErrorQueue {
         let channel = self.connection.create_channel().await?;
         let remaining = channel
             .queue_declare(
-                self.queue.as_str().into(),
+                amqp::short("queue name", &self.queue)?,
                 QueueDeclareOptions {
                     passive: true,
                     ..QueueDeclareOptions::default()
@@ -196,7 +230,7 @@ impl ErrorQueue {
         channel.basic_qos(0, BasicQosOptions::default()).await?;
         let consumer = channel
             .basic_consume(
-                self.queue.as_str().into(),
+                amqp::short("queue name", &self.queue)?,
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -235,24 +269,26 @@ impl Reader {
 }
 
 /// Acknowledges a moved message once its copy is confirmed, or records why it stays.
-async fn settle(
-    done: Option<(String, lapin::Acker, Result<(), BusError>)>,
-    outcome: &mut Outcome,
-) -> Result<(), BusError> {
+async fn settle(done: Option<(String, lapin::Acker, Result<(), BusError>)>, outcome: &mut Outcome) {
     let Some((id, acker, result)) = done else {
-        return Ok(());
+        return;
     };
-    match result {
-        Ok(()) => {
-            acker.ack(BasicAckOptions::default()).await?;
-            outcome.moved += 1;
-        }
+    let acked = match result {
+        Ok(()) => match acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) | Err(_) => Err(BusError::Transport(
+                "the channel closed before the original was removed; it is still in the error queue (and, if it was moved, in the target too)".into(),
+            )),
+        },
+        Err(e) => Err(e),
+    };
+    match acked {
+        Ok(()) => outcome.moved += 1,
         Err(e) => outcome.failed.push(MoveFailure {
             id,
             error: e.to_string(),
         }),
     }
-    Ok(())
 }
 
 /// The properties of a replayed message: failure headers moved aside under
@@ -274,7 +310,10 @@ fn replay_properties(
         .get(names::REPLAY_COUNT)
         .and_then(|n| n.parse::<u32>().ok())
         .unwrap_or(0);
-    extra.insert(names::REPLAY_COUNT.into(), (replays + 1).to_string());
+    extra.insert(
+        names::REPLAY_COUNT.into(),
+        replays.saturating_add(1).to_string(),
+    );
     extra.insert(names::REPLAYED_AT.into(), format_time(SystemTime::now()));
     amqp::with_headers_changed(props, &extra, |k| {
         k.starts_with(names::FAILURE_PREFIX) || k == names::DELAYED_RETRIES
@@ -284,7 +323,7 @@ fn replay_properties(
 async fn declare_durable(channel: &Channel, queue: &str) -> Result<(), BusError> {
     channel
         .queue_declare(
-            queue.into(),
+            amqp::short("queue name", queue)?,
             QueueDeclareOptions {
                 durable: true,
                 ..QueueDeclareOptions::default()

@@ -123,6 +123,10 @@ pub(crate) fn with_headers_changed(
     Ok(props.clone().with_headers(table))
 }
 
+/// How long handing a message to the connection may take; a connection the broker blocked
+/// (a memory or disk alarm) stalls here.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Publishes with `mandatory` and returns the pending confirm.
 pub(crate) async fn publish(
     channel: &Channel,
@@ -132,18 +136,19 @@ pub(crate) async fn publish(
     props: BasicProperties,
 ) -> Result<PublisherConfirm, BusError> {
     let routing_key = short("queue or routing key", routing_key)?;
-    Ok(channel
-        .basic_publish(
-            exchange.into(),
-            routing_key,
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            props,
-        )
-        .await?)
+    let publishing = channel.basic_publish(
+        exchange.into(),
+        routing_key,
+        BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        },
+        body,
+        props,
+    );
+    Ok(tokio::time::timeout(PUBLISH_TIMEOUT, publishing)
+        .await
+        .map_err(|_| BusError::Timeout(PUBLISH_TIMEOUT))??)
 }
 
 /// What a publish needs to have come to for the message to count as sent.

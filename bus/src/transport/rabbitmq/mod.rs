@@ -221,11 +221,14 @@ impl Transport for RabbitMq {
             .push(ConsumerRegistration {
                 topology: topology.clone(),
                 deliveries: tx,
-                stop,
+                stop: stop.clone(),
                 started_on: None,
             });
-        // Declare and consume now, so that a bad topology is reported to the caller.
-        self.ensure_consumers(&link).await?;
+        // Declare and consume now, so that a bad topology is reported to the caller; an
+        // endpoint that failed to start must not be restored after a reconnect.
+        self.ensure_consumers_in_time(&link)
+            .await
+            .inspect_err(|_| stop.cancel())?;
         Ok(rx)
     }
 
@@ -269,6 +272,15 @@ impl Transport for RabbitMq {
 }
 
 impl RabbitMq {
+    /// [`RabbitMq::ensure_consumers`] within the connect timeout: a broker that accepted the
+    /// connection but does not answer (a resource alarm, say) must not hang a start-up.
+    async fn ensure_consumers_in_time(&self, link: &Link) -> Result<(), BusError> {
+        let timeout = self.inner.connect_timeout;
+        tokio::time::timeout(timeout, self.ensure_consumers(link))
+            .await
+            .map_err(|_| BusError::Timeout(timeout))?
+    }
+
     /// Declares and starts every registered consumer not yet running on `link`; forgets the
     /// ones whose endpoint stopped.
     async fn ensure_consumers(&self, link: &Link) -> Result<(), BusError> {
@@ -285,7 +297,7 @@ impl RabbitMq {
                 .await?;
             let consumer = channel
                 .basic_consume(
-                    c.topology.queue.as_str().into(),
+                    amqp::short("queue name", &c.topology.queue)?,
                     "".into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
@@ -324,7 +336,11 @@ async fn declare(channel: &Channel, exchange: &str, t: &EndpointTopology) -> Res
         .await?;
     for queue in [&t.queue, &t.error_queue] {
         channel
-            .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+            .queue_declare(
+                amqp::short("queue name", queue)?,
+                durable,
+                FieldTable::default(),
+            )
             .await?;
     }
     for d in &t.delay_queues {
@@ -340,15 +356,15 @@ async fn declare(channel: &Channel, exchange: &str, t: &EndpointTopology) -> Res
             AMQPValue::LongString(t.queue.as_str().into()),
         );
         channel
-            .queue_declare(d.name.as_str().into(), durable, args)
+            .queue_declare(amqp::short("delay queue name", &d.name)?, durable, args)
             .await?;
     }
     for message_type in &t.subscriptions {
         channel
             .queue_bind(
-                t.queue.as_str().into(),
+                amqp::short("queue name", &t.queue)?,
                 exchange.into(),
-                message_type.as_str().into(),
+                amqp::short("message type", message_type)?,
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -416,7 +432,7 @@ async fn supervise(inner: Arc<Inner>) {
                 let link = Arc::new(link);
                 info!(generation, "connected to RabbitMQ");
                 inner.link.send_replace(Some(link.clone()));
-                if let Err(e) = transport.ensure_consumers(&link).await {
+                if let Err(e) = transport.ensure_consumers_in_time(&link).await {
                     warn!(error = %e, "could not restore consumers; reconnecting");
                 } else {
                     backoff = Duration::from_millis(100);
