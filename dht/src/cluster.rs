@@ -150,14 +150,25 @@ fn topology_version_id(version: u64) -> Version {
     Version::from_bytes(b)
 }
 
-/// The newest topology stored in `storage`, if any.
+/// The newest valid topology stored in `storage`, if any.
+///
+/// A stored record that cannot be decoded or fails [`Topology::validate`] is logged and
+/// skipped, never trusted: the file's topology then replaces it (see [`store_topology`]).
 pub fn stored_topology(storage: &Storage) -> Result<Option<Topology>, ClusterError> {
     let mut best: Option<Topology> = None;
     for s in storage.get(TOPOLOGY_KEY)? {
-        // An unreadable record is skipped, not fatal: the file's topology replaces it.
-        if let Ok(t) = rmp_serde::from_slice::<Topology>(&s.value)
-            && best.as_ref().is_none_or(|b| t.version > b.version)
-        {
+        let t = match rmp_serde::from_slice::<Topology>(&s.value) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(version = %s.version, error = %e, "stored topology cannot be decoded; ignored");
+                continue;
+            }
+        };
+        if let Err(e) = t.validate() {
+            tracing::error!(version = %s.version, topology = t.version, error = %e, "stored topology is invalid; ignored");
+            continue;
+        }
+        if best.as_ref().is_none_or(|b| t.version > b.version) {
             best = Some(t);
         }
     }
@@ -239,5 +250,28 @@ mod tests {
         store_topology(&sb, &newer).unwrap();
         assert_eq!(sa.get(TOPOLOGY_KEY).unwrap(), sb.get(TOPOLOGY_KEY).unwrap());
         assert_eq!(stored_topology(&sb).unwrap(), Some(newer));
+    }
+
+    #[test]
+    fn an_invalid_stored_topology_is_ignored_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let mut forged = ClusterSpec::parse(FILE).unwrap().topology();
+        forged.version = 99;
+        forged.ranges.truncate(3);
+        let forged = rmp_serde::to_vec_named(&forged).unwrap();
+        for value in [forged, b"not a topology".to_vec()] {
+            s.put(crate::storage::PutRequest::new(TOPOLOGY_KEY, value))
+                .unwrap();
+        }
+        assert_eq!(stored_topology(&s).unwrap(), None);
+        let file = ClusterSpec::parse(FILE).unwrap().topology();
+        assert_eq!(store_topology(&s, &file).unwrap(), file);
+        assert_eq!(
+            s.get(TOPOLOGY_KEY).unwrap().len(),
+            1,
+            "the bad ones are superseded"
+        );
+        assert_eq!(stored_topology(&s).unwrap(), Some(file));
     }
 }

@@ -162,6 +162,10 @@ pub enum WireError {
         /// The limit.
         max: u64,
     },
+    /// The key starts with a zero byte: such keys are reserved for the node's own records
+    /// (the stored topology), which clients may neither read nor write. Nothing changed.
+    #[error("key starts with a zero byte, which is reserved for the node's own records")]
+    ReservedKey,
     /// The client routed with an old topology; fetch the current one and retry.
     #[error("topology changed: the node is at version {version}")]
     TopologyChanged {

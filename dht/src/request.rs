@@ -24,6 +24,10 @@ pub fn execute_replicated(
     outbox: Option<&ReplicationOutbox>,
     request: Request,
 ) -> Result<Response, WireError> {
+    if let Some(key) = request_keys(&request).find(|k| is_reserved(k)) {
+        tracing::debug!(key = %String::from_utf8_lossy(key), "request for a reserved key refused");
+        return Err(WireError::ReservedKey);
+    }
     let result = match request {
         Request::Hello { .. } => Ok(Response::Hello {
             topology: topology.version,
@@ -51,6 +55,28 @@ pub fn execute_replicated(
         }
         WireError::from(e)
     })
+}
+
+/// Whether `key` is reserved for the node's own records (a leading zero byte, as
+/// [`TOPOLOGY_KEY`](crate::cluster::TOPOLOGY_KEY)): clients that could write those could
+/// replace the topology every node loads at start-up.
+pub fn is_reserved(key: &[u8]) -> bool {
+    key.first() == Some(&0)
+}
+
+/// Every key a request touches.
+fn request_keys(request: &Request) -> Box<dyn Iterator<Item = &[u8]> + '_> {
+    match request {
+        Request::Hello { .. } | Request::Topology | Request::Dump { .. } => {
+            Box::new(std::iter::empty())
+        }
+        Request::Get(r) | Request::GetItems(r) => Box::new(std::iter::once(&r.key[..])),
+        Request::Put(r) => Box::new(std::iter::once(&r.key[..])),
+        Request::Remove(r) => Box::new(std::iter::once(&r.key[..])),
+        Request::AddItem(r) => Box::new(std::iter::once(&r.key[..])),
+        Request::RemoveItem(r) => Box::new(std::iter::once(&r.key[..])),
+        Request::Batch { ops } => Box::new(ops.iter().map(|op| &op.key()[..])),
+    }
 }
 
 /// Runs `f` in one batch together with the outbox records of what it changed, and queues the
@@ -113,11 +139,46 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, WireError::Conflict(c) if c.current.len() == 1));
-        let big = execute(&s, &t, Request::Get(GetRequest::new(vec![0u8; 70_000]))).unwrap_err();
+        let big = execute(&s, &t, Request::Get(GetRequest::new(vec![b'k'; 70_000]))).unwrap_err();
         assert!(matches!(big, WireError::KeyTooLarge { len: 70_000, .. }));
         let huge = PutRequest::new("k", vec![0u8; crate::storage::MAX_VALUE_LEN + 1]);
         let err = execute(&s, &t, Request::Put(huge)).unwrap_err();
         assert!(matches!(err, WireError::ValueTooLarge { .. }));
+    }
+
+    #[test]
+    fn reserved_keys_are_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let t = Topology::single("n:1");
+        let topology_key = crate::cluster::TOPOLOGY_KEY;
+        crate::cluster::store_topology(&s, &t).unwrap();
+        let before = s.get(topology_key).unwrap();
+        for request in [
+            Request::Put(PutRequest::new(topology_key, "forged")),
+            Request::Get(GetRequest::new(topology_key)),
+            Request::Put(PutRequest::new(&b"\0other"[..], "x")),
+            Request::Batch {
+                ops: vec![
+                    Op::Put(PutRequest::new("fine", "1")),
+                    Op::Put(PutRequest::new(topology_key, "forged")),
+                ],
+            },
+        ] {
+            let err = execute(&s, &t, request.clone()).unwrap_err();
+            assert!(
+                matches!(err, WireError::ReservedKey),
+                "{request:?}: {err:?}"
+            );
+        }
+        assert_eq!(s.get(topology_key).unwrap(), before);
+        assert!(
+            s.get(b"fine").unwrap().is_empty(),
+            "the batch is refused whole"
+        );
+        assert!(s.get(b"\0other").unwrap().is_empty());
+        // Keys with a zero byte elsewhere are ordinary keys.
+        execute(&s, &t, Request::Put(PutRequest::new(&b"a\0b"[..], "x"))).unwrap();
     }
 
     #[test]

@@ -102,6 +102,14 @@ pub enum TopologyError {
     /// The range table does not have one entry per range.
     #[error("topology has {0} ranges, expected {RANGE_COUNT}")]
     RangeCount(usize),
+    /// Node names are given, but not one per node address.
+    #[error("topology has {names} node names for {nodes} nodes")]
+    NameCount {
+        /// How many names there are.
+        names: usize,
+        /// How many node addresses there are.
+        nodes: usize,
+    },
     /// A range names a node that is not in the node list.
     #[error("range {range} refers to node #{node}, but there are only {nodes} nodes")]
     UnknownNode {
@@ -192,8 +200,15 @@ impl Topology {
             .and_then(|i| u32::try_from(i).ok())
     }
 
-    /// Checks that every range is assigned to a known node.
+    /// Checks that every range is assigned to a known node, and that node names, when given,
+    /// match the node addresses one for one.
     pub fn validate(&self) -> Result<(), TopologyError> {
+        if !self.names.is_empty() && self.names.len() != self.nodes.len() {
+            return Err(TopologyError::NameCount {
+                names: self.names.len(),
+                nodes: self.nodes.len(),
+            });
+        }
         if self.ranges.len() != usize::from(RANGE_COUNT) {
             return Err(TopologyError::RangeCount(self.ranges.len()));
         }
