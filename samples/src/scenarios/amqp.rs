@@ -283,7 +283,8 @@ async fn bus_scenario(
         .with("concurrency", load.concurrency))
 }
 
-async fn delete_queues(url: &str, queues: &[&str]) -> Result<(), BenchError> {
+/// Deletes the queues a scenario declared.
+pub(crate) async fn delete_queues(url: &str, queues: &[&str]) -> Result<(), BenchError> {
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
     for q in queues {

@@ -71,7 +71,11 @@ async fn connect(addr: &str) -> Result<Client, BoxError> {
 
 /// Runs `ops` operations spread over `clients` tasks; each task runs `op(n)` for its share of
 /// operation numbers `n` and records every latency.
-async fn drive<F, Fut>(ops: u64, clients: usize, op: F) -> Result<(Duration, Latencies), BoxError>
+pub(crate) async fn drive<F, Fut>(
+    ops: u64,
+    clients: usize,
+    op: F,
+) -> Result<(Duration, Latencies), BoxError>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), BoxError>> + Send,

@@ -11,7 +11,6 @@ use rhinobus_dht::{
     StorageOptions, Topology, serve,
 };
 use std::error::Error;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -138,39 +137,20 @@ async fn run(ops: u64, clients: usize, amqp: &str) -> Result<Report, BoxError> {
         sampler_stopped,
     ));
     let value = Bytes::from(vec![b'x'; VALUE_BYTES]);
-    let next = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..clients.max(1))
-        .map(|_| {
-            let (client, next, latest, value) =
-                (client.clone(), next.clone(), latest.clone(), value.clone());
-            tokio::spawn(async move {
-                let mut latencies = Latencies::with_capacity((ops as usize / clients.max(1)) + 1);
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= ops {
-                        break;
-                    }
-                    let key = format!("key:{n}");
-                    let t = Instant::now();
-                    client
-                        .put(PutRequest::new(key.clone(), value.clone()))
-                        .await?;
-                    let done = Instant::now();
-                    latencies.record(done - t);
-                    if n % 64 == 0 {
-                        *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, done));
-                    }
-                }
-                Ok::<_, BoxError>(latencies)
-            })
-        })
-        .collect();
-    let mut all = Latencies::with_capacity(ops as usize);
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    let elapsed = start.elapsed();
+    let writer = (client.clone(), latest.clone());
+    let (elapsed, all) = super::dht::drive(ops, clients, move |n| {
+        let (client, latest) = writer.clone();
+        let value = value.clone();
+        async move {
+            let key = format!("key:{n}");
+            client.put(PutRequest::new(key.clone(), value)).await?;
+            if n % 64 == 0 {
+                *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, Instant::now()));
+            }
+            Ok(())
+        }
+    })
+    .await?;
     let _ = sampler_stop.send(());
     let (mut lag, samples) = sampler.await??;
     drop(client);

@@ -4,7 +4,7 @@
 //! handler, a DHT put (optimistic, or listing every sibling), then the bus's ack.
 
 use crate::report::{Latencies, Report};
-use crate::scenarios::amqp::Load;
+use crate::scenarios::amqp::{Load, delete_queues};
 use crate::tally::{TallyMerger, TallySaga, TallyUpdate};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -136,17 +136,4 @@ pub async fn saga_rabbitmq(load: &Load, kind: PersisterKind) -> Result<Report, B
     Ok(Report::new(scenario, load.messages, elapsed, latencies)
         .with("concurrency", load.concurrency)
         .with("dht_nodes", 1))
-}
-
-async fn delete_queues(url: &str, queues: &[&str]) -> Result<(), BenchError> {
-    use lapin::options::QueueDeleteOptions;
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    for q in queues {
-        channel
-            .queue_delete((*q).into(), QueueDeleteOptions::default())
-            .await?;
-    }
-    let _ = conn.close(200, "bench done".into()).await;
-    Ok(())
 }
