@@ -587,6 +587,14 @@ struct Conn {
     addr: String,
     tx: tokio::sync::mpsc::Sender<Bytes>,
     pending: Arc<Mutex<Pending>>,
+    /// The task matching answers to callers; stopped when the connection is given up.
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 #[derive(Default)]
@@ -611,7 +619,7 @@ impl Conn {
         let pending = Arc::new(Mutex::new(Pending::default()));
         let reader_pending = pending.clone();
         let reader_addr = addr.to_owned();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Some(Ok(body)) = reader.next().await {
                 match frame::decode_response(&body) {
                     Ok(frame) => {
@@ -648,6 +656,7 @@ impl Conn {
             addr: addr.to_owned(),
             tx,
             pending,
+            reader: reader.abort_handle(),
         });
         let id = 0;
         let hello = frame::encode(&RequestFrameRef {
@@ -687,21 +696,40 @@ impl Conn {
             }
             p.waiters.insert(id, tx);
         }
-        if self.tx.send(body).await.is_err() {
-            self.forget(id);
-            return Err(self.lost());
-        }
-        match tokio::time::timeout(timeout, rx).await {
+        // The timeout covers handing the frame to the writer too: with a node that stopped
+        // reading, the socket and then the writer's queue fill up and `send` waits forever.
+        let exchange = async {
+            if self.tx.send(body).await.is_err() {
+                return Err(self.lost());
+            }
+            rx.await.map_err(|_| self.lost())
+        };
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(frame)) => Ok(frame),
-            Ok(Err(_)) => Err(self.lost()),
-            Err(_) => {
+            Ok(Err(e)) => {
                 self.forget(id);
+                Err(e)
+            }
+            Err(_) => {
+                // A node that does not answer in time is given up on: the connection leaves
+                // the pool (the next request opens a new one) and every request still waiting
+                // on it fails over now instead of timing out one by one.
+                self.close();
                 Err(ClientError::Timeout {
                     addr: self.addr.clone(),
                     timeout,
                 })
             }
         }
+    }
+
+    /// Marks the connection closed, so the pool replaces it, and fails every waiting caller.
+    fn close(&self) {
+        tracing::warn!(addr = %self.addr, "request timed out; closing the connection");
+        self.reader.abort();
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        p.closed = true;
+        p.waiters.clear();
     }
 
     fn forget(&self, id: u64) {
@@ -741,6 +769,40 @@ mod tests {
             },
         ));
         (dir, addr, stop)
+    }
+
+    #[tokio::test]
+    async fn a_request_that_cannot_even_be_handed_over_times_out_and_closes_the_connection() {
+        // A writer queue that is full and never drained: a node that stopped reading.
+        let (tx, _full) = tokio::sync::mpsc::channel(1);
+        tx.try_send(Bytes::new()).unwrap();
+        let (other_tx, other_rx) = oneshot::channel();
+        let conn = Conn {
+            addr: "stuck:1".into(),
+            tx,
+            pending: Arc::new(Mutex::new(Pending::default())),
+            reader: tokio::spawn(std::future::pending::<()>()).abort_handle(),
+        };
+        // Another caller waiting on the same connection.
+        conn.pending.lock().unwrap().waiters.insert(7, other_tx);
+        let call = conn.call(1, Bytes::from_static(b"x"), Duration::from_millis(50));
+        // The outer timeout is only a backstop against the hang being tested for.
+        let result = tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .expect("the send must be inside the request timeout");
+        assert!(
+            matches!(result, Err(ClientError::Timeout { .. })),
+            "{result:?}"
+        );
+        assert!(
+            conn.is_closed(),
+            "a timed-out connection must leave the pool"
+        );
+        assert!(other_rx.await.is_err(), "other waiters are failed at once");
+        assert!(matches!(
+            conn.call(2, Bytes::new(), Duration::from_secs(60)).await,
+            Err(ClientError::ConnectionLost { .. })
+        ));
     }
 
     /// As after the node refused a connection while it restarted: every pooled connection is
