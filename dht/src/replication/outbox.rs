@@ -5,7 +5,8 @@
 //! ([`ReplicationOutbox::stage`]), so the write and the promise to replicate it commit together.
 //! After the commit the record's changes go to an in-memory queue per destination
 //! ([`ReplicationOutbox::committed`]); one sender per destination takes everything queued (up
-//! to [`MAX_CHANGES_PER_MESSAGE`]) and sends it as one [`Replicate`] message. When `Bus::send`
+//! to [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`] bytes, a big record
+//! split over several messages) and sends it as one [`Replicate`] message. When `Bus::send`
 //! returned (the broker confirmed) for the last destination of a record, the record is deleted,
 //! in one storage batch with the others that message completed. A crash in between leaves the
 //! records on disk; they are loaded and sent again, to every destination they list, at
@@ -25,6 +26,11 @@ use tokio::sync::Notify;
 
 /// The most changes one [`Replicate`] message carries.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 500;
+/// The most bytes of keys and values (plus a per-change allowance, see [`change_size`]) one
+/// [`Replicate`] message carries, unless a single change is larger: a message always carries
+/// at least one. Well under RabbitMQ's default maximum message size (128 MiB), so a run of
+/// 16 MiB values never makes a message the broker refuses again and again.
+pub const MAX_BYTES_PER_MESSAGE: usize = 8 * 1024 * 1024;
 /// How long a sender waits before it tries again after a failed send.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -45,6 +51,26 @@ struct Inner {
 struct Destination {
     pending: Mutex<VecDeque<Pending>>,
     wake: Notify,
+}
+
+/// About how many bytes `change` takes in a [`Replicate`] message: its key and value, 32 per
+/// version it names (16 bytes and their MessagePack framing, generously), and 128 for field
+/// names and the rest.
+pub fn change_size(change: &Change) -> usize {
+    const PER_VERSION: usize = 32;
+    const OVERHEAD: usize = 128;
+    OVERHEAD
+        + match change {
+            Change::Put {
+                key,
+                value,
+                parents,
+                ..
+            } => key.len() + value.len() + PER_VERSION * (parents.len() + 1),
+            Change::Remove { key, parents } => key.len() + PER_VERSION * parents.len(),
+            Change::AddItem { key, value, .. } => key.len() + value.len() + PER_VERSION,
+            Change::RemoveItem { key, .. } => key.len() + PER_VERSION,
+        }
 }
 
 /// A record's changes for one destination.
@@ -248,26 +274,29 @@ impl ReplicationOutbox {
             return;
         };
         let queue = queue_name(&destination);
+        // How many changes of the front record this destination already confirmed: a record
+        // larger than one message (a big batch) goes out over several.
+        let mut front_sent = 0;
         loop {
-            let (count, changes) = {
+            let (taken, changes) = {
                 let pending = d.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                let mut changes = Vec::new();
-                let mut count = 0;
-                for p in pending.iter() {
-                    if count > 0 && changes.len() + p.changes.len() > MAX_CHANGES_PER_MESSAGE {
-                        break;
-                    }
-                    changes.extend(p.changes.iter().cloned());
-                    count += 1;
-                }
-                (count, changes)
+                take_message(&pending, front_sent)
             };
-            if count == 0 {
+            if changes.is_empty() {
                 tokio::select! {
                     _ = stop.recv() => return,
                     _ = d.wake.notified() => continue,
                 }
             }
+            let alone = (changes.len() == 1).then(|| {
+                (
+                    String::from_utf8_lossy(changes[0].key())
+                        .chars()
+                        .take(200)
+                        .collect::<String>(),
+                    change_size(&changes[0]),
+                )
+            });
             let message = Replicate {
                 from: self.inner.node.clone(),
                 changes,
@@ -279,14 +308,27 @@ impl ReplicationOutbox {
             match sent {
                 Ok(_) => {
                     // Only this task removes from the front, so these are the records sent.
-                    let done: Vec<OutboxRecord> = d
-                        .pending
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .drain(..count)
-                        .filter(|p| p.delivery.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
-                        .map(|p| p.delivery.record.clone())
-                        .collect();
+                    let done: Vec<OutboxRecord> = {
+                        let mut pending = d.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                        let whole = match taken {
+                            Taken::Whole(n) => {
+                                front_sent = 0;
+                                n
+                            }
+                            Taken::Partly {
+                                whole,
+                                front_sent: sent,
+                            } => {
+                                front_sent = sent;
+                                whole
+                            }
+                        };
+                        pending
+                            .drain(..whole)
+                            .filter(|p| p.delivery.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
+                            .map(|p| p.delivery.record.clone())
+                            .collect()
+                    };
                     if done.is_empty() {
                         continue;
                     }
@@ -304,7 +346,19 @@ impl ReplicationOutbox {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(%destination, error = %e, "replication send failed; retrying");
+                    match &alone {
+                        // Loud: if the broker refuses this change for its size, no retry will
+                        // ever get it through and replication to this node is stuck behind it
+                        // (the record stays on disk). Raise the broker's max message size.
+                        Some((key, bytes)) => tracing::error!(
+                            %destination, %key, bytes, error = %e,
+                            "replication of a single change failed; retrying (if the broker \
+                             refuses it for its size, raise its max message size)"
+                        ),
+                        None => tracing::warn!(
+                            %destination, error = %e, "replication send failed; retrying"
+                        ),
+                    }
                     tokio::select! {
                         _ = stop.recv() => return,
                         _ = tokio::time::sleep(RETRY_INTERVAL) => {}
@@ -313,6 +367,48 @@ impl ReplicationOutbox {
             }
         }
     }
+}
+
+/// How much of a destination's queue one message took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// The first `n` records, completely.
+    Whole(usize),
+    /// The first `whole` records completely, and of the next one everything up to its change
+    /// number `front_sent`.
+    Partly { whole: usize, front_sent: usize },
+}
+
+/// The changes of the next message to a destination whose queue is `pending`, the first
+/// `front_sent` changes of the front record being confirmed already; at most
+/// [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`] bytes, but at least one
+/// change when there is any.
+fn take_message(pending: &VecDeque<Pending>, front_sent: usize) -> (Taken, Vec<Change>) {
+    let mut changes = Vec::new();
+    let mut bytes = 0;
+    for (i, p) in pending.iter().enumerate() {
+        let start = if i == 0 { front_sent } else { 0 };
+        for (j, change) in p.changes.iter().enumerate().skip(start) {
+            let size = change_size(change);
+            if !changes.is_empty()
+                && (changes.len() == MAX_CHANGES_PER_MESSAGE
+                    || bytes + size > MAX_BYTES_PER_MESSAGE)
+            {
+                let taken = if j == 0 {
+                    Taken::Whole(i)
+                } else {
+                    Taken::Partly {
+                        whole: i,
+                        front_sent: j,
+                    }
+                };
+                return (taken, changes);
+            }
+            bytes += size;
+            changes.push(change.clone());
+        }
+    }
+    (Taken::Whole(pending.len()), changes)
 }
 
 #[cfg(test)]
@@ -330,6 +426,116 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "never: {what}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[test]
+    fn messages_are_limited_in_bytes_and_split_big_records() {
+        let put = |len: usize| Change::Put {
+            key: "k".into(),
+            version: crate::Version::new(),
+            parents: vec![],
+            value: vec![0u8; len].into(),
+            expires_at: None,
+        };
+        let delivery = Arc::new(Delivery {
+            record: OutboxRecord::new(vec!["b".into()], vec![]).unwrap(),
+            remaining: AtomicUsize::new(1),
+        });
+        let record = |changes: Vec<Change>| Pending {
+            changes,
+            delivery: delivery.clone(),
+        };
+        let mib = 1024 * 1024;
+        // A batch of three 3 MiB values, then a 16 MiB value, then a small one.
+        let queue: VecDeque<Pending> = [
+            record(vec![put(3 * mib), put(3 * mib), put(3 * mib)]),
+            record(vec![put(16 * mib)]),
+            record(vec![put(1)]),
+        ]
+        .into();
+        let (taken, changes) = take_message(&queue, 0);
+        assert_eq!(changes.len(), 2);
+        assert_eq!(
+            taken,
+            Taken::Partly {
+                whole: 0,
+                front_sent: 2
+            }
+        );
+        let (taken, changes) = take_message(&queue, 2);
+        assert_eq!((taken, changes.len()), (Taken::Whole(1), 1));
+        // Too big for the limit alone: it still goes, alone.
+        let rest: VecDeque<Pending> = queue.into_iter().skip(1).collect();
+        let (taken, changes) = take_message(&rest, 0);
+        assert_eq!((taken, changes.len()), (Taken::Whole(1), 1));
+        let last: VecDeque<Pending> = rest.into_iter().skip(1).collect();
+        let (taken, changes) = take_message(&last, 0);
+        assert_eq!((taken, changes.len()), (Taken::Whole(1), 1));
+        // Many small changes: the count limit.
+        let small: VecDeque<Pending> = (0..MAX_CHANGES_PER_MESSAGE + 1)
+            .map(|_| record(vec![put(1)]))
+            .collect();
+        let (taken, changes) = take_message(&small, 0);
+        assert_eq!(changes.len(), MAX_CHANGES_PER_MESSAGE);
+        assert_eq!(taken, Taken::Whole(MAX_CHANGES_PER_MESSAGE));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn big_values_travel_in_messages_under_the_byte_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let topology = Arc::new(Topology::blocks(
+            1,
+            [("a", "a:1"), ("b", "b:1")].map(|(n, a)| (n.to_owned(), a.to_owned())),
+        ));
+        let broker = InMemory::new();
+        broker.declare_queue(&queue_name("b"));
+        let endpoint = Endpoint::builder(queue_name("a"), broker.clone())
+            .start()
+            .await
+            .unwrap();
+        let outbox = ReplicationOutbox::open(storage.clone(), "a", topology).unwrap();
+        let value = vec![7u8; 3 * 1024 * 1024];
+        // One write of a batch of four big values, then two writes of one each, all queued
+        // before the sender starts: 18 MiB in all.
+        let mut keys = Vec::new();
+        for batch in [vec!["b0", "b1", "b2", "b3"], vec!["w0"], vec!["w1"]] {
+            let staged = storage
+                .batch(|b| {
+                    for k in &batch {
+                        b.put(PutRequest::new(*k, value.clone()))?;
+                    }
+                    outbox.stage(b)
+                })
+                .unwrap()
+                .unwrap();
+            outbox.committed(staged);
+            keys.extend(batch);
+        }
+        let (stop, stopped) = shutdown::channel();
+        let senders = tokio::spawn({
+            let outbox = outbox.clone();
+            let bus = endpoint.bus();
+            async move { outbox.run_senders(bus, stopped).await }
+        });
+        eventually("every record is confirmed", || {
+            storage.outbox().unwrap().is_empty()
+        })
+        .await;
+        let mut received = Vec::new();
+        while let Some((_, body)) = broker.take(&queue_name("b")) {
+            assert!(
+                body.len() <= MAX_BYTES_PER_MESSAGE,
+                "a message of {} bytes",
+                body.len()
+            );
+            let m: Replicate = rmp_serde::from_slice(&body).unwrap();
+            received.extend(m.changes.iter().map(|c| c.key().clone()));
+        }
+        assert_eq!(received, keys, "every change, once, in order");
+        stop.trigger();
+        senders.await.unwrap();
+        endpoint.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

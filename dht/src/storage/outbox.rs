@@ -40,7 +40,7 @@ struct StoredRecord {
 const MAX_DESTINATION_LEN: usize = 255;
 
 impl OutboxRecord {
-    pub(super) fn new(
+    pub(crate) fn new(
         destinations: Vec<String>,
         changes: Vec<Change>,
     ) -> Result<Self, StorageError> {
