@@ -19,8 +19,6 @@
 //! - `items`: `digest ++ item id` → [`ItemRecord`] (list items)
 //! - `outbox`: `record id` → MessagePack `{ destinations, changes }`, one record per write
 //!   (replication not yet confirmed by the broker; see [`OutboxRecord`](super::OutboxRecord)).
-//!   Records of the earlier layout, `destination ++ 0x00 ++ record id` → `Vec<Change>`, are still
-//!   read and deleted.
 
 use crate::routing::key_digest;
 use crate::version::{ItemId, Version};

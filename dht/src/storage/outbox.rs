@@ -24,9 +24,6 @@ pub struct OutboxRecord {
     pub destinations: Vec<String>,
     /// The changes, in the order they were made.
     pub changes: Vec<Change>,
-    /// Set for a record in the layout of earlier versions (`destination ++ 0 ++ id`, one
-    /// record per destination), so that it is deleted under the key it was found at.
-    legacy_destination: Option<String>,
 }
 
 /// How a record is stored: named fields, so later fields can be added.
@@ -45,8 +42,7 @@ impl OutboxRecord {
         changes: Vec<Change>,
     ) -> Result<Self, StorageError> {
         for destination in &destinations {
-            // Names were key prefixes ended by a zero byte in the earlier layout, and still
-            // travel in queue names: keep refusing what would not fit there.
+            // Names travel in queue names: refuse what would not fit there.
             if destination.is_empty()
                 || destination.len() > MAX_DESTINATION_LEN
                 || destination.as_bytes().contains(&0)
@@ -61,15 +57,11 @@ impl OutboxRecord {
             id: OutboxId(*uuid::Uuid::now_v7().as_bytes()),
             destinations,
             changes,
-            legacy_destination: None,
         })
     }
 
-    pub(super) fn storage_key(&self) -> Vec<u8> {
-        match &self.legacy_destination {
-            Some(destination) => legacy_key(destination, self.id),
-            None => self.id.0.to_vec(),
-        }
+    pub(super) fn storage_key(&self) -> [u8; 16] {
+        self.id.0
     }
 
     pub(super) fn encode(&self) -> Vec<u8> {
@@ -86,43 +78,15 @@ impl OutboxRecord {
             what: "outbox record",
             detail,
         };
-        if let Ok(id) = <[u8; 16]>::try_from(k) {
-            let stored: StoredRecord =
-                rmp_serde::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
-            return Ok(Self {
-                id: OutboxId(id),
-                destinations: stored.destinations,
-                changes: stored.changes,
-                legacy_destination: None,
-            });
-        }
-        // The earlier layout: `destination ++ 0 ++ id` → the changes for that destination.
-        let split = k
-            .len()
-            .checked_sub(17)
-            .filter(|&i| i > 0 && k[i] == 0)
-            .ok_or_else(|| corrupt(format!("key of {} bytes", k.len())))?;
-        let destination = std::str::from_utf8(&k[..split])
-            .map_err(|e| corrupt(e.to_string()))?
-            .to_owned();
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&k[split + 1..]);
-        let changes = rmp_serde::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
+        let id =
+            <[u8; 16]>::try_from(k).map_err(|_| corrupt(format!("key of {} bytes", k.len())))?;
+        let stored: StoredRecord = rmp_serde::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
         Ok(Self {
             id: OutboxId(id),
-            destinations: vec![destination.clone()],
-            changes,
-            legacy_destination: Some(destination),
+            destinations: stored.destinations,
+            changes: stored.changes,
         })
     }
-}
-
-fn legacy_key(destination: &str, id: OutboxId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(destination.len() + 17);
-    k.extend_from_slice(destination.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&id.0);
-    k
 }
 
 impl Storage {
@@ -157,7 +121,6 @@ impl Storage {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::storage::{Change, PutRequest, Storage, StorageOptions};
 
     fn nodes(names: &[&str]) -> Vec<String> {
@@ -194,33 +157,6 @@ mod tests {
         assert_eq!(stored[0].destinations, nodes(&["node-b", "node-c"]));
         assert!(matches!(&stored[0].changes[0], Change::Put { key, .. } if key == "k"));
         s.remove_outbox([&record]).unwrap();
-        assert!(s.outbox().unwrap().is_empty());
-    }
-
-    #[test]
-    fn records_of_the_earlier_one_per_destination_layout_are_read_and_deleted() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
-        let changes = s
-            .batch(|b| {
-                b.put(PutRequest::new("k", "v"))?;
-                Ok::<_, StorageError>(b.changes().to_vec())
-            })
-            .unwrap();
-        let id = OutboxId(*uuid::Uuid::now_v7().as_bytes());
-        s.inner
-            .outbox
-            .insert(
-                legacy_key("node-b", id),
-                rmp_serde::to_vec_named(&changes).unwrap(),
-            )
-            .unwrap();
-        let stored = s.outbox().unwrap();
-        assert_eq!(stored.len(), 1);
-        assert_eq!(stored[0].id, id);
-        assert_eq!(stored[0].destinations, nodes(&["node-b"]));
-        assert_eq!(stored[0].changes, changes);
-        s.remove_outbox(&stored).unwrap();
         assert!(s.outbox().unwrap().is_empty());
     }
 
