@@ -19,6 +19,7 @@
 //! - `items`: `digest ++ item id` → [`ItemRecord`] (list items)
 //! - `outbox`: `record id` → MessagePack `{ destinations, changes }`, one record per write
 //!   (replication not yet confirmed by the broker; see [`OutboxRecord`](super::OutboxRecord)).
+//! - `outbox-corrupt`: outbox records that could not be decoded, moved here unchanged.
 
 use crate::routing::key_digest;
 use crate::version::{ItemId, Version};

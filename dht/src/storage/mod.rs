@@ -427,6 +427,9 @@ struct Inner {
     items: Keyspace,
     /// Replication records not yet confirmed by the broker: `id` (see `layout`).
     outbox: Keyspace,
+    /// Outbox records that could not be decoded, moved out of the way (same keys and values)
+    /// for an operator to look at.
+    outbox_corrupt: Keyspace,
     /// Writers read current versions and then write; one writer at a time keeps that
     /// read-check-write (and whole batches) serializable. Readers never take it.
     write_lock: Mutex<()>,
@@ -477,6 +480,7 @@ impl Storage {
             KeyspaceCreateOptions::default().with_kv_separation(Some(Default::default()))
         })?;
         let outbox = db.keyspace("outbox", KeyspaceCreateOptions::default)?;
+        let outbox_corrupt = db.keyspace("outbox-corrupt", KeyspaceCreateOptions::default)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -485,6 +489,7 @@ impl Storage {
                 expiry,
                 items,
                 outbox,
+                outbox_corrupt,
                 write_lock: Mutex::new(()),
                 durability: options.durability,
                 group_commit: GroupCommit::default(),

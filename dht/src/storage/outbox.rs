@@ -91,11 +91,37 @@ impl OutboxRecord {
 
 impl Storage {
     /// Every outbox record: what a node re-sends at start-up.
+    ///
+    /// A record that cannot be decoded is logged as an error and moved, unchanged, to the
+    /// `outbox-corrupt` keyspace: one bad record must not keep the node from starting, nor
+    /// hold up the others. Its changes do not reach the other replicas (they catch up from a
+    /// dump or later writes).
     pub fn outbox(&self) -> Result<Vec<OutboxRecord>, StorageError> {
         let mut out = Vec::new();
+        let mut corrupt = Vec::new();
         for kv in self.inner.outbox.iter() {
             let (k, v) = kv.into_inner()?;
-            out.push(OutboxRecord::decode(&k, &v)?);
+            match OutboxRecord::decode(&k, &v) {
+                Ok(record) => out.push(record),
+                Err(e) => {
+                    tracing::error!(
+                        key = ?&k[..], bytes = v.len(), error = %e,
+                        "undecodable outbox record moved to the outbox-corrupt keyspace"
+                    );
+                    corrupt.push((k, v));
+                }
+            }
+        }
+        if !corrupt.is_empty() {
+            let mut wb = self.inner.db.batch();
+            for (k, v) in corrupt {
+                wb.insert(&self.inner.outbox_corrupt, k.clone(), v);
+                wb.remove(&self.inner.outbox, k);
+            }
+            // Not moved: it is skipped again (and logged again) next time.
+            if let Err(e) = wb.commit() {
+                tracing::error!(error = %e, "cannot move undecodable outbox records aside");
+            }
         }
         Ok(out)
     }
@@ -158,6 +184,33 @@ mod tests {
         assert!(matches!(&stored[0].changes[0], Change::Put { key, .. } if key == "k"));
         s.remove_outbox([&record]).unwrap();
         assert!(s.outbox().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_undecodable_record_is_moved_aside_and_the_others_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+            s.batch(|b| b.enqueue_outbox(nodes(&["node-b"]), vec![]))
+                .unwrap();
+            for (k, v) in [(&[1u8; 16][..], &b"not msgpack"[..]), (b"short", b"")] {
+                s.inner.outbox.insert(k, v).unwrap();
+            }
+            s.flush().unwrap();
+        }
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let loaded = s.outbox().unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].destinations, nodes(&["node-b"]));
+        assert_eq!(
+            s.inner.outbox.len().unwrap(),
+            1,
+            "the bad ones left the outbox"
+        );
+        let aside = s.inner.outbox_corrupt.get([1u8; 16]).unwrap().unwrap();
+        assert_eq!(&aside[..], b"not msgpack", "kept unchanged");
+        assert!(s.inner.outbox_corrupt.get(b"short").unwrap().is_some());
+        assert_eq!(s.outbox().unwrap(), loaded);
     }
 
     #[test]
