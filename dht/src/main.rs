@@ -299,6 +299,18 @@ async fn purge_expired(storage: Storage) {
     }
 }
 
+/// The moment `secs` seconds from now, or a clear error when that is past what the clock can
+/// represent (rather than an overflow panic).
+fn expires_at(secs: u64) -> Result<SystemTime, ClientError> {
+    SystemTime::now()
+        .checked_add(Duration::from_secs(secs))
+        .ok_or_else(|| {
+            ClientError::Rejected(WireError::Malformed {
+                message: format!("--expires-in-secs {secs} is too far in the future"),
+            })
+        })
+}
+
 async fn client_command(cli: Cli) -> Result<(), ClientError> {
     let options = ClientOptions::default()
         .secret(cli.secret)
@@ -338,7 +350,7 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
                 value: Bytes::from(value),
                 parents,
                 optimistic,
-                expires_at: expires_in_secs.map(|s| SystemTime::now() + Duration::from_secs(s)),
+                expires_at: expires_in_secs.map(expires_at).transpose()?,
             };
             let out = client.put(request).await?;
             if json {

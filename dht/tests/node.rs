@@ -152,6 +152,23 @@ async fn many_requests_in_flight_on_one_connection() {
 }
 
 #[test]
+fn cli_refuses_an_expiry_past_the_end_of_time() {
+    let (_dir, data) = temp_data();
+    let node = NodeProcess::start(&data, &[]);
+    let huge = u64::MAX.to_string();
+    let (code, _, err) = cli(
+        &node.addr,
+        &["put", "k", "v", "--expires-in-secs", &huge],
+        None,
+    );
+    assert_eq!(code, 1, "an error, not a panic: {err}");
+    assert!(err.contains("too far in the future"), "{err}");
+    let (code, out, _) = cli(&node.addr, &["get", "k"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("(no value)"), "nothing written: {out}");
+}
+
+#[test]
 fn cli_get_put_remove_with_json() {
     let (_dir, data) = temp_data();
     let node = NodeProcess::start(&data, &[]);
