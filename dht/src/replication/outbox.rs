@@ -3,22 +3,25 @@
 //!
 //! A write stages one outbox record, listing every destination, in its own storage batch
 //! ([`ReplicationOutbox::stage`]), so the write and the promise to replicate it commit together.
-//! After the commit the record's changes go to an in-memory queue per destination
-//! ([`ReplicationOutbox::committed`]); one sender per destination takes everything queued (up
-//! to [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`] bytes, a big record
-//! split over several messages) and sends it as one [`Replicate`] message. When `Bus::send`
-//! returned (the broker confirmed) for the last destination of a record, the record is deleted,
-//! in one storage batch with the others that message completed. A crash in between leaves the
-//! records on disk; they are loaded and sent again, to every destination they list, at
-//! start-up. Sends that fail are retried every [`RETRY_INTERVAL`].
+//! The record on disk is the only copy of its changes. After the commit the record's *id* goes
+//! to an in-memory queue per destination ([`ReplicationOutbox::committed`]): memory holds an id
+//! and a counter per record, never a value, however long a destination stays unreachable. One
+//! sender per destination reads the queued records back from disk, one at a time, until it has
+//! a message's worth (up to [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`]
+//! bytes, a big record split over several messages), and sends it as one [`Replicate`]
+//! message; records go out in commit order. When `Bus::send` returned (the broker confirmed)
+//! for the last destination of a record, the record is deleted, in one storage batch with the
+//! others that message completed. A crash in between leaves the records on disk; at start-up
+//! their ids are queued again (each record read once, to see who it is for) and they are sent
+//! again, to every destination they list. Sends that fail are retried every [`RETRY_INTERVAL`].
 
 use super::message::Replicate;
 use crate::cluster::queue_name;
 use crate::routing::{RangeId, Topology};
 use crate::shutdown::Shutdown;
-use crate::storage::{Batch, Change, OutboxRecord, Storage, StorageError};
+use crate::storage::{Batch, Change, OutboxId, Storage, StorageError};
 use rhinobus::Bus;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -31,7 +34,8 @@ pub const MAX_CHANGES_PER_MESSAGE: usize = 500;
 /// at least one. Well under RabbitMQ's default maximum message size (128 MiB), so a run of
 /// 16 MiB values never makes a message the broker refuses again and again.
 pub const MAX_BYTES_PER_MESSAGE: usize = 8 * 1024 * 1024;
-/// How long a sender waits before it tries again after a failed send.
+/// How long a sender waits before it tries again after a failed send (or a failed read of
+/// the outbox).
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The replication outbox of one node. Cheap to clone.
@@ -47,9 +51,11 @@ struct Inner {
     destinations: HashMap<String, Destination>,
 }
 
+/// One destination's queue: the records it still waits for, oldest first. Only its sender
+/// removes from the front; writers push at the back.
 #[derive(Default)]
 struct Destination {
-    pending: Mutex<VecDeque<Pending>>,
+    queue: Mutex<VecDeque<Arc<Delivery>>>,
     wake: Notify,
 }
 
@@ -73,17 +79,10 @@ pub fn change_size(change: &Change) -> usize {
         }
 }
 
-/// A record's changes for one destination.
-struct Pending {
-    changes: Vec<Change>,
-    delivery: Arc<Delivery>,
-}
-
 /// One stored record and how many of its destinations still wait for it. Which ones have it
 /// is known only here: after a crash, all of them get it again.
 struct Delivery {
-    /// The record, without its changes (they sit in each destination's [`Pending`]).
-    record: OutboxRecord,
+    id: OutboxId,
     remaining: AtomicUsize,
 }
 
@@ -91,8 +90,8 @@ struct Delivery {
 /// [`committed`](ReplicationOutbox::committed) once the batch committed.
 #[derive(Debug)]
 pub struct Staged {
-    record: OutboxRecord,
-    routes: BTreeMap<String, Vec<Change>>,
+    id: OutboxId,
+    destinations: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for ReplicationOutbox {
@@ -106,7 +105,8 @@ impl std::fmt::Debug for ReplicationOutbox {
 
 impl ReplicationOutbox {
     /// The outbox of node `node` in `topology`, with the records `storage` still holds from
-    /// earlier runs queued for sending.
+    /// earlier runs queued for sending. Each leftover record is read once, to see which
+    /// destinations it is for, and only its id is kept.
     pub fn open(
         storage: Storage,
         node: &str,
@@ -126,25 +126,22 @@ impl ReplicationOutbox {
                 destinations,
             }),
         };
-        let leftover = storage.outbox()?;
-        if !leftover.is_empty() {
-            tracing::info!(
-                records = leftover.len(),
-                "re-sending replication left from an earlier run"
-            );
-        }
+        let mut records = 0usize;
         let mut owed_to_nobody = Vec::new();
-        for mut record in leftover {
-            let mut routes = outbox.routes(&record.changes);
+        storage.for_each_outbox(|record| {
+            records += 1;
+            let mut destinations = outbox.destinations_of(&record.changes);
             // Only the destinations the record names: the others were not owed these changes.
-            routes.retain(|d, _| record.destinations.contains(d));
-            record.changes = Vec::new();
-            if let Some(record) = outbox.queue(record, routes) {
-                owed_to_nobody.push(record);
+            destinations.retain(|d| record.destinations.contains(d));
+            if outbox.queue(record.id, destinations) {
+                owed_to_nobody.push(record.id);
             }
+        })?;
+        if records > 0 {
+            tracing::info!(records, "re-sending replication left from an earlier run");
         }
         // Records none of whose changes a listed destination replicates any more.
-        storage.remove_outbox(&owed_to_nobody)?;
+        storage.remove_outbox(owed_to_nobody)?;
         Ok(outbox)
     }
 
@@ -153,41 +150,59 @@ impl ReplicationOutbox {
         &self.inner.node
     }
 
-    /// How many records' changes wait to be confirmed, counted once per destination.
+    /// How many records wait to be confirmed, counted once per destination.
     pub fn pending(&self) -> usize {
         self.inner
             .destinations
             .values()
+            .map(|d| d.lock().len())
+            .sum()
+    }
+
+    /// At most how many bytes of memory the queues of pending records take: an id and a
+    /// counter per record and destination, whatever the size of the record's changes (those
+    /// are read back from disk when sent).
+    pub fn queued_bytes(&self) -> usize {
+        self.inner
+            .destinations
+            .values()
             .map(|d| {
-                d.pending
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .len()
+                let queue = d.lock();
+                queue.capacity() * std::mem::size_of::<Arc<Delivery>>()
+                    + queue.len() * std::mem::size_of::<Delivery>()
             })
             .sum()
     }
 
-    /// The changes each other replica must receive: those of the ranges it holds.
-    fn routes(&self, changes: &[Change]) -> BTreeMap<String, Vec<Change>> {
+    /// Whether `destination` holds a replica of `key`'s range.
+    fn replicates_to(&self, destination: &str, key: &[u8]) -> bool {
         let topology = &self.inner.topology;
-        let mut by_destination: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+        topology
+            .replica_indexes(RangeId::of(key))
+            .into_iter()
+            .any(|i| {
+                topology
+                    .names
+                    .get(i as usize)
+                    .is_some_and(|n| n == destination)
+            })
+    }
+
+    /// The other replicas that must receive some of `changes`: those holding their ranges.
+    fn destinations_of(&self, changes: &[Change]) -> BTreeSet<String> {
+        let topology = &self.inner.topology;
+        let mut destinations = BTreeSet::new();
         for change in changes {
             for i in topology.replica_indexes(RangeId::of(change.key())) {
                 let Some(name) = topology.names.get(i as usize) else {
                     continue;
                 };
-                if *name == self.inner.node {
-                    continue;
-                }
-                match by_destination.get_mut(name) {
-                    Some(list) => list.push(change.clone()),
-                    None => {
-                        by_destination.insert(name.clone(), vec![change.clone()]);
-                    }
+                if *name != self.inner.node && !destinations.contains(name) {
+                    destinations.insert(name.clone());
                 }
             }
         }
-        by_destination
+        destinations
     }
 
     /// Stages, in batch `b`, one outbox record for what `b` changed, listing every other
@@ -196,37 +211,34 @@ impl ReplicationOutbox {
         if b.changes().is_empty() {
             return Ok(None);
         }
-        let routes = self.routes(b.changes());
-        if routes.is_empty() {
+        let destinations = self.destinations_of(b.changes());
+        if destinations.is_empty() {
             return Ok(None);
         }
         let changes = b.changes().to_vec();
-        let mut record = b.enqueue_outbox(routes.keys().cloned().collect(), changes)?;
-        // The sender needs only the record's key; the changes travel in `routes`.
-        record.changes = Vec::new();
-        Ok(Some(Staged { record, routes }))
+        let record = b.enqueue_outbox(destinations.iter().cloned().collect(), changes)?;
+        Ok(Some(Staged {
+            id: record.id,
+            destinations,
+        }))
     }
 
     /// Queues a committed record for its senders.
     pub fn committed(&self, staged: Staged) {
-        if let Some(record) = self.queue(staged.record, staged.routes) {
+        if self.queue(staged.id, staged.destinations) {
             // `stage` only returns records with destinations, all known at staging time.
-            tracing::warn!(id = ?record.id, "outbox record without a destination");
+            tracing::warn!(id = ?staged.id, "outbox record without a destination");
         }
     }
 
-    /// Hands each destination its changes; returns the record when no destination is owed
-    /// anything, for the caller to delete.
-    fn queue(
-        &self,
-        record: OutboxRecord,
-        routes: BTreeMap<String, Vec<Change>>,
-    ) -> Option<OutboxRecord> {
-        let mut known = Vec::with_capacity(routes.len());
+    /// Queues record `id` for each of `destinations`; true when no destination is owed
+    /// anything, for the caller to delete the record.
+    fn queue(&self, id: OutboxId, destinations: BTreeSet<String>) -> bool {
+        let mut known = Vec::with_capacity(destinations.len());
         let mut unknown = false;
-        for (name, changes) in routes {
+        for name in destinations {
             match self.inner.destinations.get(&name) {
-                Some(d) => known.push((d, changes)),
+                Some(d) => known.push(d),
                 // A node no longer in the topology: nobody to send to. The record stays on
                 // disk, for an operator to look at, rather than being dropped.
                 None => {
@@ -236,24 +248,18 @@ impl ReplicationOutbox {
             }
         }
         if known.is_empty() && !unknown {
-            return Some(record);
+            return true;
         }
         // An unknown destination never confirms, so such a record is never deleted.
         let delivery = Arc::new(Delivery {
-            record,
+            id,
             remaining: AtomicUsize::new(known.len() + usize::from(unknown)),
         });
-        for (d, changes) in known {
-            d.pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push_back(Pending {
-                    changes,
-                    delivery: delivery.clone(),
-                });
+        for d in known {
+            d.lock().push_back(delivery.clone());
             d.wake.notify_one();
         }
-        None
+        false
     }
 
     /// Runs one sender per destination until `stop`, sending through `bus`.
@@ -269,24 +275,79 @@ impl ReplicationOutbox {
         }
     }
 
-    async fn send_loop(self, destination: String, bus: Bus, mut stop: Shutdown) {
-        let Some(d) = self.inner.destinations.get(&destination) else {
-            return;
+    /// The next message for `destination`, its queued records read back from disk; the first
+    /// `front_sent` changes of the front record being confirmed already.
+    fn next_message(
+        &self,
+        destination: &str,
+        front_sent: usize,
+    ) -> Result<(Taken, Vec<Change>), StorageError> {
+        let Some(d) = self.inner.destinations.get(destination) else {
+            return Ok((Taken::Whole(0), Vec::new()));
         };
+        take_message(
+            |i| {
+                // Indexes stay valid: only this destination's sender removes from the queue.
+                let Some(delivery) = d.lock().get(i).cloned() else {
+                    return Ok(None);
+                };
+                // A record gone from disk (moved aside as undecodable) has nothing to send.
+                let changes = match self.inner.storage.outbox_record(delivery.id)? {
+                    Some(record) => record
+                        .changes
+                        .into_iter()
+                        .filter(|c| self.replicates_to(destination, c.key()))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                Ok(Some(changes))
+            },
+            front_sent,
+        )
+    }
+
+    async fn send_loop(self, destination: String, bus: Bus, mut stop: Shutdown) {
+        if !self.inner.destinations.contains_key(&destination) {
+            return;
+        }
         let queue = queue_name(&destination);
         // How many changes of the front record this destination already confirmed: a record
         // larger than one message (a big batch) goes out over several.
         let mut front_sent = 0;
         loop {
-            let (taken, changes) = {
-                let pending = d.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                take_message(&pending, front_sent)
+            let next = {
+                let outbox = self.clone();
+                let destination = destination.clone();
+                tokio::task::spawn_blocking(move || outbox.next_message(&destination, front_sent))
+                    .await
+            };
+            let (taken, changes) = match next {
+                Ok(Ok(next)) => next,
+                Ok(Err(e)) => {
+                    tracing::warn!(%destination, error = %e, "cannot read the outbox; retrying");
+                    tokio::select! {
+                        _ = stop.recv() => return,
+                        _ = tokio::time::sleep(RETRY_INTERVAL) => continue,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%destination, error = %e, "outbox read task failed; retrying");
+                    tokio::select! {
+                        _ = stop.recv() => return,
+                        _ = tokio::time::sleep(RETRY_INTERVAL) => continue,
+                    }
+                }
             };
             if changes.is_empty() {
-                tokio::select! {
-                    _ = stop.recv() => return,
-                    _ = d.wake.notified() => continue,
+                if taken == Taken::Whole(0) {
+                    tokio::select! {
+                        _ = stop.recv() => return,
+                        _ = self.destination(&destination).wake.notified() => continue,
+                    }
                 }
+                // Only records with nothing left to send: done without a message.
+                front_sent = self.confirmed(&destination, taken).await;
+                continue;
             }
             let alone = (changes.len() == 1).then(|| {
                 (
@@ -305,46 +366,9 @@ impl ReplicationOutbox {
                 _ = stop.recv() => return,
                 sent = bus.send(&queue, &message) => sent,
             };
+            drop(message);
             match sent {
-                Ok(_) => {
-                    // Only this task removes from the front, so these are the records sent.
-                    let done: Vec<OutboxRecord> = {
-                        let mut pending = d.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                        let whole = match taken {
-                            Taken::Whole(n) => {
-                                front_sent = 0;
-                                n
-                            }
-                            Taken::Partly {
-                                whole,
-                                front_sent: sent,
-                            } => {
-                                front_sent = sent;
-                                whole
-                            }
-                        };
-                        pending
-                            .drain(..whole)
-                            .filter(|p| p.delivery.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
-                            .map(|p| p.delivery.record.clone())
-                            .collect()
-                    };
-                    if done.is_empty() {
-                        continue;
-                    }
-                    let storage = self.inner.storage.clone();
-                    let removed =
-                        tokio::task::spawn_blocking(move || storage.remove_outbox(&done)).await;
-                    match removed {
-                        Ok(Ok(())) => {}
-                        // The records stay on disk and are sent again after a restart:
-                        // a duplicate, never a loss.
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "cannot delete sent outbox records")
-                        }
-                        Err(e) => tracing::warn!(error = %e, "outbox clean-up task failed"),
-                    }
-                }
+                Ok(_) => front_sent = self.confirmed(&destination, taken).await,
                 Err(e) => {
                     match &alone {
                         // Loud: if the broker refuses this change for its size, no retry will
@@ -367,6 +391,47 @@ impl ReplicationOutbox {
             }
         }
     }
+
+    fn destination(&self, name: &str) -> &Destination {
+        // Senders run only for destinations of the topology (checked in `send_loop`).
+        &self.inner.destinations[name]
+    }
+
+    /// Drops from `destination`'s queue what the broker confirmed (`taken`), deletes the
+    /// records every destination has now confirmed, and returns how many changes of the new
+    /// front record are confirmed.
+    async fn confirmed(&self, destination: &str, taken: Taken) -> usize {
+        let (whole, front_sent) = match taken {
+            Taken::Whole(n) => (n, 0),
+            Taken::Partly { whole, front_sent } => (whole, front_sent),
+        };
+        // Only this task removes from the front, so these are the records sent.
+        let done: Vec<OutboxId> = self
+            .destination(destination)
+            .lock()
+            .drain(..whole)
+            .filter(|p| p.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
+            .map(|p| p.id)
+            .collect();
+        if !done.is_empty() {
+            let storage = self.inner.storage.clone();
+            let removed = tokio::task::spawn_blocking(move || storage.remove_outbox(done)).await;
+            match removed {
+                Ok(Ok(())) => {}
+                // The records stay on disk and are sent again after a restart:
+                // a duplicate, never a loss.
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot delete sent outbox records"),
+                Err(e) => tracing::warn!(error = %e, "outbox clean-up task failed"),
+            }
+        }
+        front_sent
+    }
+}
+
+impl Destination {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Delivery>>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// How much of a destination's queue one message took.
@@ -379,17 +444,22 @@ enum Taken {
     Partly { whole: usize, front_sent: usize },
 }
 
-/// The changes of the next message to a destination whose queue is `pending`, the first
-/// `front_sent` changes of the front record being confirmed already; at most
-/// [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`] bytes, but at least one
-/// change when there is any.
-fn take_message(pending: &VecDeque<Pending>, front_sent: usize) -> (Taken, Vec<Change>) {
+/// The changes of the next message to a destination, `record(i)` giving the changes of its
+/// `i`th queued record (`None` past the last), the first `front_sent` changes of the front
+/// record being confirmed already; at most [`MAX_CHANGES_PER_MESSAGE`] changes and
+/// [`MAX_BYTES_PER_MESSAGE`] bytes, but at least one change when there is any. Reads records
+/// only as far as the message needs.
+fn take_message<E>(
+    mut record: impl FnMut(usize) -> Result<Option<Vec<Change>>, E>,
+    front_sent: usize,
+) -> Result<(Taken, Vec<Change>), E> {
     let mut changes = Vec::new();
     let mut bytes = 0;
-    for (i, p) in pending.iter().enumerate() {
+    let mut i = 0;
+    while let Some(record_changes) = record(i)? {
         let start = if i == 0 { front_sent } else { 0 };
-        for (j, change) in p.changes.iter().enumerate().skip(start) {
-            let size = change_size(change);
+        for (j, change) in record_changes.into_iter().enumerate().skip(start) {
+            let size = change_size(&change);
             if !changes.is_empty()
                 && (changes.len() == MAX_CHANGES_PER_MESSAGE
                     || bytes + size > MAX_BYTES_PER_MESSAGE)
@@ -402,13 +472,18 @@ fn take_message(pending: &VecDeque<Pending>, front_sent: usize) -> (Taken, Vec<C
                         front_sent: j,
                     }
                 };
-                return (taken, changes);
+                return Ok((taken, changes));
             }
             bytes += size;
-            changes.push(change.clone());
+            changes.push(change);
+        }
+        i += 1;
+        // Full: no need to read the next record to find out.
+        if changes.len() == MAX_CHANGES_PER_MESSAGE || bytes >= MAX_BYTES_PER_MESSAGE {
+            break;
         }
     }
-    (Taken::Whole(pending.len()), changes)
+    Ok((Taken::Whole(i), changes))
 }
 
 #[cfg(test)]
@@ -437,23 +512,17 @@ mod tests {
             value: vec![0u8; len].into(),
             expires_at: None,
         };
-        let delivery = Arc::new(Delivery {
-            record: OutboxRecord::new(vec!["b".into()], vec![]).unwrap(),
-            remaining: AtomicUsize::new(1),
-        });
-        let record = |changes: Vec<Change>| Pending {
-            changes,
-            delivery: delivery.clone(),
-        };
         let mib = 1024 * 1024;
+        let take = |queue: &[Vec<Change>], front_sent| {
+            take_message::<()>(|i| Ok(queue.get(i).cloned()), front_sent).unwrap()
+        };
         // A batch of three 3 MiB values, then a 16 MiB value, then a small one.
-        let queue: VecDeque<Pending> = [
-            record(vec![put(3 * mib), put(3 * mib), put(3 * mib)]),
-            record(vec![put(16 * mib)]),
-            record(vec![put(1)]),
-        ]
-        .into();
-        let (taken, changes) = take_message(&queue, 0);
+        let queue = vec![
+            vec![put(3 * mib), put(3 * mib), put(3 * mib)],
+            vec![put(16 * mib)],
+            vec![put(1)],
+        ];
+        let (taken, changes) = take(&queue, 0);
         assert_eq!(changes.len(), 2);
         assert_eq!(
             taken,
@@ -462,22 +531,34 @@ mod tests {
                 front_sent: 2
             }
         );
-        let (taken, changes) = take_message(&queue, 2);
+        let (taken, changes) = take(&queue, 2);
         assert_eq!((taken, changes.len()), (Taken::Whole(1), 1));
         // Too big for the limit alone: it still goes, alone.
-        let rest: VecDeque<Pending> = queue.into_iter().skip(1).collect();
-        let (taken, changes) = take_message(&rest, 0);
+        let (taken, changes) = take(&queue[1..], 0);
         assert_eq!((taken, changes.len()), (Taken::Whole(1), 1));
-        let last: VecDeque<Pending> = rest.into_iter().skip(1).collect();
-        let (taken, changes) = take_message(&last, 0);
+        let (taken, changes) = take(&queue[2..], 0);
         assert_eq!((taken, changes.len()), (Taken::Whole(1), 1));
-        // Many small changes: the count limit.
-        let small: VecDeque<Pending> = (0..MAX_CHANGES_PER_MESSAGE + 1)
-            .map(|_| record(vec![put(1)]))
+        // A record with nothing to send (gone from disk) is taken along.
+        let (taken, changes) = take(&[vec![], vec![put(1)]], 0);
+        assert_eq!((taken, changes.len()), (Taken::Whole(2), 1));
+        assert_eq!(take(&[vec![]], 0), (Taken::Whole(1), vec![]));
+        assert_eq!(take(&[], 0), (Taken::Whole(0), vec![]));
+        // Many small changes: the count limit, without reading further than needed.
+        let small: Vec<Vec<Change>> = (0..MAX_CHANGES_PER_MESSAGE + 1)
+            .map(|_| vec![put(1)])
             .collect();
-        let (taken, changes) = take_message(&small, 0);
+        let mut read = 0;
+        let (taken, changes) = take_message::<()>(
+            |i| {
+                read += 1;
+                Ok(small.get(i).cloned())
+            },
+            0,
+        )
+        .unwrap();
         assert_eq!(changes.len(), MAX_CHANGES_PER_MESSAGE);
         assert_eq!(taken, Taken::Whole(MAX_CHANGES_PER_MESSAGE));
+        assert_eq!(read, MAX_CHANGES_PER_MESSAGE, "records read");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -601,6 +682,88 @@ mod tests {
             "b is not sent it twice"
         );
         assert_eq!(outbox.pending(), 0);
+        stop.trigger();
+        senders.await.unwrap();
+        endpoint.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_down_peer_costs_ids_in_memory_not_values_and_gets_everything_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let topology = Arc::new(Topology::blocks(
+            1,
+            [("a", "a:1"), ("b", "b:1")].map(|(n, a)| (n.to_owned(), a.to_owned())),
+        ));
+        // b's queue does not exist yet: every send to it fails.
+        let broker = InMemory::new();
+        let endpoint = Endpoint::builder(queue_name("a"), broker.clone())
+            .start()
+            .await
+            .unwrap();
+        let outbox = ReplicationOutbox::open(storage.clone(), "a", topology.clone()).unwrap();
+        let (stop, stopped) = shutdown::channel();
+        let senders = tokio::spawn({
+            let outbox = outbox.clone();
+            let bus = endpoint.bus();
+            async move { outbox.run_senders(bus, stopped).await }
+        });
+        // 48 MiB of writes while b cannot be reached.
+        const WRITES: usize = 48;
+        let value = vec![7u8; 1024 * 1024];
+        let keys: Vec<String> = (0..WRITES).map(|i| format!("k{i:02}")).collect();
+        for key in &keys {
+            let staged = storage
+                .batch(|b| {
+                    b.put(PutRequest::new(key.clone(), value.clone()))?;
+                    outbox.stage(b)
+                })
+                .unwrap()
+                .unwrap();
+            outbox.committed(staged);
+        }
+        // Let the sender fail a few times.
+        tokio::time::sleep(RETRY_INTERVAL * 2).await;
+        let bound = 16 * 1024;
+        assert_eq!(outbox.pending(), WRITES);
+        assert!(
+            outbox.queued_bytes() < bound,
+            "{} bytes queued in memory",
+            outbox.queued_bytes()
+        );
+        assert_eq!(storage.outbox().unwrap().len(), WRITES, "all kept on disk");
+        stop.trigger();
+        senders.await.unwrap();
+
+        // A restart queues the leftovers as ids too.
+        let outbox = ReplicationOutbox::open(storage.clone(), "a", topology).unwrap();
+        assert_eq!(outbox.pending(), WRITES);
+        assert!(outbox.queued_bytes() < bound);
+        broker.declare_queue(&queue_name("b"));
+        let (stop, stopped) = shutdown::channel();
+        let senders = tokio::spawn({
+            let outbox = outbox.clone();
+            let bus = endpoint.bus();
+            async move { outbox.run_senders(bus, stopped).await }
+        });
+        eventually("every record is confirmed", || {
+            storage.outbox().unwrap().is_empty()
+        })
+        .await;
+        assert_eq!(outbox.pending(), 0);
+        let mut received = Vec::new();
+        while let Some((_, body)) = broker.take(&queue_name("b")) {
+            assert!(body.len() <= MAX_BYTES_PER_MESSAGE);
+            let m: Replicate = rmp_serde::from_slice(&body).unwrap();
+            for change in m.changes {
+                let Change::Put { key, value, .. } = change else {
+                    panic!("not a put: {change:?}")
+                };
+                assert_eq!(value.len(), 1024 * 1024, "the value, read back from disk");
+                received.push(String::from_utf8(key.to_vec()).unwrap());
+            }
+        }
+        assert_eq!(received, keys, "every write, once, in order");
         stop.trigger();
         senders.await.unwrap();
         endpoint.shutdown().await;

@@ -90,59 +90,93 @@ impl OutboxRecord {
 }
 
 impl Storage {
-    /// Every outbox record: what a node re-sends at start-up.
+    /// Every outbox record, loaded whole. See [`for_each_outbox`](Self::for_each_outbox),
+    /// which holds one record at a time.
+    pub fn outbox(&self) -> Result<Vec<OutboxRecord>, StorageError> {
+        let mut out = Vec::new();
+        self.for_each_outbox(|record| out.push(record))?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every outbox record, oldest first, one at a time: what a node re-sends
+    /// at start-up, without holding every leftover change in memory at once.
     ///
     /// A record that cannot be decoded is logged as an error and moved, unchanged, to the
     /// `outbox-corrupt` keyspace: one bad record must not keep the node from starting, nor
     /// hold up the others. Its changes do not reach the other replicas (they catch up from a
     /// dump or later writes).
-    pub fn outbox(&self) -> Result<Vec<OutboxRecord>, StorageError> {
-        let mut out = Vec::new();
+    pub fn for_each_outbox(&self, mut f: impl FnMut(OutboxRecord)) -> Result<(), StorageError> {
         let mut corrupt = Vec::new();
         for kv in self.inner.outbox.iter() {
             let (k, v) = kv.into_inner()?;
             match OutboxRecord::decode(&k, &v) {
-                Ok(record) => out.push(record),
+                Ok(record) => f(record),
                 Err(e) => {
-                    tracing::error!(
-                        key = ?&k[..], bytes = v.len(), error = %e,
-                        "undecodable outbox record moved to the outbox-corrupt keyspace"
-                    );
+                    log_corrupt(&k, v.len(), &e);
                     corrupt.push((k, v));
                 }
             }
         }
-        if !corrupt.is_empty() {
-            let mut wb = self.inner.db.batch();
-            for (k, v) in corrupt {
-                wb.insert(&self.inner.outbox_corrupt, k.clone(), v);
-                wb.remove(&self.inner.outbox, k);
-            }
-            // Not moved: it is skipped again (and logged again) next time.
-            if let Err(e) = wb.commit() {
-                tracing::error!(error = %e, "cannot move undecodable outbox records aside");
-            }
-        }
-        Ok(out)
+        self.move_corrupt_outbox(corrupt);
+        Ok(())
     }
 
-    /// Deletes, in one batch, outbox records whose changes the broker confirmed for every
-    /// destination. Deleting a record that is not there is not an error.
-    pub fn remove_outbox<'r>(
+    /// The outbox record `id`, read back when its changes are sent. `None` when it is not
+    /// there (deleted) or could not be decoded (then it is logged and moved to the
+    /// `outbox-corrupt` keyspace, as in [`for_each_outbox`](Self::for_each_outbox)).
+    pub fn outbox_record(&self, id: OutboxId) -> Result<Option<OutboxRecord>, StorageError> {
+        let Some(v) = self.inner.outbox.get(id.0)? else {
+            return Ok(None);
+        };
+        match OutboxRecord::decode(&id.0, &v) {
+            Ok(record) => Ok(Some(record)),
+            Err(e) => {
+                log_corrupt(&id.0, v.len(), &e);
+                self.move_corrupt_outbox(vec![(id.0.to_vec().into(), v)]);
+                Ok(None)
+            }
+        }
+    }
+
+    fn move_corrupt_outbox(&self, corrupt: Vec<(fjall::Slice, fjall::Slice)>) {
+        if corrupt.is_empty() {
+            return;
+        }
+        let mut wb = self.inner.db.batch();
+        for (k, v) in corrupt {
+            wb.insert(&self.inner.outbox_corrupt, k.clone(), v);
+            wb.remove(&self.inner.outbox, k);
+        }
+        // Not moved: it is skipped again (and logged again) next time.
+        if let Err(e) = wb.commit() {
+            tracing::error!(error = %e, "cannot move undecodable outbox records aside");
+        }
+    }
+
+    /// Deletes, in one batch, the outbox records `ids`, whose changes the broker confirmed for
+    /// every destination. Deleting a record that is not there is not an error.
+    pub fn remove_outbox(
         &self,
-        records: impl IntoIterator<Item = &'r OutboxRecord>,
+        ids: impl IntoIterator<Item = OutboxId>,
     ) -> Result<(), StorageError> {
         // No write lock: nothing else writes these keys once they exist, and a deletion lost
         // in a crash only means the changes are sent (and applied, idempotently) again.
         let mut wb = self.inner.db.batch();
-        for r in records {
-            wb.remove(&self.inner.outbox, r.storage_key());
+        for id in ids {
+            wb.remove(&self.inner.outbox, id.0);
         }
         if !wb.is_empty() {
             wb.commit()?;
         }
         Ok(())
     }
+}
+
+fn log_corrupt(key: &[u8], bytes: usize, e: &StorageError) {
+    tracing::error!(
+        key = ?key, bytes, error = %e,
+        "undecodable outbox record moved to the outbox-corrupt keyspace"
+    );
 }
 
 #[cfg(test)]
@@ -182,7 +216,9 @@ mod tests {
         assert_eq!(stored, vec![record.clone()]);
         assert_eq!(stored[0].destinations, nodes(&["node-b", "node-c"]));
         assert!(matches!(&stored[0].changes[0], Change::Put { key, .. } if key == "k"));
-        s.remove_outbox([&record]).unwrap();
+        assert_eq!(s.outbox_record(record.id).unwrap(), Some(record.clone()));
+        s.remove_outbox([record.id]).unwrap();
+        assert_eq!(s.outbox_record(record.id).unwrap(), None);
         assert!(s.outbox().unwrap().is_empty());
     }
 
@@ -211,6 +247,15 @@ mod tests {
         assert_eq!(&aside[..], b"not msgpack", "kept unchanged");
         assert!(s.inner.outbox_corrupt.get(b"short").unwrap().is_some());
         assert_eq!(s.outbox().unwrap(), loaded);
+        // Read back one by one, as senders do: moved aside the same way.
+        s.inner.outbox.insert([2u8; 16], b"not msgpack").unwrap();
+        assert_eq!(s.outbox_record(super::OutboxId([2u8; 16])).unwrap(), None);
+        assert!(s.inner.outbox.get([2u8; 16]).unwrap().is_none());
+        assert!(s.inner.outbox_corrupt.get([2u8; 16]).unwrap().is_some());
+        assert_eq!(
+            s.outbox_record(loaded[0].id).unwrap(),
+            Some(loaded[0].clone())
+        );
     }
 
     #[test]
