@@ -75,27 +75,31 @@ impl Overlay {
 }
 
 pub(super) fn decode_version(k: &[u8], v: &[u8]) -> Result<(Version, VersionRecord), StorageError> {
-    let id = id_of(k).ok_or_else(|| StorageError::Corrupt {
-        what: "version key",
-        detail: format!("{} bytes", k.len()),
-    })?;
-    let record: VersionRecord = rmp_serde::from_slice(v).map_err(|e| StorageError::Corrupt {
-        what: "version record",
-        detail: e.to_string(),
-    })?;
+    let (id, record) = decode_entry(k, v, "version key", "version record")?;
     Ok((Version::from_bytes(id), record))
 }
 
 pub(super) fn decode_item(k: &[u8], v: &[u8]) -> Result<(ItemId, ItemRecord), StorageError> {
+    let (id, record) = decode_entry(k, v, "item key", "list item")?;
+    Ok((ItemId::from_bytes(id), record))
+}
+
+/// The id in an entry's key and the record in its value, or what is corrupt about them.
+fn decode_entry<R: serde::de::DeserializeOwned>(
+    k: &[u8],
+    v: &[u8],
+    key_what: &'static str,
+    record_what: &'static str,
+) -> Result<([u8; 16], R), StorageError> {
     let id = id_of(k).ok_or_else(|| StorageError::Corrupt {
-        what: "item key",
+        what: key_what,
         detail: format!("{} bytes", k.len()),
     })?;
-    let record: ItemRecord = rmp_serde::from_slice(v).map_err(|e| StorageError::Corrupt {
-        what: "list item",
+    let record = rmp_serde::from_slice(v).map_err(|e| StorageError::Corrupt {
+        what: record_what,
         detail: e.to_string(),
     })?;
-    Ok((ItemId::from_bytes(id), record))
+    Ok((id, record))
 }
 
 pub(super) fn is_live(record: &VersionRecord, now_ms: u64) -> bool {
