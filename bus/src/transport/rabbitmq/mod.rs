@@ -9,7 +9,6 @@
 //! - one durable delay queue per delayed-retry delay (`<queue>.delay.<ms>ms`), whose messages
 //!   expire after the level's delay and are dead-lettered back into the input queue.
 
-mod acks;
 pub(crate) mod amqp;
 mod delivery;
 
@@ -305,13 +304,10 @@ impl RabbitMq {
                 )
                 .await?;
             c.started_on = Some(link.generation);
-            let quarter = usize::from(c.topology.prefetch / 4);
-            let acks = acks::Acks::start(channel.clone(), quarter, quarter);
             tokio::spawn(consume(
                 self.clone(),
                 link.generation,
                 channel,
-                acks,
                 consumer,
                 c.deliveries.clone(),
                 c.stop.clone(),
@@ -382,7 +378,6 @@ async fn consume(
     transport: RabbitMq,
     generation: u64,
     channel: Channel,
-    acks: Arc<acks::Acks>,
     mut consumer: lapin::Consumer,
     deliveries: mpsc::Sender<Box<dyn super::Delivery>>,
     stop: CancellationToken,
@@ -402,7 +397,7 @@ async fn consume(
         };
         match next {
             Some(Ok(d)) => {
-                let delivery = RabbitDelivery::new(transport.clone(), acks.clone(), d);
+                let delivery = RabbitDelivery::new(transport.clone(), channel.clone(), d);
                 if deliveries.send(Box::new(delivery)).await.is_err() {
                     return;
                 }
