@@ -133,10 +133,25 @@ pub(super) fn read_siblings(
 
 /// The lock-free read path of [`Storage::get_items`](super::Storage::get_items).
 pub(super) fn read_items(inner: &Inner, key: &[u8]) -> Result<Vec<ListItem>, StorageError> {
+    let entries = inner
+        .items
+        .prefix(key_digest(key))
+        .map(|kv| kv.into_inner());
+    items_of(key, entries)
+}
+
+/// The items of `key` among `entries` of its digest's prefix (another key can share a digest).
+fn items_of<K: AsRef<[u8]>, V: AsRef<[u8]>, E>(
+    key: &[u8],
+    entries: impl IntoIterator<Item = Result<(K, V), E>>,
+) -> Result<Vec<ListItem>, StorageError>
+where
+    StorageError: From<E>,
+{
     let mut out = Vec::new();
-    for kv in inner.items.prefix(key_digest(key)) {
-        let (k, v) = kv.into_inner()?;
-        let (id, record) = decode_item(&k, &v)?;
+    for entry in entries {
+        let (k, v) = entry?;
+        let (id, record) = decode_item(k.as_ref(), v.as_ref())?;
         if record.key == key {
             out.push(ListItem {
                 id,
@@ -417,17 +432,7 @@ impl<'a> Batch<'a> {
         let entries =
             self.items
                 .scan_prefix(&self.snapshot, &self.inner.items, &key_digest(key))?;
-        let mut out = Vec::with_capacity(entries.len());
-        for (k, v) in entries {
-            let (id, record) = decode_item(&k, &v)?;
-            if record.key == key {
-                out.push(ListItem {
-                    id,
-                    value: record.value,
-                });
-            }
-        }
-        Ok(out)
+        items_of(key, entries.into_iter().map(Ok::<_, StorageError>))
     }
 
     /// Runs one [`Op`].
