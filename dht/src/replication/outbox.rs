@@ -494,6 +494,26 @@ mod tests {
     use rhinobus::Endpoint;
     use rhinobus::transport::InMemory;
 
+    /// The outbox's senders running on their own task until stopped.
+    struct Senders {
+        stop: shutdown::ShutdownTrigger,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Senders {
+        fn start(outbox: &ReplicationOutbox, bus: rhinobus::Bus) -> Self {
+            let (stop, stopped) = shutdown::channel();
+            let outbox = outbox.clone();
+            let task = tokio::spawn(async move { outbox.run_senders(bus, stopped).await });
+            Self { stop, task }
+        }
+
+        async fn stop(self) {
+            self.stop.trigger();
+            self.task.await.unwrap();
+        }
+    }
+
     /// Polls `done` until it holds; the deadline is only a backstop against a hang.
     async fn eventually(what: &str, done: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -593,12 +613,7 @@ mod tests {
             outbox.committed(staged);
             keys.extend(batch);
         }
-        let (stop, stopped) = shutdown::channel();
-        let senders = tokio::spawn({
-            let outbox = outbox.clone();
-            let bus = endpoint.bus();
-            async move { outbox.run_senders(bus, stopped).await }
-        });
+        let senders = Senders::start(&outbox, endpoint.bus());
         eventually("every record is confirmed", || {
             storage.outbox().unwrap().is_empty()
         })
@@ -614,8 +629,7 @@ mod tests {
             received.extend(m.changes.iter().map(|c| c.key().clone()));
         }
         assert_eq!(received, keys, "every change, once, in order");
-        stop.trigger();
-        senders.await.unwrap();
+        senders.stop().await;
         endpoint.shutdown().await;
     }
 
@@ -651,12 +665,7 @@ mod tests {
         assert_eq!(stored[0].destinations, vec!["b".to_owned(), "c".to_owned()]);
         outbox.committed(staged);
 
-        let (stop, stopped) = shutdown::channel();
-        let senders = tokio::spawn({
-            let outbox = outbox.clone();
-            let bus = endpoint.bus();
-            async move { outbox.run_senders(bus, stopped).await }
-        });
+        let senders = Senders::start(&outbox, endpoint.bus());
         eventually("b receives the write", || {
             broker.queue_len(&queue_name("b")) == 1
         })
@@ -682,8 +691,7 @@ mod tests {
             "b is not sent it twice"
         );
         assert_eq!(outbox.pending(), 0);
-        stop.trigger();
-        senders.await.unwrap();
+        senders.stop().await;
         endpoint.shutdown().await;
     }
 
@@ -702,12 +710,7 @@ mod tests {
             .await
             .unwrap();
         let outbox = ReplicationOutbox::open(storage.clone(), "a", topology.clone()).unwrap();
-        let (stop, stopped) = shutdown::channel();
-        let senders = tokio::spawn({
-            let outbox = outbox.clone();
-            let bus = endpoint.bus();
-            async move { outbox.run_senders(bus, stopped).await }
-        });
+        let senders = Senders::start(&outbox, endpoint.bus());
         // 48 MiB of writes while b cannot be reached.
         const WRITES: usize = 48;
         let value = vec![7u8; 1024 * 1024];
@@ -732,20 +735,14 @@ mod tests {
             outbox.queued_bytes()
         );
         assert_eq!(storage.outbox().unwrap().len(), WRITES, "all kept on disk");
-        stop.trigger();
-        senders.await.unwrap();
+        senders.stop().await;
 
         // A restart queues the leftovers as ids too.
         let outbox = ReplicationOutbox::open(storage.clone(), "a", topology).unwrap();
         assert_eq!(outbox.pending(), WRITES);
         assert!(outbox.queued_bytes() < bound);
         broker.declare_queue(&queue_name("b"));
-        let (stop, stopped) = shutdown::channel();
-        let senders = tokio::spawn({
-            let outbox = outbox.clone();
-            let bus = endpoint.bus();
-            async move { outbox.run_senders(bus, stopped).await }
-        });
+        let senders = Senders::start(&outbox, endpoint.bus());
         eventually("every record is confirmed", || {
             storage.outbox().unwrap().is_empty()
         })
@@ -764,8 +761,7 @@ mod tests {
             }
         }
         assert_eq!(received, keys, "every write, once, in order");
-        stop.trigger();
-        senders.await.unwrap();
+        senders.stop().await;
         endpoint.shutdown().await;
     }
 }
