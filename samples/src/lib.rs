@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`billing`]: the phone-billing saga (merging persister) of the `billing` sample.
+//! - [`node`]: a DHT node served in-process on a temporary directory.
 //! - [`race`]: a store wrapper that makes handlings race on one version, for the samples.
 //! - [`sample`]: the broker choice and waiting helper the samples share.
 //! - [`restaurant`]: the order saga (optimistic persister) of the `restaurant` sample.
@@ -10,6 +11,7 @@
 //! - [`tally`]: the tally saga the saga tests, the crash-test worker and the saga bench use.
 
 pub mod billing;
+pub mod node;
 pub mod race;
 pub mod report;
 pub mod restaurant;

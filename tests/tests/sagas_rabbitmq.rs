@@ -5,52 +5,14 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use rhinobus::transport::RabbitMq;
 use rhinobus::{Bus, Endpoint};
-use rhinobus_dht::{Client, NodeOptions, Storage, StorageOptions, serve};
+use rhinobus_dht::{Client, Durability};
 use rhinobus_sagas::{Persister, SagaEndpointExt, saga_states};
+use rhinobus_samples::node::InProcessNode;
 use rhinobus_samples::tally::{Tally, TallyApplied, TallyMerger, TallySaga, TallyUpdate};
 use rhinobus_tests::{Raw, amqp_url, init_tracing, unique};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A DHT node served from this process over loopback TCP, on a temporary directory.
-struct Node {
-    addr: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Node {
-    async fn start() -> Node {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open storage");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(
-            listener,
-            storage,
-            NodeOptions::default(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Node {
-            addr,
-            stop,
-            task,
-            _dir: dir,
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.expect("node task").expect("node served");
-    }
-}
 
 fn tally_names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
@@ -130,7 +92,9 @@ async fn eight_workers(merging: bool) {
     init_tracing();
     let mut raw = Raw::connect().await;
     let url = amqp_url();
-    let node = Node::start().await;
+    let node = InProcessNode::start(Durability::Buffered)
+        .await
+        .expect("start a DHT node");
     let client = Client::connect(node.addr.clone())
         .await
         .expect("connect to the node");
@@ -192,7 +156,7 @@ async fn eight_workers(merging: bool) {
     }
     assert!(raw.drain(&errors).await.is_empty(), "nothing failed");
     raw.cleanup().await;
-    node.stop().await;
+    node.stop().await.expect("DHT node stopped cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -265,7 +229,9 @@ async fn a_worker_killed_mid_stream_loses_no_update_and_applies_none_twice() {
     init_tracing();
     let mut raw = Raw::connect().await;
     let url = amqp_url();
-    let node = Node::start().await;
+    let node = InProcessNode::start(Durability::Buffered)
+        .await
+        .expect("start a DHT node");
     let client = Client::connect(node.addr.clone())
         .await
         .expect("connect to the node");
@@ -349,5 +315,5 @@ async fn a_worker_killed_mid_stream_loses_no_update_and_applies_none_twice() {
     );
     assert!(raw.drain(&errors).await.is_empty(), "nothing failed");
     raw.cleanup().await;
-    node.stop().await;
+    node.stop().await.expect("DHT node stopped cleanly");
 }

@@ -2,15 +2,13 @@
 //! loopback TCP by concurrent client tasks, each waiting for its answer before the next request
 //! (as `redis-benchmark -c N` does), sharing a few pipelined connections.
 
+use crate::node::InProcessNode;
 use crate::report::{Latencies, Report};
-use rhinobus_dht::{
-    Client, ClientOptions, Durability, NodeOptions, PutRequest, Storage, StorageOptions, serve,
-};
+use rhinobus_dht::{Client, ClientOptions, Durability, PutRequest};
 use std::error::Error;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 
 /// Bytes per value, as `redis-benchmark -d 100`.
 const VALUE_BYTES: usize = 100;
@@ -20,46 +18,6 @@ const GET_KEYS: u64 = 10_000;
 const CONNECTIONS: usize = 4;
 
 type BoxError = Box<dyn Error + Send + Sync>;
-
-/// A node on a temporary directory, stopped (and the directory removed) on [`Node::stop`].
-struct Node {
-    addr: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Node {
-    async fn start(durability: Durability) -> Result<Self, BoxError> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().to_owned();
-        let options = StorageOptions::default().durability(durability);
-        let storage = tokio::task::spawn_blocking(move || Storage::open(path, options)).await??;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?.to_string();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(
-            listener,
-            storage,
-            NodeOptions::default(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Ok(Self {
-            addr,
-            stop,
-            task,
-            _dir: dir,
-        })
-    }
-
-    async fn stop(self) -> Result<(), BoxError> {
-        let _ = self.stop.send(());
-        self.task.await??;
-        Ok(())
-    }
-}
 
 async fn connect(addr: &str) -> Result<Client, BoxError> {
     Ok(Client::connect_with(
@@ -120,7 +78,7 @@ pub async fn dht_get(ops: u64, clients: usize) -> Result<Report, Box<dyn Error>>
 }
 
 async fn run_get(ops: u64, clients: usize) -> Result<Report, BoxError> {
-    let node = Node::start(Durability::Buffered).await?;
+    let node = InProcessNode::start(Durability::Buffered).await?;
     let client = connect(&node.addr).await?;
     let c = client.clone();
     drive(GET_KEYS, clients, move |n| {
@@ -168,7 +126,7 @@ pub async fn dht_put_fsync(ops: u64, clients: usize) -> Result<Report, Box<dyn E
 }
 
 async fn run_put(ops: u64, clients: usize, durability: Durability) -> Result<Report, BoxError> {
-    let node = Node::start(durability).await?;
+    let node = InProcessNode::start(durability).await?;
     let client = connect(&node.addr).await?;
     let c = client.clone();
     let (elapsed, latencies) = drive(ops, clients, move |n| {

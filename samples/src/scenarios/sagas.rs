@@ -3,6 +3,7 @@
 //! rhinobus-dht served from this process over loopback TCP. Per message: a DHT get, the
 //! handler, a DHT put (optimistic, or listing every sibling), then the bus's ack.
 
+use crate::node::InProcessNode;
 use crate::report::{Latencies, Report};
 use crate::scenarios::amqp::{Load, delete_queues};
 use crate::tally::{TallyMerger, TallySaga, TallyUpdate};
@@ -10,7 +11,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use rhinobus::transport::RabbitMq;
 use rhinobus::{Bus, Context, Endpoint, HandlerError};
-use rhinobus_dht::{Client, ClientOptions, NodeOptions, Storage, StorageOptions, serve};
+use rhinobus_dht::{Client, ClientOptions, Durability};
 use rhinobus_sagas::{Persister, SagaEndpointExt};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,21 +62,11 @@ pub async fn saga_rabbitmq(load: &Load, kind: PersisterKind) -> Result<Report, B
         PersisterKind::Optimistic => "saga-optimistic",
         PersisterKind::Merging => "saga-merging",
     };
-    let dir = tempfile::tempdir()?;
-    let storage = Storage::open(dir.path(), StorageOptions::default())?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?.to_string();
-    let (stop_node, node_stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(serve(
-        listener,
-        storage,
-        NodeOptions::default(),
-        async move {
-            let _ = node_stopped.await;
-        },
-    ));
+    let node = InProcessNode::start(Durability::Buffered)
+        .await
+        .map_err(|e| e as BenchError)?;
     let client = Client::connect_with(
-        [addr],
+        [node.addr.clone()],
         ClientOptions::default().connections_per_node(DHT_CONNECTIONS),
     )
     .await?;
@@ -130,8 +121,7 @@ pub async fn saga_rabbitmq(load: &Load, kind: PersisterKind) -> Result<Report, B
     let elapsed = receipts.start.elapsed();
     let latencies = std::mem::take(&mut receipts.seen.lock().unwrap_or_else(|p| p.into_inner()).1);
     ep.shutdown().await;
-    let _ = stop_node.send(());
-    node.await??;
+    node.stop().await.map_err(|e| e as BenchError)?;
     delete_queues(&load.amqp_url, &[&endpoint, &format!("{endpoint}-error")]).await?;
     Ok(Report::new(scenario, load.messages, elapsed, latencies)
         .with("concurrency", load.concurrency)
