@@ -6,6 +6,8 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use rhinobus::{Context, Handler, HandlerError, Message};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
@@ -14,6 +16,27 @@ use std::time::Duration;
 pub fn amqp_url() -> String {
     std::env::var("RHINOBUS_AMQP_URL")
         .unwrap_or_else(|_| rhinobus::transport::DEFAULT_AMQP_URL.into())
+}
+
+/// The message the bus tests send: a number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Work {
+    pub n: u32,
+}
+
+impl Message for Work {
+    const NAME: &'static str = "tests.work";
+}
+
+/// A [`Work`] handler that reports the number of every message it handles.
+pub struct ReportWork(pub tokio::sync::mpsc::UnboundedSender<u32>);
+
+#[async_trait::async_trait]
+impl Handler<Work> for ReportWork {
+    async fn handle(&self, work: Work, _: Context) -> Result<(), HandlerError> {
+        self.0.send(work.n)?;
+        Ok(())
+    }
 }
 
 /// A name no other test (or earlier run) uses.
@@ -195,6 +218,16 @@ pub fn connections_named(needle: &str) -> Vec<String> {
         .filter_map(|line| line.split('\t').next())
         .map(str::to_owned)
         .collect()
+}
+
+/// How many messages of `queue` were delivered to a consumer and not yet acknowledged.
+pub fn unacknowledged(queue: &str) -> u32 {
+    rabbitmqctl(&["list_queues", "name", "messages_unacknowledged", "-q"])
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("queue {queue} is not on the broker"))
 }
 
 /// The `rhinobus` binary built alongside these tests (`cargo test --workspace` builds it).

@@ -4,21 +4,16 @@ use lapin::types::{AMQPValue, FieldTable};
 use rhinobus::headers::names;
 use rhinobus::transport::RabbitMq;
 use rhinobus::{Context, DelayedRetries, Endpoint, HandlerError, Message};
-use rhinobus_tests::{Raw, amqp_url, connections_named, init_tracing, rabbitmqctl, unique};
+use rhinobus_tests::{
+    Raw, ReportWork, Work, amqp_url, connections_named, init_tracing, rabbitmqctl, unacknowledged,
+    unique,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct Work {
-    n: u32,
-}
-impl Message for Work {
-    const NAME: &'static str = "tests.work";
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Done {
@@ -542,6 +537,106 @@ async fn graceful_shutdown_finishes_in_flight_messages_and_leaves_the_rest_queue
     raw.cleanup().await;
 }
 
+/// Acks are coalesced into one `multiple` ack per run of handled deliveries, which can never
+/// pass a delivery still being handled: the acks behind a stuck handler must still go out.
+#[tokio::test]
+async fn a_stuck_handler_does_not_hold_back_the_acks_of_the_others() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = raw.endpoint_queues("stuck").await;
+    let unstick = Arc::new(tokio::sync::Notify::new());
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let wait = unstick.clone();
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .concurrency(8)
+        .handle(move |w: Work, _: Context| {
+            let (wait, done_tx) = (wait.clone(), done_tx.clone());
+            async move {
+                if w.n == 0 {
+                    wait.notified().await;
+                }
+                done_tx.send(w.n)?;
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    // Not a multiple of 3, so that the last acks are held: with concurrency 8, more than 2
+    // acks above the stuck delivery go out at once.
+    const OTHERS: u32 = 32;
+    for n in 0..=OTHERS {
+        ep.bus().send(&queue, &Work { n }).await.expect("send");
+    }
+    for _ in 1..=OTHERS {
+        assert_ne!(recv(&mut done).await, 0, "0 is stuck");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while unacknowledged(&queue) != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acks of handled messages held back: {} unacknowledged, 1 stuck",
+            unacknowledged(&queue)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unstick.notify_one();
+    assert_eq!(recv(&mut done).await, 0);
+    ep.shutdown().await;
+    assert_eq!((raw.count(&queue).await, unacknowledged(&queue)), (0, 0));
+    raw.cleanup().await;
+}
+
+/// Two endpoints on one transport stop together: the one with nothing in flight must not
+/// close the connection under the other, whose handler is still finishing and sending.
+#[tokio::test]
+async fn endpoints_stopping_together_let_each_other_finish() {
+    let mut raw = Raw::connect().await;
+    let (idle, error) = raw.endpoint_queues("together-idle").await;
+    let (busy, _) = raw.endpoint_queues("together-busy").await;
+    let out = unique("together-out");
+    raw.queue(&out).await;
+    let transport = rabbit();
+    let (tx, _) = mpsc::unbounded_channel();
+    let a = Endpoint::builder(&idle, transport.clone())
+        .error_queue(&error)
+        .handle(ReportWork(tx))
+        .start()
+        .await
+        .expect("start the idle endpoint");
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let to = out.clone();
+    let b = Endpoint::builder(&busy, transport.clone())
+        .error_queue(&error)
+        .handle(move |w: Work, ctx: Context| {
+            let (started_tx, to) = (started_tx.clone(), to.clone());
+            async move {
+                started_tx.send(())?;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                ctx.send(&to, &w)?;
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .expect("start the busy endpoint");
+    b.bus().send(&busy, &Work { n: 1 }).await.expect("send");
+    recv(&mut started).await;
+    let (stop_a, stop_b) = (a.shutdown_handle(), b.shutdown_handle());
+    stop_a.shutdown();
+    stop_b.shutdown();
+    a.stopped().await;
+    b.stopped().await;
+    raw.wait_for_count(&out, 1, WAIT).await;
+    assert_eq!(
+        raw.count(&busy).await,
+        0,
+        "the busy endpoint's message was acked"
+    );
+    assert_eq!(raw.count(&error).await, 0);
+    raw.cleanup().await;
+}
+
 #[tokio::test]
 async fn endpoints_sharing_a_transport_keep_it_open_for_each_other() {
     let mut raw = Raw::connect().await;
@@ -550,16 +645,9 @@ async fn endpoints_sharing_a_transport_keep_it_open_for_each_other() {
     let transport = rabbit();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let start = |name: &str| {
-        let tx = tx.clone();
         Endpoint::builder(name, transport.clone())
             .error_queue(&error)
-            .handle(move |w: Work, _: Context| {
-                let tx = tx.clone();
-                async move {
-                    tx.send(w.n)?;
-                    Ok::<_, HandlerError>(())
-                }
-            })
+            .handle(ReportWork(tx.clone()))
             .start()
     };
     let a = start(&first).await.expect("start a");

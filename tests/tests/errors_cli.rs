@@ -4,19 +4,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use rhinobus::headers::names;
 use rhinobus::transport::RabbitMq;
 use rhinobus::{Context, Endpoint, HandlerError, Message};
-use rhinobus_tests::{Raw, amqp_url, rhinobus_bin, rhinobus_cli, unique};
-use serde::{Deserialize, Serialize};
+use rhinobus_tests::{Raw, Work, amqp_url, rhinobus_bin, rhinobus_cli, unique};
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-struct Work {
-    n: u32,
-}
-impl Message for Work {
-    const NAME: &'static str = "tests.work";
-}
 
 /// A failure as the bus writes it, published straight into the error queue.
 fn failure_headers(id: &str, source: &str, error: &str) -> FieldTable {

@@ -1,22 +1,13 @@
 //! An endpoint process stops gracefully on SIGTERM: what it started finishes and is acked,
 //! the rest stays queued.
 
+use rhinobus::Bus;
 use rhinobus::transport::RabbitMq;
-use rhinobus::{Bus, Message};
-use rhinobus_tests::{Raw, amqp_url};
-use serde::{Deserialize, Serialize};
+use rhinobus_tests::{Raw, Work, amqp_url};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
-
-#[derive(Serialize, Deserialize)]
-struct Work {
-    n: u32,
-}
-impl Message for Work {
-    const NAME: &'static str = "tests.work";
-}
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_messages_and_loses_none() {

@@ -4,18 +4,10 @@
 //! Usage: `slow-endpoint QUEUE ERROR_QUEUE HANDLER_MILLIS` (RabbitMQ at RHINOBUS_AMQP_URL).
 
 use rhinobus::transport::RabbitMq;
-use rhinobus::{Context, Endpoint, HandlerError, Message};
-use serde::{Deserialize, Serialize};
+use rhinobus::{Context, Endpoint, HandlerError};
+use rhinobus_tests::Work;
 use std::io::Write;
 use std::time::Duration;
-
-#[derive(Serialize, Deserialize)]
-struct Work {
-    n: u32,
-}
-impl Message for Work {
-    const NAME: &'static str = "tests.work";
-}
 
 fn say(line: String) {
     let mut out = std::io::stdout().lock();

@@ -1,19 +1,18 @@
 //! A message received from RabbitMQ, owned by the endpoint until it is settled.
 
+use super::acks::Acks;
 use super::{RabbitMq, amqp};
 use crate::error::BusError;
 use crate::headers::Headers;
 use crate::transport::Delivery;
 use async_trait::async_trait;
-use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::sync::Arc;
 
 pub(super) struct RabbitDelivery {
     transport: RabbitMq,
-    /// lapin closes a channel when its last handle goes; the channel must outlive every
-    /// delivery taken from it, or their acks would be lost when the consumer stops.
-    _channel: Channel,
+    /// The acks of the channel it came on. They keep the channel open: lapin closes a channel
+    /// when its last handle goes, and it must outlive every delivery taken from it.
+    acks: Arc<Acks>,
     delivery: lapin::message::Delivery,
     headers: Arc<Headers>,
     settled: bool,
@@ -22,13 +21,14 @@ pub(super) struct RabbitDelivery {
 impl RabbitDelivery {
     pub(super) fn new(
         transport: RabbitMq,
-        channel: Channel,
+        acks: Arc<Acks>,
         delivery: lapin::message::Delivery,
     ) -> Self {
+        acks.delivered(delivery.delivery_tag);
         let headers = Arc::new(amqp::envelope_headers(&delivery.properties));
         Self {
             transport,
-            _channel: channel,
+            acks,
             delivery,
             headers,
             settled: false,
@@ -52,13 +52,7 @@ impl Delivery for RabbitDelivery {
 
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
         self.settled = true;
-        if self.delivery.acker.ack(BasicAckOptions::default()).await? {
-            Ok(())
-        } else {
-            Err(BusError::Transport(
-                "the channel closed before the ack; the broker will redeliver".into(),
-            ))
-        }
+        self.acks.ack(self.delivery.delivery_tag)
     }
 
     async fn forward(mut self: Box<Self>, queue: &str, extra: Headers) -> Result<(), BusError> {
@@ -72,20 +66,9 @@ impl Delivery for RabbitDelivery {
 
 impl Drop for RabbitDelivery {
     fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
-        // Give it back now rather than holding a prefetch slot until the channel closes.
-        let acker = self.delivery.acker.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
-            });
+        if !self.settled {
+            // Give it back now rather than holding a prefetch slot until the channel closes.
+            self.acks.nack(self.delivery.delivery_tag);
         }
     }
 }

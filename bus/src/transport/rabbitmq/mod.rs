@@ -9,6 +9,7 @@
 //! - one durable delay queue per delayed-retry delay (`<queue>.delay.<ms>ms`), whose messages
 //!   expire after the level's delay and are dead-lettered back into the input queue.
 
+mod acks;
 pub(crate) mod amqp;
 mod delivery;
 
@@ -29,6 +30,10 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+/// How long a stopping endpoint's last deliveries may take to be settled once its handlers
+/// are done (a delivery its consumer still held is given back as the consumer notices).
+const SETTLE_GRACE: Duration = Duration::from_secs(1);
 
 /// The default RabbitMQ address, overridden by `RHINOBUS_AMQP_URL`.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -82,6 +87,15 @@ struct ConsumerRegistration {
     deliveries: mpsc::Sender<Box<dyn super::Delivery>>,
     stop: CancellationToken,
     started_on: Option<u64>,
+    /// The acks of the consumer's current channel, flushed when the endpoint stops.
+    acks: Option<Arc<acks::Acks>>,
+}
+
+impl ConsumerRegistration {
+    /// Whether its endpoint stopped and every delivery it took is settled.
+    fn finished(&self) -> bool {
+        self.stop.is_cancelled() && self.acks.as_ref().is_none_or(|a| a.settled())
+    }
 }
 
 impl RabbitMq {
@@ -223,6 +237,7 @@ impl Transport for RabbitMq {
                 deliveries: tx,
                 stop: stop.clone(),
                 started_on: None,
+                acks: None,
             });
         // Declare and consume now, so that a bad topology is reported to the caller; an
         // endpoint that failed to start must not be restored after a reconnect.
@@ -252,12 +267,25 @@ impl Transport for RabbitMq {
         }
     }
 
-    /// Closes the connection once no endpoint consumes through it any more: endpoints that
-    /// share one `RabbitMq` keep it open for each other.
+    /// Sends the held acks of the endpoints that stopped, and forgets those whose every
+    /// delivery is settled; closes the connection once no endpoint is left on it. Endpoints
+    /// that share one `RabbitMq` keep it open for each other, also while one that is stopping
+    /// still has handlers finishing (it calls `close` again when they are done).
     async fn close(&self) {
+        let stopped: Vec<_> = {
+            let consumers = self.inner.consumers.lock().await;
+            consumers
+                .iter()
+                .filter(|c| c.stop.is_cancelled())
+                .filter_map(|c| c.acks.clone())
+                .collect()
+        };
+        let write_within = self.inner.confirm_timeout;
+        let flushes = stopped.iter().map(|a| a.flush(SETTLE_GRACE, write_within));
+        futures_util::future::join_all(flushes).await;
         {
             let mut consumers = self.inner.consumers.lock().await;
-            consumers.retain(|c| !c.stop.is_cancelled());
+            consumers.retain(|c| !c.finished());
             if !consumers.is_empty() {
                 return;
             }
@@ -281,13 +309,13 @@ impl RabbitMq {
             .map_err(|_| BusError::Timeout(timeout))?
     }
 
-    /// Declares and starts every registered consumer not yet running on `link`; forgets the
-    /// ones whose endpoint stopped.
+    /// Declares and starts every registered consumer not yet running on `link`, except those
+    /// of endpoints that are stopping; forgets the endpoints that have finished.
     async fn ensure_consumers(&self, link: &Link) -> Result<(), BusError> {
         let mut consumers = self.inner.consumers.lock().await;
-        consumers.retain(|c| !c.stop.is_cancelled());
+        consumers.retain(|c| !c.finished());
         for c in consumers.iter_mut() {
-            if c.started_on == Some(link.generation) {
+            if c.stop.is_cancelled() || c.started_on == Some(link.generation) {
                 continue;
             }
             let channel = link.connection.create_channel().await?;
@@ -304,10 +332,16 @@ impl RabbitMq {
                 )
                 .await?;
             c.started_on = Some(link.generation);
+            // One ack with `multiple` per quarter of the prefetch, and at most another
+            // quarter held behind a slow handler.
+            let quarter = usize::from(c.topology.prefetch / 4);
+            let acks = acks::Acks::start(channel.clone(), quarter, quarter);
+            c.acks = Some(acks.clone());
             tokio::spawn(consume(
                 self.clone(),
                 link.generation,
                 channel,
+                acks,
                 consumer,
                 c.deliveries.clone(),
                 c.stop.clone(),
@@ -378,6 +412,7 @@ async fn consume(
     transport: RabbitMq,
     generation: u64,
     channel: Channel,
+    acks: Arc<acks::Acks>,
     mut consumer: lapin::Consumer,
     deliveries: mpsc::Sender<Box<dyn super::Delivery>>,
     stop: CancellationToken,
@@ -397,7 +432,7 @@ async fn consume(
         };
         match next {
             Some(Ok(d)) => {
-                let delivery = RabbitDelivery::new(transport.clone(), channel.clone(), d);
+                let delivery = RabbitDelivery::new(transport.clone(), acks.clone(), d);
                 if deliveries.send(Box::new(delivery)).await.is_err() {
                     return;
                 }
@@ -450,6 +485,14 @@ async fn supervise(inner: Arc<Inner>) {
                     }
                 }
                 inner.link.send_replace(None);
+                // Acks held back go out first: the connection may still be good. (Not while
+                // an endpoint is starting on it: rather than wait for that, the broker
+                // redelivers.)
+                if let Ok(consumers) = inner.consumers.try_lock() {
+                    for acks in consumers.iter().filter_map(|c| c.acks.as_ref()) {
+                        acks.release();
+                    }
+                }
                 let _ = link.connection.close(320, "reconnecting".into()).await;
             }
             Err(e) => warn!(error = %e, url = %redact(&inner.url), "cannot connect to RabbitMQ"),
