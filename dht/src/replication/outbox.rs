@@ -37,6 +37,9 @@ pub const MAX_BYTES_PER_MESSAGE: usize = 8 * 1024 * 1024;
 /// How long a sender waits before it tries again after a failed send (or a failed read of
 /// the outbox).
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a sender waits, by default, for a message's worth of changes before it sends
+/// fewer (see [`ReplicationOutbox::run_senders`]).
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(10);
 
 /// The replication outbox of one node. Cheap to clone.
 #[derive(Clone)]
@@ -263,12 +266,23 @@ impl ReplicationOutbox {
     }
 
     /// Runs one sender per destination until `stop`, sending through `bus`.
-    pub async fn run_senders(&self, bus: Bus, stop: Shutdown) {
+    ///
+    /// A sender that finds fewer records queued than a message can carry waits up to
+    /// `linger` for more: RabbitMQ spends about as much on a message as on its bytes, so
+    /// fewer, fuller messages carry several times more writes on the same broker (measured
+    /// with `bench dht-put-replicated`: 0.19 of single-node throughput without a linger, 0.33
+    /// with 10 ms). The price is up to `linger` more replication lag; zero sends at once.
+    pub async fn run_senders(&self, bus: Bus, stop: Shutdown, linger: Duration) {
         let senders: Vec<_> = self
             .inner
             .destinations
             .keys()
-            .map(|d| tokio::spawn(self.clone().send_loop(d.clone(), bus.clone(), stop.clone())))
+            .map(|d| {
+                let sender = self
+                    .clone()
+                    .send_loop(d.clone(), bus.clone(), stop.clone(), linger);
+                tokio::spawn(sender)
+            })
             .collect();
         for s in senders {
             let _ = s.await;
@@ -306,7 +320,7 @@ impl ReplicationOutbox {
         )
     }
 
-    async fn send_loop(self, destination: String, bus: Bus, mut stop: Shutdown) {
+    async fn send_loop(self, destination: String, bus: Bus, mut stop: Shutdown, linger: Duration) {
         if !self.inner.destinations.contains_key(&destination) {
             return;
         }
@@ -315,6 +329,17 @@ impl ReplicationOutbox {
         // larger than one message (a big batch) goes out over several.
         let mut front_sent = 0;
         loop {
+            if self.destination(&destination).lock().is_empty() {
+                tokio::select! {
+                    _ = stop.recv() => return,
+                    // Writers wake the sender with every record they queue.
+                    _ = self.destination(&destination).wake.notified() => continue,
+                }
+            }
+            // The rest of a record too big for one message needs no company.
+            if front_sent == 0 && !self.linger(&destination, linger, &mut stop).await {
+                return;
+            }
             let next = {
                 let outbox = self.clone();
                 let destination = destination.clone();
@@ -339,12 +364,6 @@ impl ReplicationOutbox {
                 }
             };
             if changes.is_empty() {
-                if taken == Taken::Whole(0) {
-                    tokio::select! {
-                        _ = stop.recv() => return,
-                        _ = self.destination(&destination).wake.notified() => continue,
-                    }
-                }
                 // Only records with nothing left to send: done without a message.
                 front_sent = self.confirmed(&destination, taken).await;
                 continue;
@@ -390,6 +409,21 @@ impl ReplicationOutbox {
                 }
             }
         }
+    }
+
+    /// Waits, at most `linger`, until a message's worth of records is queued for
+    /// `destination`. False when stopped meanwhile.
+    async fn linger(&self, destination: &str, linger: Duration, stop: &mut Shutdown) -> bool {
+        let d = self.destination(destination);
+        let deadline = tokio::time::Instant::now() + linger;
+        while d.lock().len() < MAX_CHANGES_PER_MESSAGE {
+            tokio::select! {
+                _ = stop.recv() => return false,
+                _ = tokio::time::sleep_until(deadline) => return true,
+                _ = d.wake.notified() => {}
+            }
+        }
+        true
     }
 
     fn destination(&self, name: &str) -> &Destination {
@@ -502,9 +536,13 @@ mod tests {
 
     impl Senders {
         fn start(outbox: &ReplicationOutbox, bus: rhinobus::Bus) -> Self {
+            Self::lingering(outbox, bus, Duration::ZERO)
+        }
+
+        fn lingering(outbox: &ReplicationOutbox, bus: rhinobus::Bus, linger: Duration) -> Self {
             let (stop, stopped) = shutdown::channel();
             let outbox = outbox.clone();
-            let task = tokio::spawn(async move { outbox.run_senders(bus, stopped).await });
+            let task = tokio::spawn(async move { outbox.run_senders(bus, stopped, linger).await });
             Self { stop, task }
         }
 
@@ -512,6 +550,33 @@ mod tests {
             self.stop.trigger();
             self.task.await.unwrap();
         }
+    }
+
+    /// Node `a` of a cluster of `names` (its data directory, storage, endpoint and outbox),
+    /// replicating over an in-memory broker on which only node `b`'s queue exists.
+    async fn node_a_of(
+        names: &[&str],
+    ) -> (
+        tempfile::TempDir,
+        Storage,
+        InMemory,
+        Endpoint,
+        ReplicationOutbox,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let topology = Arc::new(Topology::blocks(
+            1,
+            names.iter().map(|n| (n.to_string(), format!("{n}:1"))),
+        ));
+        let broker = InMemory::new();
+        broker.declare_queue(&queue_name("b"));
+        let endpoint = Endpoint::builder(queue_name("a"), broker.clone())
+            .start()
+            .await
+            .unwrap();
+        let outbox = ReplicationOutbox::open(storage.clone(), "a", topology).unwrap();
+        (dir, storage, broker, endpoint, outbox)
     }
 
     /// Polls `done` until it holds; the deadline is only a backstop against a hang.
@@ -583,19 +648,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn big_values_travel_in_messages_under_the_byte_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
-        let topology = Arc::new(Topology::blocks(
-            1,
-            [("a", "a:1"), ("b", "b:1")].map(|(n, a)| (n.to_owned(), a.to_owned())),
-        ));
-        let broker = InMemory::new();
-        broker.declare_queue(&queue_name("b"));
-        let endpoint = Endpoint::builder(queue_name("a"), broker.clone())
-            .start()
-            .await
-            .unwrap();
-        let outbox = ReplicationOutbox::open(storage.clone(), "a", topology).unwrap();
+        let (_dir, storage, broker, endpoint, outbox) = node_a_of(&["a", "b"]).await;
         let value = vec![7u8; 3 * 1024 * 1024];
         // One write of a batch of four big values, then two writes of one each, all queued
         // before the sender starts: 18 MiB in all.
@@ -634,25 +687,37 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sender_lingers_for_a_fuller_message() {
+        let (_dir, storage, broker, endpoint, outbox) = node_a_of(&["a", "b"]).await;
+        let senders = Senders::lingering(&outbox, endpoint.bus(), Duration::from_secs(2));
+        // Five writes over about 100 ms, well inside the linger.
+        for n in 0..5 {
+            let staged = storage
+                .batch(|b| {
+                    b.put(PutRequest::new(format!("k{n}"), "v"))?;
+                    outbox.stage(b)
+                })
+                .unwrap()
+                .unwrap();
+            outbox.committed(staged);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eventually("every record is confirmed", || {
+            storage.outbox().unwrap().is_empty()
+        })
+        .await;
+        let (_, body) = broker.take(&queue_name("b")).expect("one message");
+        let m: Replicate = rmp_serde::from_slice(&body).unwrap();
+        assert_eq!(m.changes.len(), 5, "all five writes in one message");
+        assert!(broker.take(&queue_name("b")).is_none(), "only one message");
+        senders.stop().await;
+        endpoint.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_record_per_write_is_deleted_once_every_destination_confirmed() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
-        let names = ["a", "b", "c"].map(String::from);
-        let topology = Arc::new(Topology::blocks(
-            1,
-            names
-                .iter()
-                .cloned()
-                .zip(["a:1", "b:1", "c:1"].map(String::from)),
-        ));
-        let broker = InMemory::new();
         // Only b's queue exists: sends to c fail until it is declared.
-        broker.declare_queue(&queue_name("b"));
-        let endpoint = Endpoint::builder(queue_name("a"), broker.clone())
-            .start()
-            .await
-            .unwrap();
-        let outbox = ReplicationOutbox::open(storage.clone(), "a", topology).unwrap();
+        let (_dir, storage, broker, endpoint, outbox) = node_a_of(&["a", "b", "c"]).await;
         let staged = storage
             .batch(|b| {
                 b.put(PutRequest::new("k", "v"))?;

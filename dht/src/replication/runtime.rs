@@ -20,6 +20,7 @@ use crate::storage::{Storage, StorageError};
 use rhinobus::transport::Transport;
 use rhinobus::{BusError, Context, Endpoint, HandlerError};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// Makes a fresh transport. Replication needs two in turn: one for catching up, one for the
@@ -43,6 +44,9 @@ pub struct ReplicationOptions {
     pub concurrency: u16,
     /// Where replication messages that cannot be applied go.
     pub error_queue: String,
+    /// How long a sender waits for a message's worth of changes before it sends fewer:
+    /// throughput against replication lag (see [`ReplicationOutbox::run_senders`]).
+    pub linger: Duration,
 }
 
 impl std::fmt::Debug for ReplicationOptions {
@@ -51,6 +55,7 @@ impl std::fmt::Debug for ReplicationOptions {
             .field("node", &self.node)
             .field("concurrency", &self.concurrency)
             .field("error_queue", &self.error_queue)
+            .field("linger", &self.linger)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +75,7 @@ impl ReplicationOptions {
             }),
             concurrency: 4,
             error_queue: "rhinobus-dht.error".into(),
+            linger: super::outbox::DEFAULT_LINGER,
         }
     }
 }
@@ -176,7 +182,8 @@ impl Replication {
         let senders = {
             let outbox = outbox.clone();
             let bus = endpoint.bus();
-            tokio::spawn(async move { outbox.run_senders(bus, stopped).await })
+            let linger = options.linger;
+            tokio::spawn(async move { outbox.run_senders(bus, stopped, linger).await })
         };
         Ok(Self {
             outbox,
