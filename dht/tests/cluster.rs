@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{NodeProcess, cli};
+use common::{BrokerStopped, NodeProcess, cli};
 use rhinobus_dht::{Client, ClientOptions, KeyDump, PutRequest, RangeId, Version};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -177,6 +177,104 @@ fn versions_of(dump: &[KeyDump]) -> BTreeMap<&[u8], BTreeSet<Version>> {
         .collect()
 }
 
+/// Concurrent writers putting `writes` fresh keys, each retrying its write until it is
+/// acknowledged.
+struct Writers {
+    acked: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<(String, Version)>>>,
+}
+
+impl Writers {
+    /// `writers` tasks putting `<prefix>/0` .. `<prefix>/<writes - 1>` between them.
+    fn start(client: &Client, prefix: &'static str, writes: usize, writers: usize) -> Self {
+        let acked = Arc::new(AtomicUsize::new(0));
+        let next = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..writers)
+            .map(|_| {
+                let client = client.clone();
+                let (acked, next) = (acked.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut mine = Vec::new();
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= writes {
+                            return mine;
+                        }
+                        let key = format!("{prefix}/{n}");
+                        // Retry until acknowledged; an unacknowledged attempt may still land,
+                        // as an extra sibling, which the set check allows.
+                        let give_up = tokio::time::Instant::now() + LIVENESS;
+                        loop {
+                            match client.put(PutRequest::new(key.clone(), key.clone())).await {
+                                Ok(out) => {
+                                    mine.push((key.clone(), out.version));
+                                    acked.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                                Err(e) => {
+                                    assert!(
+                                        tokio::time::Instant::now() < give_up,
+                                        "write {key} keeps failing: {e}"
+                                    );
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { acked, tasks }
+    }
+
+    /// How many writes were acknowledged so far.
+    fn acked(&self) -> usize {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` writes were acknowledged. A writer that gives up panics and stops
+    /// counting: fail then, rather than hang; the deadline is only a backstop, far above what
+    /// a loaded machine needs.
+    async fn wait_for(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + LIVENESS;
+        while self.acked() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {n} writes acknowledged after {LIVENESS:?}",
+                self.acked()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Every acknowledged write (key and version), once all are.
+    async fn finish(self) -> Vec<(String, Version)> {
+        let mut all = Vec::new();
+        for task in self.tasks {
+            all.extend(task.await.expect("writer"));
+        }
+        all
+    }
+}
+
+/// A [`Cluster::converge`] check: every write of `all` is on the node.
+fn holds_every(all: &[(String, Version)]) -> impl Fn(&[KeyDump]) -> Result<(), String> + '_ {
+    |dump| {
+        let present = versions_of(dump);
+        let missing: Vec<&str> = all
+            .iter()
+            .filter(|(k, v)| !present.get(k.as_bytes()).is_some_and(|s| s.contains(v)))
+            .map(|(k, _)| k.as_str())
+            .take(5)
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("acknowledged writes missing, e.g. {missing:?}"))
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_acknowledged_write_is_lost_when_a_primary_is_killed_and_restarted() {
     let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
@@ -184,97 +282,26 @@ async fn no_acknowledged_write_is_lost_when_a_primary_is_killed_and_restarted() 
     let mut cluster = Cluster::new(3);
     let client = cluster.client().await;
     const WRITES: usize = 10_000;
-    const WRITERS: usize = 20;
-    let acked = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicUsize::new(0));
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|_| {
-            let client = client.clone();
-            let (acked, next) = (acked.clone(), next.clone());
-            tokio::spawn(async move {
-                let mut mine = Vec::new();
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= WRITES {
-                        return mine;
-                    }
-                    let key = format!("jepsen/{n}");
-                    // Retry until acknowledged; an unacknowledged attempt may still land, as
-                    // an extra sibling, which the set check allows.
-                    let give_up = tokio::time::Instant::now() + LIVENESS;
-                    loop {
-                        match client.put(PutRequest::new(key.clone(), key.clone())).await {
-                            Ok(out) => {
-                                mine.push((key.clone(), out.version));
-                                acked.fetch_add(1, Ordering::Relaxed);
-                                break;
-                            }
-                            Err(e) => {
-                                assert!(
-                                    tokio::time::Instant::now() < give_up,
-                                    "write {key} keeps failing: {e}"
-                                );
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    // A writer that gives up panics and stops counting: fail then, rather than hang. The
-    // deadline is only a backstop, far above what a loaded machine needs.
-    let wait_for = |n: usize| {
-        let acked = acked.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + LIVENESS;
-            while acked.load(Ordering::Relaxed) < n {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "only {} of {n} writes acknowledged after {LIVENESS:?}",
-                    acked.load(Ordering::Relaxed)
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
+    let writers = Writers::start(&client, "jepsen", WRITES, 20);
     // Node 1 is the primary of the first third of the ranges.
-    wait_for(WRITES * 3 / 10).await;
+    writers.wait_for(WRITES * 3 / 10).await;
     cluster.kill(0);
-    let killed_at = acked.load(Ordering::Relaxed);
-    wait_for(WRITES * 6 / 10).await;
+    let killed_at = writers.acked();
+    writers.wait_for(WRITES * 6 / 10).await;
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.start(0);
         cluster
     })
     .await
     .expect("restart node 1");
-    let restarted_at = acked.load(Ordering::Relaxed);
-    let mut all = Vec::new();
-    for w in writers {
-        all.extend(w.await.expect("writer"));
-    }
+    let restarted_at = writers.acked();
+    let all = writers.finish().await;
     assert_eq!(all.len(), WRITES);
     assert!(
         restarted_at > killed_at,
         "writes must go on while node 1 is down ({killed_at} before, {restarted_at} after)"
     );
-    cluster
-        .converge(&client, |dump| {
-            let present = versions_of(dump);
-            let missing: Vec<&str> = all
-                .iter()
-                .filter(|(k, v)| !present.get(k.as_bytes()).is_some_and(|s| s.contains(v)))
-                .map(|(k, _)| k.as_str())
-                .take(5)
-                .collect();
-            if missing.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("acknowledged writes missing, e.g. {missing:?}"))
-            }
-        })
-        .await;
+    cluster.converge(&client, holds_every(&all)).await;
     // The CLI sees the same: every node's dump is identical.
     let outs: Vec<String> = cluster
         .addrs
@@ -288,6 +315,36 @@ async fn no_acknowledged_write_is_lost_when_a_primary_is_killed_and_restarted() 
         .collect();
     assert!(outs.windows(2).all(|w| w[0] == w[1]), "CLI dumps differ");
     assert!(outs[0].contains("jepsen/9999"));
+    cluster.cleanup().await;
+}
+
+/// RabbitMQ stopped and started again while writes go on: the nodes keep taking writes
+/// without it, their senders retry until it is back, and every replica ends with every
+/// acknowledged write. (The broker stops for everyone, but cargo runs test binaries one at a
+/// time and the tests of this one take turns.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_survives_a_broker_restart() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    drop(broker().await);
+    let cluster = Cluster::new(3);
+    let client = cluster.client().await;
+    const WRITES: usize = 3_000;
+    // The broker stops in the middle of these (or after them on a fast machine: stopping it
+    // takes seconds) ...
+    let across = Writers::start(&client, "across", WRITES, 20);
+    across.wait_for(WRITES / 3).await;
+    let stopped = BrokerStopped::now();
+    // ... and these all start and end while it is down.
+    const WHILE_DOWN: usize = 300;
+    let while_down = Writers::start(&client, "down", WHILE_DOWN, 20)
+        .finish()
+        .await;
+    assert_eq!(while_down.len(), WHILE_DOWN);
+    stopped.start_again();
+    let mut all = across.finish().await;
+    assert_eq!(all.len(), WRITES);
+    all.extend(while_down);
+    cluster.converge(&client, holds_every(&all)).await;
     cluster.cleanup().await;
 }
 

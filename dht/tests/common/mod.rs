@@ -87,3 +87,46 @@ pub fn temp_data() -> (tempfile::TempDir, PathBuf) {
     let data = dir.path().join("data");
     (dir, data)
 }
+
+/// RabbitMQ's application stopped (`rabbitmqctl stop_app`) until [`start_again`], or until
+/// dropped: a failing test must not leave the broker down for the tests after it.
+///
+/// [`start_again`]: BrokerStopped::start_again
+pub struct BrokerStopped {
+    started: bool,
+}
+
+impl BrokerStopped {
+    pub fn now() -> Self {
+        rabbitmqctl("stop_app");
+        Self { started: false }
+    }
+
+    /// Starts the broker and waits until it answers.
+    pub fn start_again(mut self) {
+        rabbitmqctl("start_app");
+        rabbitmqctl("await_startup");
+        self.started = true;
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if !self.started {
+            // Unwinding already: no second panic, just the best try.
+            let _ = Command::new("rabbitmqctl").arg("start_app").output();
+        }
+    }
+}
+
+fn rabbitmqctl(command: &str) {
+    let out = Command::new("rabbitmqctl")
+        .arg(command)
+        .output()
+        .expect("rabbitmqctl must be on PATH for the broker-restart test");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {command} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
