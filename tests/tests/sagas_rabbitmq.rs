@@ -88,16 +88,22 @@ fn expected(tallies: &[String], updates: u64) -> BTreeMap<String, Vec<u64>> {
     out
 }
 
-async fn eight_workers(merging: bool) {
-    init_tracing();
-    let mut raw = Raw::connect().await;
-    let url = amqp_url();
+/// A DHT node in this process, and a client of it.
+async fn dht_node() -> (InProcessNode, Client) {
     let node = InProcessNode::start(Durability::Buffered)
         .await
         .expect("start a DHT node");
     let client = Client::connect(node.addr.clone())
         .await
         .expect("connect to the node");
+    (node, client)
+}
+
+async fn eight_workers(merging: bool) {
+    init_tracing();
+    let mut raw = Raw::connect().await;
+    let url = amqp_url();
+    let (node, client) = dht_node().await;
     let queue = unique("saga-workers");
     let errors = format!("{queue}-error");
     raw.forget_later(&queue);
@@ -229,12 +235,7 @@ async fn a_worker_killed_mid_stream_loses_no_update_and_applies_none_twice() {
     init_tracing();
     let mut raw = Raw::connect().await;
     let url = amqp_url();
-    let node = InProcessNode::start(Durability::Buffered)
-        .await
-        .expect("start a DHT node");
-    let client = Client::connect(node.addr.clone())
-        .await
-        .expect("connect to the node");
+    let (node, client) = dht_node().await;
     let queue = unique("saga-crash");
     let errors = format!("{queue}-error");
     let audit = format!("{queue}-audit");
