@@ -225,15 +225,19 @@ impl<'a> Batch<'a> {
                 .is_some())
     }
 
-    /// Supersedes exactly `versions` of `key` (a replicated write's parents), stored here or
-    /// not yet arrived, with point lookups only; returns whether any was not yet tombstoned.
+    /// Supersedes exactly `versions` of `key` (the parents a write names), stored here or not
+    /// yet arrived, with point lookups only; returns the versions that were not yet
+    /// tombstoned, each with its record if it was stored here.
     ///
-    /// Unlike [`supersede_parents`](Self::supersede_parents) this does not scan the key's
-    /// versions to clean up expired ones on the way: applying replication is the hot path of
-    /// every replica, expired values are never returned anyway, and each node's own
-    /// [`purge_expired`](Self::purge_expired) removes them.
-    fn supersede_named(&mut self, key: &[u8], versions: &[Version]) -> Result<bool, StorageError> {
-        let mut changed = false;
+    /// This does not scan the key's versions to clean up expired ones on the way: writes are
+    /// the hot path of every replica, expired values are never returned anyway, and each
+    /// node's own [`purge_expired`](Self::purge_expired) removes them.
+    fn supersede_named(
+        &mut self,
+        key: &[u8],
+        versions: &[Version],
+    ) -> Result<Vec<(Version, Option<VersionRecord>)>, StorageError> {
+        let mut newly = Vec::new();
         for v in dedup(versions) {
             let k = version_key(key, v);
             // A tombstone is written together with the deletion, so a tombstoned version is
@@ -249,9 +253,9 @@ impl<'a> Batch<'a> {
                 None => None,
             };
             self.supersede(key, v, record.as_ref());
-            changed = true;
+            newly.push((v, record));
         }
-        Ok(changed)
+        Ok(newly)
     }
 
     /// Deletes `version` of `key` if stored and leaves a tombstone either way, so it can never
@@ -276,53 +280,49 @@ impl<'a> Batch<'a> {
         self.versions.set(&k, layout::encode(record));
     }
 
-    /// Supersedes `parents` (and any expired versions) of `key`, returning which parents were
-    /// current. With `optimistic`, first checks that `parents` are exactly the current versions.
+    /// Supersedes `parents` of `key`, returning which of them were current (stored and not
+    /// expired). With `optimistic`, first checks that `parents` are exactly the current
+    /// versions: that takes a scan of the key's versions, which also cleans up its expired
+    /// ones. Without, the parents are looked up one by one ([`supersede_named`]), so a write
+    /// naming no parents reads nothing.
+    ///
+    /// [`supersede_named`]: Self::supersede_named
     fn supersede_parents(
         &mut self,
         key: &[u8],
         parents: &[Version],
         optimistic: bool,
     ) -> Result<Vec<Version>, StorageError> {
-        let stored = self.stored_versions(key)?;
         let now = self.now_ms;
+        if !optimistic {
+            return Ok(self
+                .supersede_named(key, parents)?
+                .into_iter()
+                .filter(|(_, record)| record.as_ref().is_some_and(|r| is_live(r, now)))
+                .map(|(v, _)| v)
+                .collect());
+        }
+        let stored = self.stored_versions(key)?;
         let live: Vec<Version> = stored
             .iter()
             .filter(|(_, r)| is_live(r, now))
             .map(|(v, _)| *v)
             .collect();
-        if optimistic {
-            let want: BTreeSet<Version> = parents.iter().copied().collect();
-            let have: BTreeSet<Version> = live.iter().copied().collect();
-            if want != have {
-                return Err(Conflict {
-                    parents: parents.to_vec(),
-                    current: live,
-                }
-                .into());
+        let want: BTreeSet<Version> = parents.iter().copied().collect();
+        let have: BTreeSet<Version> = live.iter().copied().collect();
+        if want != have {
+            return Err(Conflict {
+                parents: parents.to_vec(),
+                current: live,
             }
+            .into());
         }
-        let parent_set: BTreeSet<Version> = parents.iter().copied().collect();
-        let mut superseded = Vec::new();
+        // The parents are exactly the live versions: supersede them, and the expired ones
+        // with them.
         for (version, record) in &stored {
-            let expired = !is_live(record, now);
-            if parent_set.contains(version) {
-                if !expired {
-                    superseded.push(*version);
-                }
-            } else if !expired {
-                continue;
-            }
             self.supersede(key, *version, Some(record));
         }
-        // Parents not stored here still get a tombstone: if that version reaches this table
-        // later (replication), it must arrive already superseded.
-        for p in dedup(parents) {
-            if !stored.iter().any(|(v, _)| *v == p) {
-                self.supersede(key, p, None);
-            }
-        }
-        Ok(superseded)
+        Ok(live)
     }
 
     /// Every current, unexpired sibling of `key`, including this batch's writes.
@@ -467,7 +467,7 @@ impl<'a> Batch<'a> {
                 // Parents are superseded even when this version itself was already removed:
                 // a removal can overtake the write it removes, and the write's own
                 // supersessions must still happen.
-                let changed = self.supersede_named(key, parents)?;
+                let changed = !self.supersede_named(key, parents)?.is_empty();
                 if self.knows_version(key, *version)? {
                     return Ok(changed);
                 }
@@ -482,7 +482,7 @@ impl<'a> Batch<'a> {
             Change::Remove { key, parents } => {
                 check_key(key)?;
                 check_parents(parents)?;
-                self.supersede_named(key, parents)
+                Ok(!self.supersede_named(key, parents)?.is_empty())
             }
             Change::AddItem { key, id, value } => {
                 check_key(key)?;

@@ -230,6 +230,30 @@ fn expired_values_are_never_returned_and_get_purged() {
 }
 
 #[test]
+fn a_put_naming_an_expired_parent_removes_it_without_reporting_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    let old = t
+        .put(PutRequest {
+            expires_at: Some(SystemTime::now() - Duration::from_secs(1)),
+            ..PutRequest::new("k", "old")
+        })
+        .unwrap();
+    let live = t.put(PutRequest::new("k", "live")).unwrap();
+    let next = t
+        .put(PutRequest::new("k", "next").parents([old.version, live.version]))
+        .unwrap();
+    assert_eq!(next.superseded, vec![live.version]);
+    assert_eq!(
+        versions(&t.get(b"k").unwrap()),
+        BTreeSet::from([next.version])
+    );
+    assert!(t.batch(|b| b.knows_version(b"k", old.version)).unwrap());
+    // The expired version went with the write: nothing is left to purge.
+    assert_eq!(t.purge_expired(SystemTime::now(), 100).unwrap(), 0);
+}
+
+#[test]
 fn lists_add_remove_and_list_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let t = open(&dir);
