@@ -87,6 +87,8 @@ pub fn change_size(change: &Change) -> usize {
 struct Delivery {
     id: OutboxId,
     remaining: AtomicUsize,
+    /// When it was queued: it waits at most the linger from then.
+    queued_at: tokio::time::Instant,
 }
 
 /// A write's replication, staged in its batch; hand it to
@@ -257,6 +259,7 @@ impl ReplicationOutbox {
         let delivery = Arc::new(Delivery {
             id,
             remaining: AtomicUsize::new(known.len() + usize::from(unknown)),
+            queued_at: tokio::time::Instant::now(),
         });
         for d in known {
             d.lock().push_back(delivery.clone());
@@ -411,11 +414,15 @@ impl ReplicationOutbox {
         }
     }
 
-    /// Waits, at most `linger`, until a message's worth of records is queued for
-    /// `destination`. False when stopped meanwhile.
+    /// Waits until a message's worth of records is queued for `destination`, or until its
+    /// oldest record has waited `linger` since it was queued (records queued while the last
+    /// message was on its way have waited already). False when stopped meanwhile.
     async fn linger(&self, destination: &str, linger: Duration, stop: &mut Shutdown) -> bool {
         let d = self.destination(destination);
-        let deadline = tokio::time::Instant::now() + linger;
+        let Some(oldest) = d.lock().front().map(|r| r.queued_at) else {
+            return true;
+        };
+        let deadline = oldest + linger;
         while d.lock().len() < MAX_CHANGES_PER_MESSAGE {
             tokio::select! {
                 _ = stop.recv() => return false,
@@ -579,6 +586,18 @@ mod tests {
         (dir, storage, broker, endpoint, outbox)
     }
 
+    /// Puts `key` on `storage` with its outbox record, as a node's write path does.
+    fn write(storage: &Storage, outbox: &ReplicationOutbox, key: &str) {
+        let staged = storage
+            .batch(|b| {
+                b.put(PutRequest::new(key.to_owned(), "v"))?;
+                outbox.stage(b)
+            })
+            .unwrap()
+            .expect("a destination");
+        outbox.committed(staged);
+    }
+
     /// Polls `done` until it holds; the deadline is only a backstop against a hang.
     async fn eventually(what: &str, done: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -692,14 +711,7 @@ mod tests {
         let senders = Senders::lingering(&outbox, endpoint.bus(), Duration::from_secs(2));
         // Five writes over about 100 ms, well inside the linger.
         for n in 0..5 {
-            let staged = storage
-                .batch(|b| {
-                    b.put(PutRequest::new(format!("k{n}"), "v"))?;
-                    outbox.stage(b)
-                })
-                .unwrap()
-                .unwrap();
-            outbox.committed(staged);
+            write(&storage, &outbox, &format!("k{n}"));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         eventually("every record is confirmed", || {
@@ -710,6 +722,30 @@ mod tests {
         let m: Replicate = rmp_serde::from_slice(&body).unwrap();
         assert_eq!(m.changes.len(), 5, "all five writes in one message");
         assert!(broker.take(&queue_name("b")).is_none(), "only one message");
+        senders.stop().await;
+        endpoint.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_waits_at_most_the_linger_from_when_it_was_queued() {
+        let (_dir, storage, _broker, endpoint, outbox) = node_a_of(&["a", "b"]).await;
+        const LINGER: Duration = Duration::from_secs(3);
+        write(&storage, &outbox, "k");
+        // The record waits out the linger before its sender even starts (as records queued
+        // while the previous message was on its way do, for a shorter time) ...
+        tokio::time::sleep(LINGER).await;
+        let started = tokio::time::Instant::now();
+        let senders = Senders::lingering(&outbox, endpoint.bus(), LINGER);
+        eventually("the record is confirmed", || {
+            storage.outbox().unwrap().is_empty()
+        })
+        .await;
+        // ... so it goes at once, not after a linger of its own.
+        assert!(
+            started.elapsed() < LINGER / 2,
+            "sent {:?} after the sender started",
+            started.elapsed()
+        );
         senders.stop().await;
         endpoint.shutdown().await;
     }
