@@ -72,8 +72,8 @@ enum Command {
         /// The largest frame accepted, in bytes.
         #[arg(long, default_value_t = rhinobus_dht::frame::DEFAULT_MAX_FRAME)]
         max_frame: usize,
-        /// How long, in milliseconds, replication waits for a fuller message before it sends
-        /// a smaller one: more throughput for a little more replication lag (0: send at once).
+        /// How long, in milliseconds, a write's replication may wait for company in a fuller
+        /// message: more throughput for a little more replication lag (0: send at once).
         #[arg(long, default_value_t = 10)]
         replication_linger_ms: u64,
     },

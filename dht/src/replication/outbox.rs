@@ -270,8 +270,8 @@ impl ReplicationOutbox {
 
     /// Runs one sender per destination until `stop`, sending through `bus`.
     ///
-    /// A sender that finds fewer records queued than a message can carry waits up to
-    /// `linger` for more: RabbitMQ spends about as much on a message as on its bytes, so
+    /// A sender that finds fewer records queued than a message can carry waits for more
+    /// until its oldest record has waited `linger` since it was queued: RabbitMQ spends about as much on a message as on its bytes, so
     /// fewer, fuller messages carry several times more writes on the same broker (measured
     /// with `bench dht-put-replicated`: 0.19 of single-node throughput without a linger, 0.33
     /// with 10 ms). The price is up to `linger` more replication lag; zero sends at once.

@@ -44,8 +44,9 @@ pub struct ReplicationOptions {
     pub concurrency: u16,
     /// Where replication messages that cannot be applied go.
     pub error_queue: String,
-    /// How long a sender waits for a message's worth of changes before it sends fewer:
-    /// throughput against replication lag (see [`ReplicationOutbox::run_senders`]).
+    /// How long a write's replication may wait for a message's worth of changes before it
+    /// goes with fewer: throughput against replication lag (see
+    /// [`ReplicationOutbox::run_senders`]).
     pub linger: Duration,
 }
 
