@@ -115,13 +115,17 @@ pub(super) fn to_sibling(version: Version, record: VersionRecord) -> Sibling {
 }
 
 /// The lock-free read path of [`Storage::get`](super::Storage::get).
+///
+/// Reads go through a snapshot, like everything else: fjall applies a batch to its memtables
+/// one entry at a time and publishes it afterwards, and a plain keyspace read would see the
+/// entries already applied (a replaced version gone and its successor not yet there).
 pub(super) fn read_siblings(
     inner: &Inner,
     key: &[u8],
     now_ms: u64,
 ) -> Result<Vec<Sibling>, StorageError> {
     let mut out = Vec::new();
-    for kv in inner.versions.prefix(key_digest(key)) {
+    for kv in inner.db.snapshot().prefix(&inner.versions, key_digest(key)) {
         let (k, v) = kv.into_inner()?;
         let (version, record) = decode_version(&k, &v)?;
         if record.key == key && is_live(&record, now_ms) {
@@ -134,8 +138,9 @@ pub(super) fn read_siblings(
 /// The lock-free read path of [`Storage::get_items`](super::Storage::get_items).
 pub(super) fn read_items(inner: &Inner, key: &[u8]) -> Result<Vec<ListItem>, StorageError> {
     let entries = inner
-        .items
-        .prefix(key_digest(key))
+        .db
+        .snapshot()
+        .prefix(&inner.items, key_digest(key))
         .map(|kv| kv.into_inner());
     items_of(key, entries)
 }

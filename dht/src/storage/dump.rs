@@ -4,7 +4,7 @@ use super::batch::{decode_item, decode_version, is_live, to_sibling};
 use super::{ListItem, Sibling, Storage, StorageError, now_ms};
 use crate::routing::RangeId;
 use bytes::Bytes;
-use fjall::Keyspace;
+use fjall::{Keyspace, Readable, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -31,10 +31,10 @@ fn bounds(range: RangeId) -> (Vec<u8>, Option<Vec<u8>>) {
     )
 }
 
-fn scan(keyspace: &Keyspace, range: RangeId) -> fjall::Iter {
+fn scan(snapshot: &Snapshot, keyspace: &Keyspace, range: RangeId) -> fjall::Iter {
     match bounds(range) {
-        (start, Some(end)) => keyspace.range(start..end),
-        (start, None) => keyspace.range(start..),
+        (start, Some(end)) => snapshot.range(keyspace, start..end),
+        (start, None) => snapshot.range(keyspace, start..),
     }
 }
 
@@ -43,8 +43,10 @@ impl Storage {
     /// same data for the range exactly when their dumps are equal.
     pub fn dump(&self, range: RangeId) -> Result<Vec<KeyDump>, StorageError> {
         let now = now_ms();
+        // One snapshot for both keyspaces: whole batches only, the same moment for both.
+        let snapshot = self.inner.db.snapshot();
         let mut keys: BTreeMap<Bytes, KeyDump> = BTreeMap::new();
-        for kv in scan(&self.inner.versions, range) {
+        for kv in scan(&snapshot, &self.inner.versions, range) {
             let (k, v) = kv.into_inner()?;
             let (version, record) = decode_version(&k, &v)?;
             if is_live(&record, now) {
@@ -59,7 +61,7 @@ impl Storage {
                 siblings.push(to_sibling(version, record));
             }
         }
-        for kv in scan(&self.inner.items, range) {
+        for kv in scan(&snapshot, &self.inner.items, range) {
             let (k, v) = kv.into_inner()?;
             let (id, record) = decode_item(&k, &v)?;
             let key = record.key.clone();

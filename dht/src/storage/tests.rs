@@ -253,6 +253,49 @@ fn a_put_naming_an_expired_parent_removes_it_without_reporting_it() {
     assert_eq!(t.purge_expired(SystemTime::now(), 100).unwrap(), 0);
 }
 
+/// A reader never sees a batch half applied: a key whose only version is replaced again and
+/// again always has exactly one, and a list whose only item is replaced always has one.
+#[test]
+fn readers_see_whole_batches_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    let mut version = t.put(PutRequest::new("k", "0")).unwrap().version;
+    let mut item = t.add_item(AddItemRequest::new("list", "0")).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut reads = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(t.get(b"k").unwrap().len(), 1, "after {reads} reads");
+                assert_eq!(
+                    t.get_items(b"list").unwrap().len(),
+                    1,
+                    "after {reads} reads"
+                );
+                reads += 1;
+            }
+        });
+        for n in 1..5_000 {
+            let value = n.to_string();
+            version = t
+                .put(PutRequest::new("k", value.clone()).parents([version]))
+                .unwrap()
+                .version;
+            item = t
+                .batch(|b| {
+                    b.remove_item(RemoveItemRequest {
+                        key: "list".into(),
+                        id: item,
+                    })?;
+                    b.add_item(AddItemRequest::new("list", value))
+                })
+                .unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().unwrap();
+    });
+}
+
 #[test]
 fn lists_add_remove_and_list_in_order() {
     let dir = tempfile::tempdir().unwrap();
