@@ -147,13 +147,15 @@ async fn undecodable_and_unknown_messages_go_straight_to_the_error_queue() {
 #[tokio::test]
 async fn shutdown_returns_unstarted_messages_to_the_queue() {
     let broker = InMemory::new();
+    let started = Arc::new(AtomicU32::new(0));
     let handled = Arc::new(AtomicU32::new(0));
-    let seen = handled.clone();
+    let (on_start, seen) = (started.clone(), handled.clone());
     let ep = Endpoint::builder("slow", broker.clone())
         .concurrency(2)
         .handle(move |_: Work, _: Context| {
-            let seen = seen.clone();
+            let (on_start, seen) = (on_start.clone(), seen.clone());
             async move {
+                on_start.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 seen.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, HandlerError>(())
@@ -165,10 +167,14 @@ async fn shutdown_returns_unstarted_messages_to_the_queue() {
     for n in 0..10 {
         ep.bus().send("slow", &Work { n }).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Stop while both handlers are busy.
+    while started.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     ep.shutdown().await;
     let handled = handled.load(Ordering::SeqCst);
     assert!(handled >= 2, "the in-flight messages finished: {handled}");
+    assert_eq!(handled, started.load(Ordering::SeqCst), "every started one");
     assert_eq!(broker.queue_len("slow") as u32, 10 - handled);
 }
 

@@ -310,8 +310,17 @@ async fn killing_the_cli_mid_replay_loses_nothing() {
     child.kill().expect("kill -9");
     child.wait().expect("reap");
     let moved_at_kill = raw.count(&source).await;
-    // Unacknowledged messages return to the error queue when the broker sees the connection die.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Unacknowledged messages return to the error queue when the broker sees the connection
+    // die: wait until every message is back in one queue or the other (a message both copied
+    // and not yet acked is in both).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while raw.count(&source).await + raw.count(&error).await < N {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "messages still out after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let in_source = ids_in(&raw.drain(&source).await);
     let in_error = ids_in(&raw.drain(&error).await);
     let all: HashSet<_> = in_source.iter().chain(&in_error).cloned().collect();

@@ -46,7 +46,9 @@ async fn sigterm_finishes_in_flight_messages_and_loses_none() {
     assert!(status.success());
     let exit = child.wait().expect("wait");
     assert!(exit.success(), "graceful exit: {exit:?}");
-    let output: Vec<String> = std::iter::once(first).chain(lines.try_iter()).collect();
+    // Every line up to the end of its output (the reader stops at end of file), not just
+    // those forwarded by now.
+    let output: Vec<String> = std::iter::once(first).chain(lines.iter()).collect();
     let count = |prefix: &str| output.iter().filter(|l| l.starts_with(prefix)).count() as u32;
     let (started, done) = (count("started "), count("done "));
     assert_eq!(started, done, "every started message finished: {output:?}");
