@@ -36,8 +36,8 @@ struct Args {
     /// Run on RabbitMQ at this address instead of the embedded in-memory broker.
     #[arg(long)]
     amqp: Option<String>,
-    /// How many orders to place.
-    #[arg(long, default_value_t = 20)]
+    /// How many orders to place (at least 2: one of them is the poison order).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(2..))]
     orders: u32,
 }
 
