@@ -330,21 +330,23 @@ async fn garbage_unknown_types_and_unhandled_types_go_straight_to_the_error_queu
     raw.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_failed_handlers_sends_are_discarded() {
-    let mut raw = Raw::connect().await;
-    let (queue, out, error) = (unique("discard"), unique("out"), unique("error"));
-    raw.queue(&queue).await;
-    raw.queue(&out).await;
-    raw.forget_later(&error);
-    let out_q = out.clone();
-    let ep = Endpoint::builder(&queue, rabbit())
-        .error_queue(&error)
+/// An endpoint on `queue` whose handler sends a [`Done`] to each of `targets`, then fails
+/// until its attempt number reaches `succeed_at`.
+async fn sending_endpoint(
+    queue: &str,
+    error: &str,
+    targets: Vec<String>,
+    succeed_at: u32,
+) -> Endpoint {
+    Endpoint::builder(queue, rabbit())
+        .error_queue(error)
         .handle(move |w: Work, ctx: Context| {
-            let out = out_q.clone();
+            let targets = targets.clone();
             async move {
-                ctx.send(&out, &Done { n: w.n })?;
-                if ctx.attempt() < 3 {
+                for target in &targets {
+                    ctx.send(target, &Done { n: w.n })?;
+                }
+                if ctx.attempt() < succeed_at {
                     return Err(HandlerError::msg("not yet"));
                 }
                 Ok(())
@@ -352,13 +354,49 @@ async fn a_failed_handlers_sends_are_discarded() {
         })
         .start()
         .await
-        .expect("start");
+        .expect("start")
+}
+
+#[tokio::test]
+async fn a_failed_handlers_sends_are_discarded() {
+    let mut raw = Raw::connect().await;
+    let (queue, out, error) = (unique("discard"), unique("out"), unique("error"));
+    raw.queue(&queue).await;
+    raw.queue(&out).await;
+    raw.forget_later(&error);
+    let ep = sending_endpoint(&queue, &error, vec![out.clone()], 3).await;
     ep.bus().send(&queue, &Work { n: 3 }).await.expect("send");
     raw.wait_for_count(&out, 1, WAIT).await;
     ep.shutdown().await;
     let sent = raw.drain(&out).await;
     assert_eq!(sent.len(), 1, "only the successful attempt's send went out");
     assert_eq!(raw.count(&error).await, 0);
+    raw.cleanup().await;
+}
+
+/// A handler sending to a queue that exists and to one that does not sends neither: the batch
+/// is all or nothing, on every attempt, and the message ends in the error queue.
+#[tokio::test]
+async fn a_handler_sending_to_a_missing_queue_sends_nothing_at_all() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = raw.endpoint_queues("half").await;
+    let (out, missing) = (unique("out"), unique("missing"));
+    raw.queue(&out).await;
+    let ep = sending_endpoint(&queue, &error, vec![out.clone(), missing.clone()], 1).await;
+    ep.bus().send(&queue, &Work { n: 1 }).await.expect("send");
+    raw.wait_for_count(&error, 1, WAIT).await;
+    ep.shutdown().await;
+    assert_eq!(
+        raw.count(&out).await,
+        0,
+        "nothing of the failed batch went out"
+    );
+    let failed = raw.drain(&error).await;
+    let message = failed[0]
+        .0
+        .get(names::FAILURE_ERROR_MESSAGE)
+        .expect("error message");
+    assert!(message.contains(&missing), "{message}");
     raw.cleanup().await;
 }
 

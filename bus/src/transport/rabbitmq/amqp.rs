@@ -2,9 +2,10 @@
 
 use crate::error::BusError;
 use crate::headers::{Headers, names};
-use lapin::options::BasicPublishOptions;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ErrorKind, PublisherConfirm};
 use std::time::Duration;
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
@@ -19,6 +20,39 @@ pub(crate) fn short(what: &str, s: &str) -> Result<ShortString, BusError> {
             s.len()
         ))
     })
+}
+
+/// The first of `queues` that does not exist on the broker, if any, asked with passive
+/// declares on a channel of their own (the broker closes the channel that asked about a
+/// missing queue).
+pub(crate) async fn first_missing(
+    connection: &Connection,
+    queues: &[String],
+) -> Result<Option<String>, BusError> {
+    let channel = connection.create_channel().await?;
+    for queue in queues {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let answer = channel
+            .queue_declare(short("queue name", queue)?, passive, FieldTable::default())
+            .await;
+        match answer {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => return Ok(Some(queue.clone())),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let _ = channel.close(200, "checked".into()).await;
+    Ok(None)
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ProtocolError(p) if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
 }
 
 /// The AMQP properties of a message rhinobus sends: persistent, with the envelope headers

@@ -25,7 +25,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -80,6 +81,8 @@ pub(crate) struct Link {
     generation: u64,
     connection: Connection,
     publisher: Channel,
+    /// Queues seen to exist on this connection (see [`RabbitMq::check_queues`]).
+    known_queues: StdMutex<HashSet<String>>,
 }
 
 struct ConsumerRegistration {
@@ -165,7 +168,48 @@ impl RabbitMq {
         }
     }
 
+    /// Makes a batch of sends all or nothing, as far as missing queues go: before a batch of
+    /// more than one message goes out, the queues it sends to that this connection has not
+    /// seen yet are looked up, and a missing one fails the batch before anything is sent. (A
+    /// single message needs no check: `mandatory` returns it. A queue deleted after it was
+    /// seen can still leave a batch half sent.)
+    async fn check_queues(
+        &self,
+        link: &Link,
+        messages: &[OutgoingMessage],
+    ) -> Result<(), BusError> {
+        if messages.len() < 2 {
+            return Ok(());
+        }
+        let unseen: Vec<String> = {
+            let known = link
+                .known_queues
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let unseen: BTreeSet<&String> = messages
+                .iter()
+                .filter_map(|m| match &m.destination {
+                    Destination::Queue(q) if !known.contains(q) => Some(q),
+                    _ => None,
+                })
+                .collect();
+            unseen.into_iter().cloned().collect()
+        };
+        if unseen.is_empty() {
+            return Ok(());
+        }
+        if let Some(queue) = amqp::first_missing(&link.connection, &unseen).await? {
+            return Err(BusError::Unroutable { queue });
+        }
+        link.known_queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(unseen);
+        Ok(())
+    }
+
     async fn send_once(&self, link: &Link, messages: &[OutgoingMessage]) -> Result<(), BusError> {
+        self.check_queues(link, messages).await?;
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages {
             let (exchange, key, routing) = match &m.destination {
@@ -531,6 +575,7 @@ async fn connect(inner: &Inner, generation: u64) -> Result<(Link, EventStream), 
             generation,
             connection,
             publisher,
+            known_queues: StdMutex::default(),
         },
         events,
     ))
