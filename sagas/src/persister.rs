@@ -14,9 +14,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum MissingSaga {
     /// Fail the message with [`crate::SagaError::NotFound`] or
-    /// [`crate::SagaError::Completed`]: after the endpoint's immediate retries (which also
-    /// cover a message that overtook its initiator), it lands in the error queue with that
-    /// reason.
+    /// [`crate::SagaError::Completed`]: after the endpoint's retries it lands in the error
+    /// queue with that reason. Immediate retries run back to back, so a message that may
+    /// overtake its initiator by more than a moment needs the endpoint's delayed retries.
     #[default]
     ErrorQueue,
     /// Drop it with a warning in the log.
