@@ -181,6 +181,19 @@ pub enum WireError {
         /// The limit.
         max: u64,
     },
+    /// The answer would be longer than the node's frame limit (a key's siblings, a list or a
+    /// range dump grown that large); nothing was sent. Resolve the siblings (a put naming
+    /// them as parents), or raise `--max-frame` on the nodes and the clients together.
+    #[error(
+        "answer too large: {len} bytes, more than the frame limit of {max} (resolve the key's \
+         siblings, or raise --max-frame on nodes and clients alike)"
+    )]
+    ResponseTooLarge {
+        /// The answer's length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
     /// The frame was not a request this node understands.
     #[error("malformed request: {message}")]
     Malformed {

@@ -180,14 +180,35 @@ fn secret_matches(expected: &str, given: Option<&str>) -> bool {
     diff == 0
 }
 
-async fn respond(tx: &mpsc::Sender<Bytes>, id: u64, result: Result<frame::Response, WireError>) {
-    let body = frame::encode(&ResponseFrame { id, result }).or_else(|e| {
-        frame::encode(&ResponseFrame {
-            id,
-            result: Err(WireError::Internal {
-                message: format!("cannot encode response: {e}"),
-            }),
+/// Sends the answer to request `id`. An answer longer than `max` (the node's frame limit)
+/// becomes a [`WireError::ResponseTooLarge`] instead: a client with the same limit could not
+/// read it and would lose its connection, and every request on it, to the frame. The
+/// topology is exempt: it is the node's own, and clients need it whatever the limit.
+async fn respond(
+    tx: &mpsc::Sender<Bytes>,
+    id: u64,
+    result: Result<frame::Response, WireError>,
+    max: usize,
+) {
+    let exempt = matches!(result, Ok(frame::Response::Topology(_)));
+    let encoded = |result| {
+        frame::encode(&ResponseFrame { id, result }).or_else(|e| {
+            frame::encode(&ResponseFrame {
+                id,
+                result: Err(WireError::Internal {
+                    message: format!("cannot encode response: {e}"),
+                }),
+            })
         })
+    };
+    let body = encoded(result).and_then(|body| {
+        if body.len() <= max || exempt {
+            return Ok(body);
+        }
+        encoded(Err(WireError::ResponseTooLarge {
+            len: body.len() as u64,
+            max: max as u64,
+        }))
     });
     match body {
         // A send error means the writer is gone (peer closed); nothing left to tell.
@@ -200,6 +221,7 @@ async fn respond(tx: &mpsc::Sender<Bytes>, id: u64, result: Result<frame::Respon
 
 async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown) {
     let (mut reader, tx, writer) = connection::split(stream, node.options.max_frame);
+    let limit = node.options.max_frame;
     let mut authenticated = node.options.secret.is_none();
     let in_flight = Arc::new(Semaphore::new(node.options.max_in_flight.max(1)));
     loop {
@@ -212,7 +234,13 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
             Some(Ok(body)) => body,
             Some(Err(ReadError::TooLarge { max })) => {
                 // The rest of the stream cannot be re-synchronised: answer and close.
-                respond(&tx, 0, Err(WireError::FrameTooLarge { max: max as u64 })).await;
+                respond(
+                    &tx,
+                    0,
+                    Err(WireError::FrameTooLarge { max: max as u64 }),
+                    limit,
+                )
+                .await;
                 break;
             }
             Some(Err(ReadError::Io(e))) => {
@@ -224,7 +252,7 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
             Ok(frame) => frame,
             Err((id, err)) => {
                 tracing::debug!(error = %err, "malformed request");
-                respond(&tx, id.unwrap_or(0), Err(err)).await;
+                respond(&tx, id.unwrap_or(0), Err(err), limit).await;
                 if id.is_none() || !authenticated {
                     break;
                 }
@@ -239,7 +267,7 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
                     authenticated = true;
                 }
                 _ => {
-                    respond(&tx, frame.id, Err(WireError::Unauthorized)).await;
+                    respond(&tx, frame.id, Err(WireError::Unauthorized), limit).await;
                     break;
                 }
             }
@@ -251,6 +279,7 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
                 Err(WireError::TopologyChanged {
                     version: node.topology.version,
                 }),
+                limit,
             )
             .await;
             continue;
@@ -272,14 +301,14 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
                             message: format!("request task failed: {e}"),
                         })
                     });
-                respond(&tx, id, result).await;
+                respond(&tx, id, result, limit).await;
                 drop(permit);
             });
         } else {
             // Local reads and buffered writes take microseconds: answering inline keeps the
             // answers in order and avoids a task per request.
             let result = node.execute(frame.request);
-            respond(&tx, id, result).await;
+            respond(&tx, id, result, limit).await;
         }
     }
     drop(tx);

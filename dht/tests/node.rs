@@ -358,6 +358,27 @@ async fn garbage_oversize_and_abrupt_disconnects_do_not_hurt_the_node() {
         Err(ClientError::Rejected(WireError::FrameTooLarge { .. }))
     ));
 
+    // Siblings that together outgrow the node's frame limit: a clear error for that request,
+    // and the connection goes on serving the others.
+    for _ in 0..2 {
+        client
+            .put(PutRequest::new("twins", vec![7u8; 3000]))
+            .await
+            .unwrap();
+    }
+    let too_large = client.get("twins").await;
+    assert!(
+        matches!(
+            too_large,
+            Err(ClientError::Rejected(WireError::ResponseTooLarge {
+                max: 4096,
+                ..
+            }))
+        ),
+        "{too_large:?}"
+    );
+    assert_eq!(client.get("k").await.unwrap().len(), 1);
+
     // Through all of that, the node kept serving everyone else.
     assert_eq!(client.get("k").await.unwrap().len(), 1);
     let fresh = Client::connect(node.addr.clone()).await.unwrap();
