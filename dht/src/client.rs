@@ -123,6 +123,24 @@ impl ClientError {
                 | ClientError::Timeout { .. }
         )
     }
+
+    /// Whether the request may have reached the node and been applied there: it went away, or
+    /// did not answer in time, after the request was sent.
+    pub fn may_have_been_applied(&self) -> bool {
+        matches!(
+            self,
+            ClientError::ConnectionLost { .. } | ClientError::Timeout { .. }
+        )
+    }
+}
+
+/// Whether `request`, failed with `error` on one replica, goes on to the next. Not when the
+/// node answered (the answer stands), and not for an optimistic write that may have been
+/// applied: on another replica, which has not seen it yet, its check would pass against the
+/// older state, and the two versions would meet as siblings, which an optimistic writer never
+/// expects. Such a write returns the error: reload and decide, as after a conflict.
+fn fails_over(request: &Request, error: &ClientError) -> bool {
+    error.is_unreachable() && !(request.is_optimistic() && error.may_have_been_applied())
 }
 
 impl From<WireError> for ClientError {
@@ -406,7 +424,9 @@ impl Client {
     /// node says it changed.
     ///
     /// A write whose node went away before answering may have been applied there; retried on
-    /// the next replica it is applied again, as a new version: a sibling, never a loss.
+    /// the next replica it is applied again, as a new version: a sibling, never a loss. An
+    /// optimistic write is the exception: it fails over only when it never reached the node
+    /// (see [`fails_over`]).
     async fn call(&self, key: &[u8], request: Request) -> Result<Response, ClientError> {
         let mut refreshed = false;
         'routing: loop {
@@ -434,7 +454,7 @@ impl Client {
                         self.refresh_topology().await?;
                         continue 'routing;
                     }
-                    Err(e) if e.is_unreachable() => {
+                    Err(e) if fails_over(&request, &e) => {
                         tracing::debug!(%addr, error = %e, "node unreachable; failing over");
                         last_error = Some(e);
                     }
@@ -755,20 +775,60 @@ mod tests {
 
     /// A node served in this process until the returned sender is dropped.
     async fn node() -> (tempfile::TempDir, String, oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        serve_on(listener, NodeOptions::default())
+    }
+
+    fn serve_on(
+        listener: tokio::net::TcpListener,
+        options: NodeOptions,
+    ) -> (tempfile::TempDir, String, oneshot::Sender<()>) {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(serve(
-            listener,
-            storage,
-            NodeOptions::default(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        tokio::spawn(serve(listener, storage, options, async move {
+            let _ = stopped.await;
+        }));
         (dir, addr, stop)
+    }
+
+    /// A primary that takes requests and never answers (hung, or answering too late), and a
+    /// working secondary: a non-optimistic write fails over, an optimistic one does not, since
+    /// the primary may have applied it.
+    #[tokio::test]
+    async fn an_optimistic_write_does_not_fail_over_once_it_may_have_been_applied() {
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hung_addr = hung.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = hung.accept().await {
+                held.push(socket);
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let topology = Topology::blocks(1, [("hung", hung_addr.clone()), ("ok", addr.clone())]);
+        let key = (0..)
+            .map(|n| format!("k{n}"))
+            .find(|k| topology.replicas(RangeId::of(k.as_bytes()))[0] == hung_addr)
+            .unwrap();
+        let (_dir, _, _stop) = serve_on(listener, NodeOptions::default().topology(topology));
+        let options = ClientOptions {
+            timeout: Duration::from_millis(300),
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with([addr], options).await.unwrap();
+
+        let plain = client.put(PutRequest::new(key.clone(), "a")).await;
+        assert!(plain.is_ok(), "a plain write fails over: {plain:?}");
+        let parents = [plain.unwrap().version];
+        let optimistic = PutRequest::new(key, "b").parents(parents).optimistic(true);
+        let outcome = client.put(optimistic).await;
+        assert!(
+            matches!(outcome, Err(ClientError::Timeout { .. })),
+            "{outcome:?}"
+        );
     }
 
     #[tokio::test]

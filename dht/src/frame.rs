@@ -75,6 +75,16 @@ impl Request {
         )
     }
 
+    /// Whether the request makes an optimistic write (a put or remove, alone or in a batch).
+    pub fn is_optimistic(&self) -> bool {
+        match self {
+            Request::Put(r) => r.optimistic,
+            Request::Remove(r) => r.optimistic,
+            Request::Batch { ops } => ops.iter().any(Op::is_optimistic),
+            _ => false,
+        }
+    }
+
     /// Whether the request writes.
     pub fn is_write(&self) -> bool {
         match self {

@@ -302,6 +302,15 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether it is an optimistic put or remove.
+    pub fn is_optimistic(&self) -> bool {
+        match self {
+            Op::Put(r) => r.optimistic,
+            Op::Remove(r) => r.optimistic,
+            Op::Get(_) | Op::AddItem(_) | Op::RemoveItem(_) | Op::GetItems(_) => false,
+        }
+    }
+
     /// The key the operation touches.
     pub fn key(&self) -> &Bytes {
         match self {
