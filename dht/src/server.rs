@@ -285,9 +285,12 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
             continue;
         }
         let id = frame.id;
-        if node.storage.durability() == Durability::Fsync && frame.request.is_write() {
+        let waits_for_sync =
+            node.storage.durability() == Durability::Fsync && frame.request.is_write();
+        if waits_for_sync || matches!(frame.request, Request::Dump { .. }) {
             // Writes wait for an fsync off the runtime's threads, many at once, so that group
-            // commit can share each sync between them. Their answers may overtake each other.
+            // commit can share each sync between them; a range dump reads a 1,024th of the
+            // table. Their answers may overtake each other.
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break;
             };
