@@ -49,6 +49,15 @@ pub enum CodecError {
         /// What the decoder said.
         source: rmp_serde::decode::Error,
     },
+    /// The type's `Deserialize` panicked on these bytes (a `deserialize_with` that unwraps,
+    /// say): as bad as undecodable bytes, and handled the same way.
+    #[error("decoding body as {type_name} panicked: {message}")]
+    DecodePanicked {
+        /// The wire name of the message.
+        type_name: &'static str,
+        /// The panic's message.
+        message: String,
+    },
 }
 
 /// Encodes a message as MessagePack with named fields, so that readers of an older or newer
@@ -61,11 +70,27 @@ pub fn encode<M: Message>(message: &M) -> Result<Vec<u8>, CodecError> {
 }
 
 /// Decodes a MessagePack body as `M`.
+///
+/// A `Deserialize` that panics is caught and reported as [`CodecError::DecodePanicked`].
 pub fn decode<M: Message>(body: &[u8]) -> Result<M, CodecError> {
-    rmp_serde::from_slice(body).map_err(|source| CodecError::Decode {
-        type_name: M::NAME,
-        source,
-    })
+    std::panic::catch_unwind(|| rmp_serde::from_slice(body))
+        .map_err(|panic| CodecError::DecodePanicked {
+            type_name: M::NAME,
+            message: panic_text(panic.as_ref()),
+        })?
+        .map_err(|source| CodecError::Decode {
+            type_name: M::NAME,
+            source,
+        })
+}
+
+/// What a caught panic said, when it said it with a string.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 #[cfg(test)]

@@ -191,10 +191,6 @@ async fn run(
 }
 
 fn panicked(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a handler panicked".into());
+    let text = crate::message::panic_text(panic.as_ref());
     HandlerError::msg(format!("handler panicked: {text}"))
 }

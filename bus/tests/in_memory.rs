@@ -144,6 +144,40 @@ async fn undecodable_and_unknown_messages_go_straight_to_the_error_queue() {
     assert_eq!(reasons, ["decode", "missing-type", "no-handler"]);
 }
 
+/// A message type whose `Deserialize` panics on every body.
+#[derive(Debug, Serialize)]
+struct Fragile {
+    n: u32,
+}
+impl<'de> Deserialize<'de> for Fragile {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("fragile types break")
+    }
+}
+impl Message for Fragile {
+    const NAME: &'static str = "tests.fragile";
+}
+
+#[tokio::test]
+async fn a_panicking_deserialize_sends_the_message_to_the_error_queue_once() {
+    let broker = InMemory::new();
+    let ep = Endpoint::builder("fragile", broker.clone())
+        .handle(|_: Fragile, _: Context| async { Ok::<_, HandlerError>(()) })
+        .start()
+        .await
+        .unwrap();
+    ep.bus().send("fragile", &Fragile { n: 1 }).await.unwrap();
+    wait_until("the error queue", || broker.queue_len("error") == 1).await;
+    ep.shutdown().await;
+    let (headers, _) = broker.take("error").unwrap();
+    assert_eq!(headers[names::FAILURE_REASON], "decode");
+    assert!(
+        headers[names::FAILURE_ERROR_MESSAGE].contains("fragile types break"),
+        "{headers:?}"
+    );
+    assert_eq!(broker.queue_len("fragile"), 0, "not redelivered");
+}
+
 #[tokio::test]
 async fn shutdown_returns_unstarted_messages_to_the_queue() {
     let broker = InMemory::new();
