@@ -147,7 +147,7 @@ impl Pipeline {
         }
     }
 
-    async fn settle(&self, delivery: Box<dyn Delivery>, headers: &Headers, outcome: Outcome) {
+    async fn settle(&self, mut delivery: Box<dyn Delivery>, headers: &Headers, outcome: Outcome) {
         let result = match outcome {
             Outcome::Handled => delivery.ack().await,
             Outcome::Delay { queue, round } => {
@@ -161,12 +161,13 @@ impl Pipeline {
             }
         };
         if let Err(e) = result {
-            // The delivery was not removed, so the broker hands it out again. Pause before
-            // letting it go, so that a broker refusing the error queue (deleted by hand, say)
-            // does not turn into a hot loop of handler runs.
+            // The delivery was not removed, so the broker hands it out again once it is let
+            // go. Pause before letting it go, so that a broker refusing the error queue
+            // (deleted by hand, say) does not turn into a hot loop of handler runs.
             warn!(error = %e, "could not settle the message; it will be redelivered");
             tokio::time::sleep(SETTLE_FAILURE_PAUSE).await;
         }
+        drop(delivery);
     }
 }
 

@@ -400,6 +400,45 @@ async fn a_handler_sending_to_a_missing_queue_sends_nothing_at_all() {
     raw.cleanup().await;
 }
 
+/// The error queue deleted by hand: a failed message cannot be moved there, so it goes back
+/// to its queue, but only after a pause, not straight into another round of handler runs.
+#[tokio::test]
+async fn a_message_that_cannot_reach_the_error_queue_comes_back_after_a_pause() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = raw.endpoint_queues("unsettled").await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .immediate_retries(0)
+        .concurrency(4)
+        .handle(move |_: Work, _: Context| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(HandlerError::msg("always fails")) }
+        })
+        .start()
+        .await
+        .expect("start");
+    raw.channel
+        .queue_delete(error.as_str().into(), Default::default())
+        .await
+        .expect("delete the error queue");
+    ep.bus().send(&queue, &Work { n: 1 }).await.expect("send");
+    // One attempt, a pause of a second while the delivery is held, then the next: never more
+    // than two attempts in 1.5 s, however loaded the machine (without the pause, each of the
+    // four slots ran it again at once).
+    let start = tokio::time::Instant::now();
+    while calls.load(Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < WAIT, "never handled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let attempts = calls.load(Ordering::SeqCst);
+    assert!(attempts <= 2, "{attempts} attempts in 1.5 s");
+    ep.shutdown().await;
+    raw.cleanup().await;
+}
+
 #[tokio::test]
 async fn conflicts_are_retried_on_their_own_budget() {
     let mut raw = Raw::connect().await;

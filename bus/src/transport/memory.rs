@@ -249,12 +249,12 @@ impl Delivery for MemoryDelivery {
         self.stored().redelivered
     }
 
-    async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
+    async fn ack(&mut self) -> Result<(), BusError> {
         self.message = None;
         Ok(())
     }
 
-    async fn forward(mut self: Box<Self>, queue: &str, extra: Headers) -> Result<(), BusError> {
+    async fn forward(&mut self, queue: &str, extra: Headers) -> Result<(), BusError> {
         let stored = self.stored();
         let mut headers = Headers::clone(&stored.headers);
         headers.extend(extra);

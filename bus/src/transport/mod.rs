@@ -77,11 +77,14 @@ pub trait Delivery: Send + Sync {
     /// Whether the broker delivered it before (a previous consumer did not settle it).
     fn redelivered(&self) -> bool;
     /// Removes it from its queue.
-    async fn ack(self: Box<Self>) -> Result<(), BusError>;
+    async fn ack(&mut self) -> Result<(), BusError>;
     /// Copies it unchanged, plus `extra` headers (which replace headers of the same name),
     /// into `queue`, waits for the broker to confirm the copy, and only then removes the
-    /// original. A crash in between can duplicate the message, never lose it.
-    async fn forward(self: Box<Self>, queue: &str, extra: Headers) -> Result<(), BusError>;
+    /// original. A crash in between can duplicate the message, never lose it. On an error the
+    /// delivery stays unsettled, and dropping it gives it back to its queue.
+    ///
+    /// A delivery is settled once, by `ack` or `forward`; it is dropped after that.
+    async fn forward(&mut self, queue: &str, extra: Headers) -> Result<(), BusError>;
 }
 
 /// The stream of deliveries of an endpoint queue.

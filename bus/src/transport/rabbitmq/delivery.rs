@@ -50,12 +50,12 @@ impl Delivery for RabbitDelivery {
         self.delivery.redelivered
     }
 
-    async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
+    async fn ack(&mut self) -> Result<(), BusError> {
         self.settled = true;
         self.acks.ack(self.delivery.delivery_tag)
     }
 
-    async fn forward(mut self: Box<Self>, queue: &str, extra: Headers) -> Result<(), BusError> {
+    async fn forward(&mut self, queue: &str, extra: Headers) -> Result<(), BusError> {
         let props = amqp::with_extra_headers(&self.delivery.properties, &extra)?;
         self.transport
             .republish(queue, &self.delivery.data, props)
