@@ -51,17 +51,25 @@ impl<St: DeserializeOwned> SagaDocument<St> {
     }
 }
 
-/// Merges the handled lists of siblings: every id once, in the order first seen, the most
-/// recent `remember` kept.
+/// Merges the handled lists of siblings, every id once, keeping each list's order: an id
+/// missing so far goes right after the id that came before it in its own list. Siblings
+/// share the history of their common parent, so older ids stay in front of newer ones
+/// whichever sibling still remembers them, and trimming to the most recent `remember` drops
+/// the oldest.
 pub(crate) fn union_handled(
     lists: Vec<Vec<HandledMessage>>,
     remember: usize,
 ) -> Vec<HandledMessage> {
     let mut out: Vec<HandledMessage> = Vec::new();
     for list in lists {
+        let mut next = 0;
         for h in list {
-            if !out.iter().any(|o| o.id == h.id) {
-                out.push(h);
+            match out.iter().position(|o| o.id == h.id) {
+                Some(at) => next = next.max(at + 1),
+                None => {
+                    out.insert(next, h);
+                    next += 1;
+                }
             }
         }
     }
@@ -93,6 +101,20 @@ mod tests {
         let ids: Vec<_> = doc.handled.iter().map(|h| h.id.as_str()).collect();
         assert_eq!(ids, ["2", "3", "4"]);
         assert!(doc.handled("4").is_some() && doc.handled("1").is_none());
+    }
+
+    #[test]
+    fn union_trims_the_oldest_whichever_sibling_remembers_them() {
+        let ids = |list: &[HandledMessage]| list.iter().map(|h| h.id.clone()).collect::<Vec<_>>();
+        let list = |names: &[&str]| names.iter().map(|n| h(n)).collect::<Vec<_>>();
+        // Both diverged from [p1..p5] with room for 5: one handled two messages (forgetting
+        // p1, p2), the other one (forgetting p1).
+        let a = list(&["p3", "p4", "p5", "a1", "a2"]);
+        let b = list(&["p2", "p3", "p4", "p5", "b1"]);
+        let merged = union_handled(vec![a.clone(), b.clone()], 5);
+        assert_eq!(ids(&merged), ["p4", "p5", "b1", "a1", "a2"]);
+        let merged = union_handled(vec![b, a], 5);
+        assert_eq!(ids(&merged), ["p4", "p5", "a1", "a2", "b1"]);
     }
 
     #[test]
