@@ -41,7 +41,8 @@ pub mod names {
     pub const FAILURE_ENDPOINT: &str = "rhinobus-failure-endpoint";
     /// When it failed (RFC 3339, UTC).
     pub const FAILURE_TIME: &str = "rhinobus-failure-time";
-    /// How many times the handlers ran before it was given up.
+    /// How many times the handlers ran before it was given up, in its last round of
+    /// immediate retries (the delayed rounds before it are counted in [`DELAYED_RETRIES`]).
     pub const FAILURE_ATTEMPTS: &str = "rhinobus-failure-attempts";
     /// Why it failed, in one word: `handler`, `decode`, `unknown-type`, `no-handler`, ...
     pub const FAILURE_REASON: &str = "rhinobus-failure-reason";

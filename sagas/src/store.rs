@@ -76,6 +76,11 @@ impl SagaStore for Client {
 
 /// Embedded storage. Calls run on the caller's thread: with [`rhinobus_dht::Durability::Fsync`]
 /// a save blocks it for the sync.
+///
+/// Completed sagas leave a marker that expires (so late messages are recognised, not
+/// restarted); expired records are hidden from reads but stay on disk until
+/// [`Storage::purge_expired`] removes them. A `rhinobus-dht` node runs it every minute;
+/// an application embedding the storage calls it itself, from a timer.
 #[async_trait]
 impl SagaStore for Storage {
     async fn load(&self, key: &str) -> Result<Vec<Sibling>, StoreError> {
