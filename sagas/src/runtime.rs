@@ -175,7 +175,20 @@ impl<S: Saga> Runtime<S> {
                 state: Some(state),
                 handled,
             }) => (state, handled, false),
-            Some(SagaDocument { state: None, .. }) => {
+            Some(SagaDocument {
+                state: None,
+                handled,
+            }) => {
+                if loaded.parents.len() > 1 {
+                    // Completion won over concurrent branches: collapse them into one
+                    // completed marker now, or a live branch would outlast the marker (and
+                    // the saga come back to life when the marker expires).
+                    let marker = SagaDocument {
+                        state: None,
+                        handled,
+                    };
+                    self.save(dht_key, &marker, loaded.parents, true).await?;
+                }
                 return self.missing(SagaError::Completed {
                     saga: S::NAME,
                     key,
@@ -210,11 +223,24 @@ impl<S: Saga> Runtime<S> {
             },
             self.persister.remember,
         );
+        self.save(dht_key, &document, loaded.parents, completed)
+            .await
+    }
+
+    /// Saves `document` under `key` over `parents`; a completed saga's document expires after
+    /// the persister's retention.
+    async fn save(
+        &self,
+        key: String,
+        document: &SagaDocument<S::State>,
+        parents: Vec<Version>,
+        completed: bool,
+    ) -> Result<(), HandlerError> {
         let value = document.encode().map_err(SagaError::into_handler_error)?;
         let request = SaveRequest {
-            key: dht_key,
+            key,
             value,
-            parents: loaded.parents,
+            parents,
             optimistic: self.persister.is_optimistic(),
             expires_at: completed.then(|| SystemTime::now() + self.persister.completed_retention),
         };

@@ -333,6 +333,32 @@ async fn the_merging_persister_keeps_both_writes_and_merges_them_on_the_next_loa
 }
 
 #[tokio::test]
+async fn a_completed_branch_collapses_the_siblings_into_one_completed_marker() {
+    let store = SameVersion::new(2);
+    let h =
+        SagaHarness::with_persister(BasketSaga, store.clone(), |s| Persister::merging(s, union));
+    store.inner.save(seed(8)).await.unwrap();
+    let (finished, added) = tokio::join!(
+        h.handle(&Finish { id: 8 }),
+        h.handle(&Add { id: 8, item: 1 })
+    );
+    finished.unwrap();
+    added.unwrap();
+    assert_eq!(
+        h.versions(&8).await.unwrap(),
+        2,
+        "a completed and a live branch"
+    );
+    let late = h.handle(&Add { id: 8, item: 2 }).await.unwrap_err();
+    assert!(late.to_string().contains("completed"), "{late}");
+    // The live branch is gone with it: nothing can outlast the marker and revive the saga.
+    let left = store.inner.load(&saga_key::<BasketSaga>(&8)).await.unwrap();
+    assert_eq!(left.len(), 1, "collapsed into one");
+    assert!(h.is_completed(&8).await.unwrap());
+    assert!(left[0].expires_at.is_some(), "the marker expires");
+}
+
+#[tokio::test]
 async fn the_optimistic_persister_refuses_siblings_it_cannot_merge() {
     let store = MemoryStore::new();
     store.save(seed(7)).await.unwrap();
