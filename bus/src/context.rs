@@ -142,6 +142,16 @@ impl Context {
             .push(message);
     }
 
+    /// Takes back the staged messages for which `keep` returns false: for a handler that
+    /// learns its work was done already (by a concurrent run of the same message) and must
+    /// not send it twice. The other handlers' messages are left alone when `keep` says so.
+    pub fn retain_outgoing(&self, keep: impl FnMut(&OutgoingMessage) -> bool) {
+        self.outbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(keep);
+    }
+
     /// Everything sent so far, taken out of the context.
     pub fn take_outgoing(&self) -> Vec<OutgoingMessage> {
         std::mem::take(&mut *self.outbox.lock().unwrap_or_else(PoisonError::into_inner))

@@ -8,9 +8,12 @@ use crate::persister::{MissingSaga, Mode, Persister};
 use crate::routes::{RouteFns, Routes};
 use crate::saga::{MergeSagaState, Saga};
 use crate::store::{SagaStore, SaveRequest, StoreError};
+use rhinobus::headers::names;
 use rhinobus::message::Message;
-use rhinobus::{Context, EndpointBuilder, HandlerError};
+use rhinobus::transport::OutgoingMessage;
+use rhinobus::{Context, EndpointBuilder, ErrorKind, HandlerError};
 use rhinobus_dht::Version;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tracing::{debug, warn};
@@ -187,7 +190,8 @@ impl<S: Saga> Runtime<S> {
                         state: None,
                         handled,
                     };
-                    self.save(dht_key, &marker, loaded.parents, true).await?;
+                    self.save(dht_key, &marker, loaded.parents, true, false)
+                        .await?;
                 }
                 return self.missing(SagaError::Completed {
                     saga: S::NAME,
@@ -206,7 +210,7 @@ impl<S: Saga> Runtime<S> {
                 });
             }
         };
-        let mut saga_ctx = SagaContext::<S>::new(state, key, ctx, is_new);
+        let mut saga_ctx = SagaContext::<S>::new(state, key, ctx.clone(), is_new);
         if let (Some(merge), Mode::Merging { react, .. }) = (loaded.merge, &self.persister.mode) {
             react(&self.saga, merge, &mut saga_ctx).await?;
         }
@@ -218,30 +222,75 @@ impl<S: Saga> Runtime<S> {
         };
         document.remember(
             HandledMessage {
-                id: message_id,
+                id: message_id.clone(),
                 outgoing: sent,
             },
             self.persister.remember,
         );
-        self.save(dht_key, &document, loaded.parents, completed)
+        if let Mode::Merging { .. } = &self.persister.mode {
+            // First as if optimistic: a concurrent run of this very message (a redelivery
+            // while the first run was still going) must not be applied twice, as a sibling.
+            match self
+                .save(
+                    dht_key.clone(),
+                    &document,
+                    loaded.parents.clone(),
+                    completed,
+                    true,
+                )
+                .await
+            {
+                Err(e) if e.kind() == ErrorKind::Conflict => {
+                    let now = self
+                        .load(&dht_key)
+                        .await
+                        .map_err(SagaError::into_handler_error)?;
+                    if let Some(first) = now.document.as_ref().and_then(|d| d.handled(&message_id))
+                    {
+                        debug!(
+                            saga = S::NAME,
+                            message_id, "handled meanwhile by a concurrent run"
+                        );
+                        Self::unstage(&ctx, &document);
+                        Self::resend(&ctx, first);
+                        return Ok(());
+                    }
+                    // Another message's write: keep both, as siblings, for the next load to merge.
+                }
+                done => return done,
+            }
+        }
+        let optimistic = self.persister.is_optimistic();
+        self.save(dht_key, &document, loaded.parents, completed, optimistic)
             .await
     }
 
+    /// Takes back from `ctx` what this handling staged (the newest entry of `document`).
+    fn unstage(ctx: &Context, document: &SagaDocument<S::State>) {
+        let Some(ours) = document.handled.last() else {
+            return;
+        };
+        let id_of = |m: &OutgoingMessage| m.headers.get(names::MESSAGE_ID).cloned();
+        let ids: HashSet<String> = ours.outgoing.iter().filter_map(id_of).collect();
+        ctx.retain_outgoing(|m| id_of(m).is_none_or(|id| !ids.contains(&id)));
+    }
+
     /// Saves `document` under `key` over `parents`; a completed saga's document expires after
-    /// the persister's retention.
+    /// the persister's retention. An optimistic save that lost a race is a conflict.
     async fn save(
         &self,
         key: String,
         document: &SagaDocument<S::State>,
         parents: Vec<Version>,
         completed: bool,
+        optimistic: bool,
     ) -> Result<(), HandlerError> {
         let value = document.encode().map_err(SagaError::into_handler_error)?;
         let request = SaveRequest {
             key,
             value,
             parents,
-            optimistic: self.persister.is_optimistic(),
+            optimistic,
             expires_at: completed.then(|| SystemTime::now() + self.persister.completed_retention),
         };
         self.persister

@@ -2,6 +2,7 @@
 
 use crate::*;
 use async_trait::async_trait;
+use rhinobus::headers::names;
 use rhinobus::{ErrorKind, HandlerError, Message};
 use rhinobus_dht::{Sibling, Version};
 use serde::{Deserialize, Serialize};
@@ -330,6 +331,31 @@ async fn the_merging_persister_keeps_both_writes_and_merges_them_on_the_next_loa
     let state = h.state(&6).await.unwrap().unwrap();
     assert_eq!(state.items, BTreeSet::from([1, 2, 3, 4]));
     assert_eq!(state.merges, 1, "the saga reacted to the merge once");
+}
+
+/// A redelivery handled while the first run of the same message is still going (a connection
+/// lost mid-handling): one of the two writes wins, the other run sends what the winner sent.
+#[tokio::test]
+async fn the_merging_persister_applies_a_message_handled_twice_at_once_only_once() {
+    let store = SameVersion::new(2);
+    let h =
+        SagaHarness::with_persister(BasketSaga, store.clone(), |s| Persister::merging(s, union));
+    store.inner.save(seed(10)).await.unwrap();
+    let add = Add { id: 10, item: 1 };
+    let (a, b) = tokio::join!(
+        h.handle_with_id(&add, "the-same-message"),
+        h.handle_with_id(&add, "the-same-message")
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(h.versions(&10).await.unwrap(), 1, "no sibling");
+    assert_eq!(h.state(&10).await.unwrap().unwrap().applied, 1);
+    let ids = |sent: &[Sent]| {
+        sent.iter()
+            .map(|m| m.header(names::MESSAGE_ID).unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&a), ids(&b), "both runs send the same message, same id");
+    assert_eq!(a.len(), 1);
 }
 
 #[tokio::test]
