@@ -12,7 +12,8 @@ use rhinobus::headers::names;
 use rhinobus::message::Message;
 use rhinobus::transport::OutgoingMessage;
 use rhinobus::{Context, EndpointBuilder, ErrorKind, HandlerError};
-use rhinobus_dht::Version;
+use rhinobus_dht::{Sibling, Version};
+use serde::de::DeserializeOwned;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -68,7 +69,7 @@ impl<S: Saga> Runtime<S> {
             }
             n => {
                 let Mode::Merging { merger, .. } = &self.persister.mode else {
-                    return Err(SagaError::Siblings {
+                    return one_handling_twice(siblings).ok_or_else(|| SagaError::Siblings {
                         key: key.to_owned(),
                         siblings: n,
                     });
@@ -300,6 +301,34 @@ impl<S: Saga> Runtime<S> {
             .map_err(|e| store_error(e).into_handler_error())?;
         Ok(())
     }
+}
+
+/// The siblings an optimistic persister can still make sense of: every one the result of
+/// handling the same message last (a save that reached a node which then died, retried on a
+/// replica that had not seen it yet). The message was applied on each branch from the same
+/// state, so any one of them is a whole handling of it: the one with the oldest version is
+/// kept, and the next save supersedes them all. `None` for any other siblings.
+fn one_handling_twice<St: DeserializeOwned>(mut siblings: Vec<Sibling>) -> Option<Loaded<St>> {
+    siblings.sort_by_key(|s| s.version);
+    let documents: Vec<SagaDocument<St>> = siblings
+        .iter()
+        .map(|s| SagaDocument::decode(&s.value).ok())
+        .collect::<Option<_>>()?;
+    let last = |d: &SagaDocument<St>| d.handled.last().map(|h| h.id.clone());
+    let first = last(&documents[0])?;
+    if !documents.iter().all(|d| last(d).as_ref() == Some(&first)) {
+        return None;
+    }
+    warn!(
+        message_id = first,
+        siblings = siblings.len(),
+        "one message handled on several branches; keeping one of them"
+    );
+    Some(Loaded {
+        document: documents.into_iter().next(),
+        parents: siblings.iter().map(|s| s.version).collect(),
+        merge: None,
+    })
 }
 
 /// Puts sagas on an endpoint: one line per saga with its persister.

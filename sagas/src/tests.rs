@@ -300,9 +300,20 @@ async fn the_optimistic_persister_turns_a_lost_race_into_a_conflict() {
 
 /// An instance of `BasketSaga` with key `id`, written straight to a store.
 fn seed(id: u32) -> SaveRequest {
+    stored(id, Basket::default(), &[])
+}
+
+/// A `BasketSaga` document with key `id`: `state`, having handled `handled` (oldest first).
+fn stored(id: u32, state: Basket, handled: &[&str]) -> SaveRequest {
     let doc = crate::document::SagaDocument {
-        state: Some(Basket::default()),
-        handled: Vec::new(),
+        state: Some(state),
+        handled: handled
+            .iter()
+            .map(|id| crate::document::HandledMessage {
+                id: (*id).into(),
+                outgoing: Vec::new(),
+            })
+            .collect(),
     };
     SaveRequest {
         key: saga_key::<BasketSaga>(&id),
@@ -382,6 +393,40 @@ async fn a_completed_branch_collapses_the_siblings_into_one_completed_marker() {
     assert_eq!(left.len(), 1, "collapsed into one");
     assert!(h.is_completed(&8).await.unwrap());
     assert!(left[0].expires_at.is_some(), "the marker expires");
+}
+
+/// A `BasketSaga` document holding `items`, with `handled` as the last handled message.
+fn handled_by(id: u32, items: &[u32], handled: &str) -> SaveRequest {
+    let state = Basket {
+        items: items.iter().copied().collect(),
+        applied: 1,
+        merges: 0,
+    };
+    stored(id, state, &[handled])
+}
+
+/// What a save that reached a node which then died leaves, once the retry on a replica that
+/// had not seen it is replicated back: two branches, each the same message handled.
+#[tokio::test]
+async fn the_optimistic_persister_keeps_one_of_two_handlings_of_one_message() {
+    let store = MemoryStore::new();
+    store.save(handled_by(12, &[1], "m")).await.unwrap();
+    store.save(handled_by(12, &[1, 5], "m")).await.unwrap();
+    let h = SagaHarness::with_persister(BasketSaga, store.clone(), Persister::optimistic);
+    h.handle(&Add { id: 12, item: 3 }).await.unwrap();
+    assert_eq!(h.versions(&12).await.unwrap(), 1, "collapsed into one");
+    let state = h.state(&12).await.unwrap().unwrap();
+    assert_eq!(
+        state.items,
+        BTreeSet::from([1, 3]),
+        "the older branch, then the new message"
+    );
+
+    // Branches that handled different messages last are still refused.
+    store.save(handled_by(13, &[1], "m1")).await.unwrap();
+    store.save(handled_by(13, &[2], "m2")).await.unwrap();
+    let err = h.handle(&Add { id: 13, item: 3 }).await.unwrap_err();
+    assert!(err.to_string().contains("2 concurrent versions"), "{err}");
 }
 
 #[tokio::test]
