@@ -623,6 +623,12 @@ impl Storage {
         Ok(out)
     }
 
+    /// Whether a batch is being committed right now, so that another would wait for it. A hint
+    /// for callers that must not block (a node's runtime threads), stale as soon as it returns.
+    pub fn writer_busy(&self) -> bool {
+        self.inner.write_lock.try_lock().is_err()
+    }
+
     /// Supersedes values whose expiry is at or before `now`, at most `limit` of them; returns
     /// how many were cleaned up. A node calls this periodically; expired values are never
     /// returned even before it runs.
