@@ -3,7 +3,7 @@
 use crate::storage::{Change, Storage, StorageError};
 
 /// Applies `changes` (made on another replica) in one atomic batch and returns how many
-/// changed anything. Applying the same changes again, or in another order, or interleaved with
+/// wrote anything. Applying the same changes again, or in another order, or interleaved with
 /// other replicas' changes, leaves the same state: see [`Batch::apply_change`](crate::Batch::apply_change).
 pub fn apply(storage: &Storage, changes: &[Change]) -> Result<usize, StorageError> {
     storage.batch(|b| {
@@ -146,17 +146,27 @@ mod tests {
     }
 
     #[test]
-    fn applying_twice_changes_nothing_the_second_time() {
+    fn applying_twice_leaves_what_applying_once_did() {
         let (_d, origin) = open();
         let changes = origin
             .batch(|b| {
-                b.put(PutRequest::new("k", "v"))?;
+                let in_an_hour =
+                    std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+                b.put(PutRequest {
+                    expires_at: Some(in_an_hour),
+                    ..PutRequest::new("k", "v")
+                })?;
+                b.add_item(AddItemRequest::new("list", "i"))?;
                 Ok::<_, StorageError>(b.changes().to_vec())
             })
             .unwrap();
         let (_r, replica) = open();
-        assert_eq!(apply(&replica, &changes).unwrap(), 1);
-        assert_eq!(apply(&replica, &changes).unwrap(), 0);
+        assert_eq!(apply(&replica, &changes).unwrap(), 2);
+        let once = dump_all(&replica, &[RangeId::of(b"k"), RangeId::of(b"list")]);
+        apply(&replica, &changes).unwrap();
+        let twice = dump_all(&replica, &[RangeId::of(b"k"), RangeId::of(b"list")]);
+        assert_eq!(once, twice);
         assert_eq!(replica.get(b"k").unwrap(), origin.get(b"k").unwrap());
+        assert_eq!(replica.get_items(b"list").unwrap().len(), 1);
     }
 }
