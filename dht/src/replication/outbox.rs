@@ -3,11 +3,12 @@
 //!
 //! A write stages one outbox record, listing every destination, in its own storage batch
 //! ([`ReplicationOutbox::stage`]), so the write and the promise to replicate it commit together.
-//! The record on disk is the only copy of its changes. After the commit the record's *id* goes
-//! to an in-memory queue per destination ([`ReplicationOutbox::committed`]): memory holds an id
-//! and a counter per record, never a value, however long a destination stays unreachable. One
-//! sender per destination reads the queued records back from disk, one at a time, until it has
-//! a message's worth (up to [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`]
+//! After the commit the record goes to an in-memory queue per destination
+//! ([`ReplicationOutbox::committed`]), with its changes while the outbox holds fewer than
+//! [`MEMORY_BUDGET`] bytes of them, as an id and a counter alone beyond that: however long a
+//! destination stays unreachable, memory holds the budget and a few dozen bytes per record.
+//! One sender per destination takes the queued records (reading back from disk those queued
+//! without their changes), one at a time, until it has a message's worth (up to [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`]
 //! bytes, a big record split over several messages), and sends it as one [`Replicate`]
 //! message; records go out in commit order. When `Bus::send` returned (the broker confirmed)
 //! for the last destination of a record, the record is deleted, in one storage batch with the
@@ -40,6 +41,11 @@ pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a sender waits, by default, for a message's worth of changes before it sends
 /// fewer (see [`ReplicationOutbox::run_senders`]).
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(10);
+/// At most how many bytes of changes (counted by [`change_size`]) an outbox keeps in memory for
+/// its senders. Records queued past it are read back from disk when they are sent, which costs
+/// a lookup and a decoding per record and destination: a sixth of a replicated write's CPU in
+/// `bench dht-put-replicated`, where the budget is never reached.
+pub const MEMORY_BUDGET: usize = 32 * 1024 * 1024;
 
 /// The replication outbox of one node. Cheap to clone.
 #[derive(Clone)]
@@ -52,6 +58,8 @@ struct Inner {
     node: String,
     topology: Arc<Topology>,
     destinations: HashMap<String, Destination>,
+    /// Bytes of changes held by queued records, against [`MEMORY_BUDGET`].
+    held: Arc<AtomicUsize>,
 }
 
 /// One destination's queue: the records it still waits for, oldest first. Only its sender
@@ -89,6 +97,38 @@ struct Delivery {
     remaining: AtomicUsize,
     /// When it was queued: it waits at most the linger from then.
     queued_at: tokio::time::Instant,
+    /// The record's changes, when they fitted in the memory budget; read back from disk
+    /// otherwise.
+    changes: Option<Held>,
+}
+
+/// Changes kept in memory, counted against the budget until they are dropped.
+struct Held {
+    changes: Vec<Change>,
+    bytes: usize,
+    held: Arc<AtomicUsize>,
+}
+
+impl Held {
+    /// `changes`, if `held` plus their size stays within the budget.
+    fn within_budget(changes: Vec<Change>, held: &Arc<AtomicUsize>) -> Option<Self> {
+        let bytes: usize = changes.iter().map(change_size).sum();
+        held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+            (h + bytes <= MEMORY_BUDGET).then_some(h + bytes)
+        })
+        .ok()?;
+        Some(Self {
+            changes,
+            bytes,
+            held: held.clone(),
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// A write's replication, staged in its batch; hand it to
@@ -97,6 +137,7 @@ struct Delivery {
 pub struct Staged {
     id: OutboxId,
     destinations: BTreeSet<String>,
+    changes: Vec<Change>,
 }
 
 impl std::fmt::Debug for ReplicationOutbox {
@@ -129,6 +170,7 @@ impl ReplicationOutbox {
                 node: node.to_owned(),
                 topology,
                 destinations,
+                held: Arc::default(),
             }),
         };
         let mut records = 0usize;
@@ -138,7 +180,7 @@ impl ReplicationOutbox {
             let mut destinations = outbox.destinations_of(&record.changes);
             // Only the destinations the record names: the others were not owed these changes.
             destinations.retain(|d| record.destinations.contains(d));
-            if outbox.queue(record.id, destinations) {
+            if outbox.queue(record.id, destinations, None) {
                 owed_to_nobody.push(record.id);
             }
         })?;
@@ -165,9 +207,14 @@ impl ReplicationOutbox {
     }
 
     /// At most how many bytes of memory the queues of pending records take: an id and a
-    /// counter per record and destination, whatever the size of the record's changes (those
-    /// are read back from disk when sent).
+    /// counter per record and destination, and the changes held within [`MEMORY_BUDGET`] (the
+    /// others are read back from disk when sent).
     pub fn queued_bytes(&self) -> usize {
+        self.inner.held.load(Ordering::Acquire) + self.queue_bytes()
+    }
+
+    /// [`queued_bytes`](Self::queued_bytes) without the changes.
+    fn queue_bytes(&self) -> usize {
         self.inner
             .destinations
             .values()
@@ -225,12 +272,14 @@ impl ReplicationOutbox {
         Ok(Some(Staged {
             id: record.id,
             destinations,
+            changes: record.changes,
         }))
     }
 
     /// Queues a committed record for its senders.
     pub fn committed(&self, staged: Staged) {
-        if self.queue(staged.id, staged.destinations) {
+        let held = Held::within_budget(staged.changes, &self.inner.held);
+        if self.queue(staged.id, staged.destinations, held) {
             // `stage` only returns records with destinations, all known at staging time.
             tracing::warn!(id = ?staged.id, "outbox record without a destination");
         }
@@ -238,7 +287,7 @@ impl ReplicationOutbox {
 
     /// Queues record `id` for each of `destinations`; true when no destination is owed
     /// anything, for the caller to delete the record.
-    fn queue(&self, id: OutboxId, destinations: BTreeSet<String>) -> bool {
+    fn queue(&self, id: OutboxId, destinations: BTreeSet<String>, changes: Option<Held>) -> bool {
         let mut known = Vec::with_capacity(destinations.len());
         let mut unknown = false;
         for name in destinations {
@@ -260,6 +309,7 @@ impl ReplicationOutbox {
             id,
             remaining: AtomicUsize::new(known.len() + usize::from(unknown)),
             queued_at: tokio::time::Instant::now(),
+            changes,
         });
         for d in known {
             d.lock().push_back(delivery.clone());
@@ -308,13 +358,14 @@ impl ReplicationOutbox {
                 let Some(delivery) = d.lock().get(i).cloned() else {
                     return Ok(None);
                 };
+                let for_destination = |c: &Change| self.replicates_to(destination, c.key());
+                if let Some(held) = &delivery.changes {
+                    let changes = held.changes.iter().filter(|c| for_destination(c));
+                    return Ok(Some(changes.cloned().collect()));
+                }
                 // A record gone from disk (moved aside as undecodable) has nothing to send.
                 let changes = match self.inner.storage.outbox_record(delivery.id)? {
-                    Some(record) => record
-                        .changes
-                        .into_iter()
-                        .filter(|c| self.replicates_to(destination, c.key()))
-                        .collect(),
+                    Some(record) => record.changes.into_iter().filter(for_destination).collect(),
                     None => Vec::new(),
                 };
                 Ok(Some(changes))
@@ -797,7 +848,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_down_peer_costs_ids_in_memory_not_values_and_gets_everything_later() {
+    async fn a_down_peer_costs_at_most_the_memory_budget_and_gets_everything_later() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
         let topology = Arc::new(Topology::blocks(
@@ -830,15 +881,17 @@ mod tests {
         tokio::time::sleep(RETRY_INTERVAL * 2).await;
         let bound = 16 * 1024;
         assert_eq!(outbox.pending(), WRITES);
+        // The first 31 records are held with their changes, the others as ids alone.
+        assert!(WRITES * 1024 * 1024 > MEMORY_BUDGET);
         assert!(
-            outbox.queued_bytes() < bound,
+            outbox.queued_bytes() <= MEMORY_BUDGET + bound,
             "{} bytes queued in memory",
             outbox.queued_bytes()
         );
         assert_eq!(storage.outbox().unwrap().len(), WRITES, "all kept on disk");
         senders.stop().await;
 
-        // A restart queues the leftovers as ids too.
+        // A restart queues the leftovers as ids alone.
         let outbox = ReplicationOutbox::open(storage.clone(), "a", topology).unwrap();
         assert_eq!(outbox.pending(), WRITES);
         assert!(outbox.queued_bytes() < bound);

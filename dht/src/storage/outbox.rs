@@ -27,10 +27,17 @@ pub struct OutboxRecord {
 }
 
 /// How a record is stored: named fields, so later fields can be added.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct StoredRecord {
     destinations: Vec<String>,
     changes: Vec<Change>,
+}
+
+/// [`StoredRecord`] borrowed, to write one without copying its changes.
+#[derive(Serialize)]
+struct StoredRecordRef<'a> {
+    destinations: &'a [String],
+    changes: &'a [Change],
 }
 
 /// The longest destination name accepted.
@@ -66,9 +73,9 @@ impl OutboxRecord {
 
     pub(super) fn encode(&self) -> Vec<u8> {
         // Serialising plain structs into a Vec cannot fail (no I/O, string keys only).
-        rmp_serde::to_vec_named(&StoredRecord {
-            destinations: self.destinations.clone(),
-            changes: self.changes.clone(),
+        rmp_serde::to_vec_named(&StoredRecordRef {
+            destinations: &self.destinations,
+            changes: &self.changes,
         })
         .unwrap_or_default()
     }
