@@ -7,6 +7,7 @@
 //! ```
 
 use clap::{Parser, ValueEnum};
+use rhinobus_dht::replication::outbox::DEFAULT_LINGER;
 use rhinobus_samples::report::Report;
 use rhinobus_samples::scenarios::amqp::{self, Load, Metadata};
 use rhinobus_samples::scenarios::dht_cluster;
@@ -68,6 +69,10 @@ struct Args {
     /// Messages in the error queue of the `errors` scenario.
     #[arg(long, default_value_t = 100_000)]
     error_messages: u64,
+    /// How long `dht-put-replicated`'s replication senders wait for a fuller message
+    /// (default: the nodes' own default).
+    #[arg(long)]
+    replication_linger_ms: Option<u64>,
     /// Port of the local Redis used as the DHT baseline.
     #[arg(long, default_value_t = 6379)]
     redis_port: u16,
@@ -147,8 +152,11 @@ async fn run(args: &Args) -> Result<(), BenchError> {
     }
     if wants(Scenario::DhtPutReplicated) {
         let single = dht::dht_put(args.ops, args.clients).await?;
+        let linger = args
+            .replication_linger_ms
+            .map_or(DEFAULT_LINGER, std::time::Duration::from_millis);
         let replicated =
-            dht_cluster::dht_put_replicated(args.ops, args.clients, &args.amqp).await?;
+            dht_cluster::dht_put_replicated(args.ops, args.clients, &args.amqp, linger).await?;
         print(&replicated.with_baseline(&single));
     }
     if wants(Scenario::SagaOptimistic) || wants(Scenario::SagaMerging) {

@@ -39,7 +39,7 @@ struct InProcessCluster {
 }
 
 impl InProcessCluster {
-    async fn start(amqp: &str) -> Result<Self, BoxError> {
+    async fn start(amqp: &str, linger: Duration) -> Result<Self, BoxError> {
         let dir = tempfile::tempdir()?;
         let run = uuid::Uuid::now_v7().simple().to_string();
         let mut listeners = Vec::new();
@@ -64,7 +64,10 @@ impl InProcessCluster {
             let replication = Replication::start(
                 storage.clone(),
                 Arc::new(topology.clone()),
-                ReplicationOptions::rabbitmq(name.clone(), amqp),
+                ReplicationOptions {
+                    linger,
+                    ..ReplicationOptions::rabbitmq(name.clone(), amqp)
+                },
             )
             .await?;
             let options = NodeOptions::default()
@@ -110,19 +113,21 @@ impl InProcessCluster {
 }
 
 /// `dht-put-replicated`: `ops` writes of 100-byte values to fresh keys through a three-node
-/// cluster replicating over RabbitMQ at `amqp`, by `clients` concurrent tasks.
+/// cluster replicating over RabbitMQ at `amqp`, by `clients` concurrent tasks, the nodes'
+/// senders lingering `linger` for fuller messages.
 pub async fn dht_put_replicated(
     ops: u64,
     clients: usize,
     amqp: &str,
+    linger: Duration,
 ) -> Result<Report, Box<dyn Error>> {
-    run(ops, clients, amqp)
+    run(ops, clients, amqp, linger)
         .await
         .map_err(|e| e as Box<dyn Error>)
 }
 
-async fn run(ops: u64, clients: usize, amqp: &str) -> Result<Report, BoxError> {
-    let cluster = InProcessCluster::start(amqp).await?;
+async fn run(ops: u64, clients: usize, amqp: &str, linger: Duration) -> Result<Report, BoxError> {
+    let cluster = InProcessCluster::start(amqp, linger).await?;
     let client = Client::connect_with(
         cluster.addrs.clone(),
         ClientOptions::default().connections_per_node(CONNECTIONS),
@@ -160,6 +165,7 @@ async fn run(ops: u64, clients: usize, amqp: &str) -> Result<Report, BoxError> {
         .with("nodes", 3)
         .with("replicas", 3)
         .with("value_bytes", VALUE_BYTES)
+        .with("linger_ms", linger.as_millis() as u64)
         .with("lag_p50_ms", lag.quantile_ms(0.50))
         .with("lag_p99_ms", lag.quantile_ms(0.99))
         .with("lag_samples", samples))
