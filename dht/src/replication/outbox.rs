@@ -882,7 +882,7 @@ mod tests {
         let bound = 16 * 1024;
         assert_eq!(outbox.pending(), WRITES);
         // The first 31 records are held with their changes, the others as ids alone.
-        assert!(WRITES * 1024 * 1024 > MEMORY_BUDGET);
+        const { assert!(WRITES * 1024 * 1024 > MEMORY_BUDGET) };
         assert!(
             outbox.queued_bytes() <= MEMORY_BUDGET + bound,
             "{} bytes queued in memory",
