@@ -861,22 +861,40 @@ mod tests {
             .start()
             .await
             .unwrap();
+        let value = vec![7u8; 1024 * 1024];
+        let write_all = |outbox: &ReplicationOutbox, keys: &[String]| {
+            for key in keys {
+                let staged = storage
+                    .batch(|b| {
+                        b.put(PutRequest::new(key.clone(), value.clone()))?;
+                        outbox.stage(b)
+                    })
+                    .unwrap()
+                    .unwrap();
+                outbox.committed(staged);
+            }
+        };
+        let received_by_b = || {
+            let mut received = Vec::new();
+            while let Some((_, body)) = broker.take(&queue_name("b")) {
+                assert!(body.len() <= MAX_BYTES_PER_MESSAGE);
+                let m: Replicate = rmp_serde::from_slice(&body).unwrap();
+                for change in m.changes {
+                    let Change::Put { key, value, .. } = change else {
+                        panic!("not a put: {change:?}")
+                    };
+                    assert_eq!(value.len(), 1024 * 1024, "the whole value");
+                    received.push(String::from_utf8(key.to_vec()).unwrap());
+                }
+            }
+            received
+        };
         let outbox = ReplicationOutbox::open(storage.clone(), "a", topology.clone()).unwrap();
         let senders = Senders::start(&outbox, endpoint.bus());
         // 48 MiB of writes while b cannot be reached.
         const WRITES: usize = 48;
-        let value = vec![7u8; 1024 * 1024];
         let keys: Vec<String> = (0..WRITES).map(|i| format!("k{i:02}")).collect();
-        for key in &keys {
-            let staged = storage
-                .batch(|b| {
-                    b.put(PutRequest::new(key.clone(), value.clone()))?;
-                    outbox.stage(b)
-                })
-                .unwrap()
-                .unwrap();
-            outbox.committed(staged);
-        }
+        write_all(&outbox, &keys);
         // Let the sender fail a few times.
         tokio::time::sleep(RETRY_INTERVAL * 2).await;
         let bound = 16 * 1024;
@@ -889,32 +907,30 @@ mod tests {
             outbox.queued_bytes()
         );
         assert_eq!(storage.outbox().unwrap().len(), WRITES, "all kept on disk");
+
+        // b comes back: the held records go from memory, the others are read back from disk.
+        broker.declare_queue(&queue_name("b"));
+        eventually("every record is confirmed", || {
+            storage.outbox().unwrap().is_empty()
+        })
+        .await;
+        assert_eq!(received_by_b(), keys, "every write, once, in order");
+        assert_eq!(outbox.queued_bytes(), outbox.queue_bytes(), "nothing held");
         senders.stop().await;
 
-        // A restart queues the leftovers as ids alone.
+        // Written while no sender runs, then a restart: the leftovers are queued as ids alone.
+        let later: Vec<String> = (0..8).map(|i| format!("later{i}")).collect();
+        write_all(&outbox, &later);
         let outbox = ReplicationOutbox::open(storage.clone(), "a", topology).unwrap();
-        assert_eq!(outbox.pending(), WRITES);
+        assert_eq!(outbox.pending(), later.len());
         assert!(outbox.queued_bytes() < bound);
-        broker.declare_queue(&queue_name("b"));
         let senders = Senders::start(&outbox, endpoint.bus());
         eventually("every record is confirmed", || {
             storage.outbox().unwrap().is_empty()
         })
         .await;
         assert_eq!(outbox.pending(), 0);
-        let mut received = Vec::new();
-        while let Some((_, body)) = broker.take(&queue_name("b")) {
-            assert!(body.len() <= MAX_BYTES_PER_MESSAGE);
-            let m: Replicate = rmp_serde::from_slice(&body).unwrap();
-            for change in m.changes {
-                let Change::Put { key, value, .. } = change else {
-                    panic!("not a put: {change:?}")
-                };
-                assert_eq!(value.len(), 1024 * 1024, "the value, read back from disk");
-                received.push(String::from_utf8(key.to_vec()).unwrap());
-            }
-        }
-        assert_eq!(received, keys, "every write, once, in order");
+        assert_eq!(received_by_b(), later, "read back from disk, in order");
         senders.stop().await;
         endpoint.shutdown().await;
     }
