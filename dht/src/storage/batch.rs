@@ -463,7 +463,7 @@ impl<'a> Batch<'a> {
     ///
     /// A version or list item already stored is written again, identically, rather than looked
     /// up first: duplicates are rare (a redelivery, a resend after a crash), and the lookup of a
-    /// fresh version, which misses in the values' keyspace, was a sixth of a replica's work in
+    /// fresh version, which misses in the values' keyspace, was two fifths of a replica's work in
     /// `bench dht-put-replicated`. The tombstones are what must be looked up.
     ///
     /// The change is not recorded in [`changes`](Self::changes): it is someone else's write.
