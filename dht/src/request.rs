@@ -57,6 +57,12 @@ pub fn execute_replicated(
     })
 }
 
+/// Whether serving `request` takes the storage's write lock: every write, and every batch,
+/// whose reads and writes share one consistent view.
+pub fn takes_write_lock(request: &Request) -> bool {
+    request.is_write() || matches!(request, Request::Batch { .. })
+}
+
 /// Whether `key` is reserved for the node's own records (a leading zero byte, as
 /// [`TOPOLOGY_KEY`](crate::cluster::TOPOLOGY_KEY)): clients that could write those could
 /// replace the topology every node loads at start-up.

@@ -23,8 +23,9 @@ pub struct NodeOptions {
     pub secret: Option<String>,
     /// The largest frame accepted; a longer one closes the connection.
     pub max_frame: usize,
-    /// With [`Durability::Fsync`], how many writes one connection may have waiting for a sync
-    /// (they share fsyncs, so more in flight means more throughput).
+    /// How many requests one connection may have served off the runtime's threads at once:
+    /// writes waiting for a sync with [`Durability::Fsync`] (they share fsyncs, so more in
+    /// flight means more throughput), requests waiting for the write lock, range dumps.
     pub max_in_flight: usize,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
@@ -74,10 +75,18 @@ impl NodeOptions {
     }
 }
 
+/// How many buffered requests that found the write lock taken a node serves off its runtime at
+/// once; more wait for a place on their connection, without blocking a runtime thread. The lock
+/// serves one at a time anyway: this keeps a busy node from parking hundreds of blocking
+/// threads on it, with the replicas' applying queued behind them.
+const MAX_LOCK_WAITERS: usize = 16;
+
 struct Node {
     storage: Storage,
     topology: Topology,
     options: NodeOptions,
+    /// Places for [`MAX_LOCK_WAITERS`].
+    lock_waiters: Arc<Semaphore>,
 }
 
 impl Node {
@@ -118,6 +127,7 @@ pub async fn serve(
         storage,
         topology,
         options,
+        lock_waiters: Arc::new(Semaphore::new(MAX_LOCK_WAITERS)),
     });
     let (trigger, stop) = shutdown::channel();
     // Every connection task holds a clone; when all are gone, `recv` returns `None`.
@@ -292,13 +302,21 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
         // with two of them, two such writes stall every connection of every node in the
         // process (measured: a 3-node `bench dht-put-replicated` went from 15-18k to 23-25k
         // writes/s once they moved off).
-        let would_block = frame.request.is_write() && node.storage.writer_busy();
+        let would_block = request::takes_write_lock(&frame.request) && node.storage.writer_busy();
         if waits_for_sync || would_block || matches!(frame.request, Request::Dump { .. }) {
             // Writes wait for an fsync (or the write lock) off the runtime's threads, many at
             // once, so that group commit can share each sync between them; a range dump reads
             // a 1,024th of the table. Their answers may overtake each other.
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break;
+            };
+            let lock_place = if would_block && !waits_for_sync {
+                let Ok(place) = node.lock_waiters.clone().acquire_owned().await else {
+                    break;
+                };
+                Some(place)
+            } else {
+                None
             };
             let node = node.clone();
             let tx = tx.clone();
@@ -311,11 +329,12 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
                         })
                     });
                 respond(&tx, id, result, limit).await;
-                drop(permit);
+                drop((permit, lock_place));
             });
         } else {
-            // Local reads and buffered writes take microseconds: answering inline keeps the
-            // answers in order and avoids a task per request.
+            // Local reads and uncontended buffered writes take microseconds: answering inline
+            // avoids a task per request. (Answers may still overtake one served off the
+            // runtime; clients match them by id.)
             let result = node.execute(frame.request);
             respond(&tx, id, result, limit).await;
         }
@@ -331,14 +350,14 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{PutRequest, StorageError, StorageOptions};
+    use crate::storage::{GetRequest, Op, OpResult, PutRequest, StorageError, StorageOptions};
     use crate::{Client, ClientOptions};
     use std::sync::mpsc as std_mpsc;
 
     /// One runtime thread: a write that waited for the write lock on it would keep the node
     /// from answering anything else until the lock came free.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn a_write_waiting_for_the_write_lock_does_not_hold_up_reads() {
+    async fn requests_waiting_for_the_write_lock_do_not_hold_up_reads() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
         storage.put(PutRequest::new("read-me", "v")).unwrap();
@@ -377,7 +396,16 @@ mod tests {
             let client = client.clone();
             async move { client.put(PutRequest::new("written", "w")).await }
         });
-        // Let the write reach the node and find the lock taken.
+        // A batch that only reads takes the lock too.
+        let batch = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .batch(vec![Op::Get(GetRequest::new("read-me"))])
+                    .await
+            }
+        });
+        // Let both reach the node and find the lock taken.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let read = tokio::time::timeout(Duration::from_secs(5), client.get("read-me")).await;
         let _ = answered.send(());
@@ -389,6 +417,8 @@ mod tests {
         assert!(waited.is_ok(), "the lock was held until the backstop");
         write.await.unwrap().unwrap();
         assert_eq!(storage.get(b"written").unwrap().len(), 1);
+        let batch = batch.await.unwrap().unwrap();
+        assert!(matches!(&batch[..], [OpResult::Siblings(s)] if s.len() == 1));
         drop(client);
         let _ = stop.send(());
         node.await.unwrap().unwrap();

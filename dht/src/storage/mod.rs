@@ -626,7 +626,11 @@ impl Storage {
     /// Whether a batch is being committed right now, so that another would wait for it. A hint
     /// for callers that must not block (a node's runtime threads), stale as soon as it returns.
     pub fn writer_busy(&self) -> bool {
-        self.inner.write_lock.try_lock().is_err()
+        // A poisoned lock is not busy: batches take it all the same.
+        matches!(
+            self.inner.write_lock.try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        )
     }
 
     /// Supersedes values whose expiry is at or before `now`, at most `limit` of them; returns
