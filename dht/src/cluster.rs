@@ -185,14 +185,19 @@ pub fn store_topology(storage: &Storage, topology: &Topology) -> Result<Topology
     }
     let value = rmp_serde::to_vec_named(topology)
         .map_err(|e| ClusterError::Invalid(format!("topology cannot be encoded: {e}")))?;
+    // Every sibling but one stored under this very version (one that no longer decodes or
+    // validates): naming it as a parent would tombstone the version being written. Left out,
+    // it is overwritten in place.
+    let version = topology_version_id(topology.version);
     let parents = storage
         .get(TOPOLOGY_KEY)?
         .into_iter()
         .map(|s| s.version)
+        .filter(|v| *v != version)
         .collect();
     let change = Change::Put {
         key: Bytes::from_static(TOPOLOGY_KEY),
-        version: topology_version_id(topology.version),
+        version,
         parents,
         value: Bytes::from(value),
         expires_at: None,
@@ -273,5 +278,29 @@ mod tests {
             "the bad ones are superseded"
         );
         assert_eq!(stored_topology(&s).unwrap(), Some(file));
+    }
+
+    #[test]
+    fn an_invalid_topology_stored_under_the_files_version_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let file = ClusterSpec::parse(FILE).unwrap().topology();
+        // As a record written by a build whose topologies the current one no longer accepts.
+        let bad = Change::Put {
+            key: Bytes::from_static(TOPOLOGY_KEY),
+            version: topology_version_id(file.version),
+            parents: vec![],
+            value: Bytes::from_static(b"not a topology"),
+            expires_at: None,
+        };
+        s.batch(|b| b.apply_change(&bad)).unwrap();
+        assert_eq!(stored_topology(&s).unwrap(), None);
+        assert_eq!(store_topology(&s, &file).unwrap(), file);
+        assert_eq!(
+            stored_topology(&s).unwrap(),
+            Some(file),
+            "stored, not tombstoned"
+        );
+        assert_eq!(s.get(TOPOLOGY_KEY).unwrap().len(), 1);
     }
 }
