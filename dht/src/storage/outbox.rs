@@ -6,7 +6,7 @@
 //! One record per write, whatever the number of replicas: the write costs one outbox insert
 //! and, later, one delete. Which destination has confirmed is kept in memory only; after a
 //! crash the record is sent to all its destinations again, a duplicate that applying
-//! replication ignores.
+//! replication writes again identically (or skips, where it was superseded since).
 
 use super::{Change, Storage, StorageError};
 use serde::{Deserialize, Serialize};
