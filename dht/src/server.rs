@@ -75,6 +75,11 @@ impl NodeOptions {
     }
 }
 
+/// How long a batch must have held the write lock for a request that needs it to wait for it
+/// off the runtime: a client's write holds it for some microseconds, a replica applying a
+/// message for a millisecond or more.
+const LONG_BATCH: Duration = Duration::from_micros(50);
+
 /// How many buffered requests that found the write lock taken a node serves off its runtime at
 /// once; more wait for a place on their connection, without blocking a runtime thread. The lock
 /// serves one at a time anyway: this keeps a busy node from parking hundreds of blocking
@@ -297,12 +302,17 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
         let id = frame.id;
         let waits_for_sync =
             node.storage.durability() == Durability::Fsync && frame.request.is_write();
-        // A write that would wait for another batch (a replica applying a replication
-        // message holds the write lock for milliseconds) must not wait on a runtime thread:
-        // with two of them, two such writes stall every connection of every node in the
-        // process (measured: a 3-node `bench dht-put-replicated` went from 15-18k to 23-25k
-        // writes/s once they moved off).
-        let would_block = request::takes_write_lock(&frame.request) && node.storage.writer_busy();
+        // A write that would wait for a long batch (a replica applying a replication message
+        // holds the write lock for milliseconds) must not wait on a runtime thread: with two
+        // of them, two such writes stall every connection of every node in the process
+        // (measured: a 3-node `bench dht-put-replicated` went from 15-18k to 23-25k writes/s
+        // once they moved off). Waiting out another client's write, microseconds, is cheaper
+        // inline than a trip to a blocking thread.
+        let would_block = request::takes_write_lock(&frame.request)
+            && node
+                .storage
+                .batch_running_for()
+                .is_some_and(|held| held >= LONG_BATCH);
         if waits_for_sync || would_block || matches!(frame.request, Request::Dump { .. }) {
             // Writes wait for an fsync (or the write lock) off the runtime's threads, many at
             // once, so that group commit can share each sync between them; a range dump reads
@@ -392,6 +402,8 @@ mod tests {
             })
         };
         locked.recv().unwrap();
+        // Long enough to count as a long batch.
+        tokio::time::sleep(LONG_BATCH * 100).await;
         let write = tokio::spawn({
             let client = client.clone();
             async move { client.put(PutRequest::new("written", "w")).await }

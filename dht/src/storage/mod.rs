@@ -30,8 +30,9 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use group_commit::GroupCommit;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The longest key accepted, in bytes (64 KiB). The empty key is a valid key.
 pub const MAX_KEY_LEN: usize = 64 * 1024;
@@ -442,6 +443,10 @@ struct Inner {
     /// Writers read current versions and then write; one writer at a time keeps that
     /// read-check-write (and whole batches) serializable. Readers never take it.
     write_lock: Mutex<()>,
+    /// When the batch holding `write_lock` took it, in nanoseconds since `opened` plus one;
+    /// zero while nobody holds it.
+    locked_at: AtomicU64,
+    opened: Instant,
     durability: Durability,
     group_commit: GroupCommit,
     /// Makes every fsync fail, to test what a failed [`Durability::Fsync`] leaves behind.
@@ -449,7 +454,31 @@ struct Inner {
     fail_sync: std::sync::atomic::AtomicBool,
 }
 
+/// Records in [`Inner::locked_at`] that the write lock is held, until dropped (also when the
+/// batch fails half-way).
+struct HeldSince<'a>(&'a Inner);
+
+impl<'a> HeldSince<'a> {
+    fn now(inner: &'a Inner) -> Self {
+        inner
+            .locked_at
+            .store(inner.since_opened().max(1), Ordering::Release);
+        Self(inner)
+    }
+}
+
+impl Drop for HeldSince<'_> {
+    fn drop(&mut self) {
+        self.0.locked_at.store(0, Ordering::Release);
+    }
+}
+
 impl Inner {
+    /// Nanoseconds since the table was opened.
+    fn since_opened(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
     /// Syncs the journal: what [`Durability::Fsync`] waits for.
     fn sync(&self) -> Result<(), fjall::Error> {
         #[cfg(test)]
@@ -500,6 +529,8 @@ impl Storage {
                 outbox,
                 outbox_corrupt,
                 write_lock: Mutex::new(()),
+                locked_at: AtomicU64::new(0),
+                opened: Instant::now(),
                 durability: options.durability,
                 group_commit: GroupCommit::default(),
                 #[cfg(test)]
@@ -608,10 +639,12 @@ impl Storage {
             .write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let held = HeldSince::now(inner);
         let mut batch = Batch::new(inner);
         let mut out = f(&mut batch)?;
         let wrote = batch.commit()?;
         let ticket = wrote.then(|| inner.group_commit.ticket());
+        drop(held);
         drop(guard);
         committed(&mut out);
         if let (Some(ticket), Durability::Fsync) = (ticket, inner.durability) {
@@ -623,14 +656,25 @@ impl Storage {
         Ok(out)
     }
 
-    /// Whether a batch is being committed right now, so that another would wait for it. A hint
-    /// for callers that must not block (a node's runtime threads), stale as soon as it returns.
-    pub fn writer_busy(&self) -> bool {
-        // A poisoned lock is not busy: batches take it all the same.
-        matches!(
-            self.inner.write_lock.try_lock(),
-            Err(std::sync::TryLockError::WouldBlock)
-        )
+    /// How long the batch running now has held the write lock, if one is: how long another
+    /// batch may have to wait. A hint for callers that must not block for long (a node's
+    /// runtime threads), stale as soon as it returns.
+    ///
+    /// ```
+    /// use rhinobus_dht::{Storage, StorageError, StorageOptions};
+    ///
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let table = Storage::open(dir.path(), StorageOptions::default())?;
+    /// assert_eq!(table.batch_running_for(), None);
+    /// table.batch(|_| {
+    ///     assert!(table.batch_running_for().is_some());
+    ///     Ok::<_, StorageError>(())
+    /// })?;
+    /// # Ok::<_, StorageError>(())
+    /// ```
+    pub fn batch_running_for(&self) -> Option<Duration> {
+        let since = self.inner.locked_at.load(Ordering::Acquire);
+        (since != 0).then(|| Duration::from_nanos(self.inner.since_opened().saturating_sub(since)))
     }
 
     /// Supersedes values whose expiry is at or before `now`, at most `limit` of them; returns
