@@ -443,8 +443,8 @@ struct Inner {
     /// Writers read current versions and then write; one writer at a time keeps that
     /// read-check-write (and whole batches) serializable. Readers never take it.
     write_lock: Mutex<()>,
-    /// When the batch holding `write_lock` took it, in nanoseconds since `opened` plus one;
-    /// zero while nobody holds it.
+    /// When the batch holding `write_lock` took it, in nanoseconds since `opened` (at least
+    /// one); zero while nobody holds it.
     locked_at: AtomicU64,
     opened: Instant,
     durability: Durability,
