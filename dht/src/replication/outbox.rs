@@ -39,8 +39,8 @@ pub const MAX_BYTES_PER_MESSAGE: usize = 8 * 1024 * 1024;
 /// How long a sender waits before it tries again after a failed send (or a failed read of
 /// the outbox).
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
-/// How long a sender waits, by default, for a message's worth of changes before it sends
-/// fewer (see [`ReplicationOutbox::run_senders`]).
+/// The least time, by default, between two messages of one sender: what is written meanwhile
+/// waits for the next (see [`ReplicationOutbox::run_senders`]).
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(10);
 /// At most how many bytes of changes (counted by [`change_size`]) an outbox keeps in memory for
 /// its senders. Records queued past it are read back from disk when they are sent, a lookup and
@@ -97,8 +97,6 @@ pub fn change_size(change: &Change) -> usize {
 struct Delivery {
     id: OutboxId,
     remaining: AtomicUsize,
-    /// When it was queued: it waits at most the linger from then.
-    queued_at: tokio::time::Instant,
     /// The record's changes, when they fitted in the memory budget; read back from disk
     /// otherwise.
     changes: Option<Held>,
@@ -310,7 +308,6 @@ impl ReplicationOutbox {
         let delivery = Arc::new(Delivery {
             id,
             remaining: AtomicUsize::new(known.len() + usize::from(unknown)),
-            queued_at: tokio::time::Instant::now(),
             changes,
         });
         for d in known {
@@ -322,11 +319,14 @@ impl ReplicationOutbox {
 
     /// Runs one sender per destination until `stop`, sending through `bus`.
     ///
-    /// A sender that finds fewer records queued than a message can carry waits for more
-    /// until its oldest record has waited `linger` since it was queued: RabbitMQ spends about as much on a message as on its bytes, so
-    /// fewer, fuller messages carry several times more writes on the same broker (measured
-    /// with `bench dht-put-replicated`: 0.19 of single-node throughput without a linger, 0.33
-    /// with 10 ms). The price is up to `linger` more replication lag; zero sends at once.
+    /// A sender sends at most one message per `linger`: what is queued while it waits goes
+    /// together in the next message (up to a message's worth, which goes at once). A record
+    /// queued when the sender has not sent for `linger` goes at once, so writes that come
+    /// slower than one per `linger` wait for nothing. The broker spends about as much on a
+    /// message as on the changes in it (RabbitMQ syncs each persistent message to disk, once
+    /// per queue), so under load fewer, fuller messages carry several times more writes on the
+    /// same broker; the price is up to `linger` more replication lag under that load. Zero
+    /// sends every record at once.
     pub async fn run_senders(&self, bus: Bus, stop: Shutdown, linger: Duration) {
         let senders: Vec<_> = self
             .inner
@@ -384,6 +384,8 @@ impl ReplicationOutbox {
         // How many changes of the front record this destination already confirmed: a record
         // larger than one message (a big batch) goes out over several.
         let mut front_sent = 0;
+        // When the last message went out: the next one waits for the linger from then.
+        let mut last_sent: Option<tokio::time::Instant> = None;
         loop {
             if self.destination(&destination).lock().is_empty() {
                 tokio::select! {
@@ -393,7 +395,8 @@ impl ReplicationOutbox {
                 }
             }
             // The rest of a record too big for one message needs no company.
-            if front_sent == 0 && !self.linger(&destination, linger, &mut stop).await {
+            let due = last_sent.map(|at| at + linger);
+            if front_sent == 0 && !self.linger(&destination, due, &mut stop).await {
                 return;
             }
             let next = {
@@ -437,6 +440,7 @@ impl ReplicationOutbox {
                 from: self.inner.node.clone(),
                 changes,
             };
+            last_sent = Some(tokio::time::Instant::now());
             let sent = tokio::select! {
                 _ = stop.recv() => return,
                 sent = bus.send(&queue, &message) => sent,
@@ -467,19 +471,22 @@ impl ReplicationOutbox {
         }
     }
 
-    /// Waits until a message's worth of records is queued for `destination`, or until its
-    /// oldest record has waited `linger` since it was queued (records queued while the last
-    /// message was on its way have waited already). False when stopped meanwhile.
-    async fn linger(&self, destination: &str, linger: Duration, stop: &mut Shutdown) -> bool {
-        let d = self.destination(destination);
-        let Some(oldest) = d.lock().front().map(|r| r.queued_at) else {
+    /// Waits until a message's worth of records is queued for `destination`, or until `due`
+    /// (at once when there is none, or it has passed). False when stopped meanwhile.
+    async fn linger(
+        &self,
+        destination: &str,
+        due: Option<tokio::time::Instant>,
+        stop: &mut Shutdown,
+    ) -> bool {
+        let Some(due) = due.filter(|d| *d > tokio::time::Instant::now()) else {
             return true;
         };
-        let deadline = oldest + linger;
+        let d = self.destination(destination);
         while d.lock().len() < MAX_CHANGES_PER_MESSAGE {
             tokio::select! {
                 _ = stop.recv() => return false,
-                _ = tokio::time::sleep_until(deadline) => return true,
+                _ = tokio::time::sleep_until(due) => return true,
                 _ = d.wake.notified() => {}
             }
         }
@@ -758,12 +765,24 @@ mod tests {
         endpoint.shutdown().await;
     }
 
+    /// The changes of the next message in `queue`, if there is one.
+    fn next_changes(broker: &InMemory, queue: &str) -> Option<Vec<Change>> {
+        let (_, body) = broker.take(queue)?;
+        Some(rmp_serde::from_slice::<Replicate>(&body).unwrap().changes)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_sender_lingers_for_a_fuller_message() {
+    async fn writes_within_a_linger_of_the_last_message_share_the_next() {
         let (_dir, storage, broker, endpoint, outbox) = node_a_of(&["a", "b"]).await;
         let senders = Senders::lingering(&outbox, endpoint.bus(), Duration::from_secs(2));
-        // Five writes over about 100 ms, well inside the linger.
-        for n in 0..5 {
+        // The sender has sent nothing yet: the first write goes at once, alone ...
+        write(&storage, &outbox, "k0");
+        eventually("the first write is confirmed", || {
+            storage.outbox().unwrap().is_empty()
+        })
+        .await;
+        // ... and the four that follow within the linger wait for one message together.
+        for n in 1..5 {
             write(&storage, &outbox, &format!("k{n}"));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -771,34 +790,39 @@ mod tests {
             storage.outbox().unwrap().is_empty()
         })
         .await;
-        let (_, body) = broker.take(&queue_name("b")).expect("one message");
-        let m: Replicate = rmp_serde::from_slice(&body).unwrap();
-        assert_eq!(m.changes.len(), 5, "all five writes in one message");
-        assert!(broker.take(&queue_name("b")).is_none(), "only one message");
+        let queue = queue_name("b");
+        let first = next_changes(&broker, &queue).expect("a first message");
+        assert_eq!(first.len(), 1, "the first write alone");
+        let second = next_changes(&broker, &queue).expect("a second message");
+        let keys: Vec<_> = second.iter().map(|c| c.key().clone()).collect();
+        assert_eq!(keys, ["k1", "k2", "k3", "k4"], "the other four together");
+        assert!(next_changes(&broker, &queue).is_none(), "only two messages");
         senders.stop().await;
         endpoint.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_record_waits_at_most_the_linger_from_when_it_was_queued() {
+    async fn a_write_after_a_quiet_linger_goes_at_once() {
         let (_dir, storage, _broker, endpoint, outbox) = node_a_of(&["a", "b"]).await;
-        const LINGER: Duration = Duration::from_secs(3);
-        write(&storage, &outbox, "k");
-        // The record waits out the linger before its sender even starts (as records queued
-        // while the previous message was on its way do, for a shorter time) ...
-        tokio::time::sleep(LINGER).await;
-        let started = tokio::time::Instant::now();
+        const LINGER: Duration = Duration::from_secs(1);
         let senders = Senders::lingering(&outbox, endpoint.bus(), LINGER);
-        eventually("the record is confirmed", || {
-            storage.outbox().unwrap().is_empty()
-        })
-        .await;
-        // ... so it goes at once, not after a linger of its own.
-        assert!(
-            started.elapsed() < LINGER / 2,
-            "sent {:?} after the sender started",
-            started.elapsed()
-        );
+        for key in ["k0", "k1"] {
+            // Quiet for longer than the linger (before k1): no need to wait.
+            if key == "k1" {
+                tokio::time::sleep(LINGER).await;
+            }
+            let written = tokio::time::Instant::now();
+            write(&storage, &outbox, key);
+            eventually("the record is confirmed", || {
+                storage.outbox().unwrap().is_empty()
+            })
+            .await;
+            assert!(
+                written.elapsed() < LINGER / 2,
+                "{key} sent {:?} after it was written",
+                written.elapsed()
+            );
+        }
         senders.stop().await;
         endpoint.shutdown().await;
     }
