@@ -298,9 +298,8 @@ async fn purge_expired(storage: Storage) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
-        let s = storage.clone();
-        match tokio::task::spawn_blocking(move || s.purge_expired(SystemTime::now(), 10_000)).await
-        {
+        let purged = storage.long_write(|s| s.purge_expired(SystemTime::now(), 10_000));
+        match purged.await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::debug!(purged = n, "expired values cleaned up"),
             Ok(Err(e)) => tracing::warn!(error = %e, "purging expired values failed"),

@@ -75,23 +75,10 @@ impl NodeOptions {
     }
 }
 
-/// How long a batch must have held the write lock for a request that needs it to wait for it
-/// off the runtime: a client's write holds it for some microseconds, a replica applying a
-/// message for a millisecond or more.
-const LONG_BATCH: Duration = Duration::from_micros(50);
-
-/// How many buffered requests that found the write lock taken a node serves off its runtime at
-/// once; more wait for a place on their connection, without blocking a runtime thread. The lock
-/// serves one at a time anyway: this keeps a busy node from parking hundreds of blocking
-/// threads on it, with the replicas' applying queued behind them.
-const MAX_LOCK_WAITERS: usize = 16;
-
 struct Node {
     storage: Storage,
     topology: Topology,
     options: NodeOptions,
-    /// Places for [`MAX_LOCK_WAITERS`].
-    lock_waiters: Arc<Semaphore>,
 }
 
 impl Node {
@@ -132,7 +119,6 @@ pub async fn serve(
         storage,
         topology,
         options,
-        lock_waiters: Arc::new(Semaphore::new(MAX_LOCK_WAITERS)),
     });
     let (trigger, stop) = shutdown::channel();
     // Every connection task holds a clone; when all are gone, `recv` returns `None`.
@@ -302,31 +288,33 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
         let id = frame.id;
         let waits_for_sync =
             node.storage.durability() == Durability::Fsync && frame.request.is_write();
-        // A write that would wait for a long batch (a replica applying a replication message
-        // holds the write lock for milliseconds) must not wait on a runtime thread: with two
-        // of them, two such writes stall every connection of every node in the process
-        // (measured: a 3-node `bench dht-put-replicated` went from 15-18k to 23-25k writes/s
-        // once they moved off). Waiting out another client's write, microseconds, is cheaper
-        // inline than a trip to a blocking thread.
-        let would_block = request::takes_write_lock(&frame.request)
-            && node
-                .storage
-                .batch_running_for()
-                .is_some_and(|held| held >= LONG_BATCH);
-        if waits_for_sync || would_block || matches!(frame.request, Request::Dump { .. }) {
-            // Writes wait for an fsync (or the write lock) off the runtime's threads, many at
-            // once, so that group commit can share each sync between them; a range dump reads
-            // a 1,024th of the table. Their answers may overtake each other.
+        // A write that would wait for a long one (a replica applying a replication message
+        // holds the write lock for a millisecond or more) waits for its turn on a task of its
+        // own, parked, not on a runtime thread blocked on the lock; and the connection goes
+        // on serving. Waiting out another client's write, microseconds, is cheaper inline.
+        let after_long_write = request::takes_write_lock(&frame.request)
+            && !waits_for_sync
+            && node.storage.long_write_running();
+        if after_long_write {
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break;
             };
-            let lock_place = if would_block && !waits_for_sync {
-                let Ok(place) = node.lock_waiters.clone().acquire_owned().await else {
-                    break;
-                };
-                Some(place)
-            } else {
-                None
+            let node = node.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let result = node
+                    .storage
+                    .short_write(|_| node.execute(frame.request))
+                    .await;
+                respond(&tx, id, result, limit).await;
+                drop(permit);
+            });
+        } else if waits_for_sync || matches!(frame.request, Request::Dump { .. }) {
+            // Writes wait for an fsync off the runtime's threads, many at once, so that group
+            // commit can share each sync between them; a range dump reads a 1,024th of the
+            // table. Their answers may overtake each other.
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break;
             };
             let node = node.clone();
             let tx = tx.clone();
@@ -339,12 +327,12 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
                         })
                     });
                 respond(&tx, id, result, limit).await;
-                drop((permit, lock_place));
+                drop(permit);
             });
         } else {
             // Local reads and uncontended buffered writes take microseconds: answering inline
-            // avoids a task per request. (Answers may still overtake one served off the
-            // runtime; clients match them by id.)
+            // avoids a task per request. (Answers may still overtake one served on a task;
+            // clients match them by id.)
             let result = node.execute(frame.request);
             respond(&tx, id, result, limit).await;
         }
@@ -386,24 +374,24 @@ mod tests {
             .await
             .unwrap();
 
-        // A long batch, as a replica applying a big replication message, holds the lock
+        // A long write, as a replica applying a big replication message, holds the lock
         // until the read below was answered (or a backstop ran out).
-        let (locked_tx, locked) = std_mpsc::channel();
+        let (locked_tx, locked) = tokio::sync::oneshot::channel();
         let (answered, answered_rx) = std_mpsc::channel::<()>();
         let holder = {
             let storage = storage.clone();
-            std::thread::spawn(move || {
+            tokio::spawn(async move {
                 storage
-                    .batch(|_| {
-                        locked_tx.send(()).unwrap();
-                        Ok::<_, StorageError>(answered_rx.recv_timeout(Duration::from_secs(10)))
+                    .long_write(move |s| {
+                        s.batch(|_| {
+                            locked_tx.send(()).unwrap();
+                            Ok::<_, StorageError>(answered_rx.recv_timeout(Duration::from_secs(10)))
+                        })
                     })
-                    .unwrap()
+                    .await
             })
         };
-        locked.recv().unwrap();
-        // Long enough to count as a long batch.
-        tokio::time::sleep(LONG_BATCH * 100).await;
+        locked.await.unwrap();
         let write = tokio::spawn({
             let client = client.clone();
             async move { client.put(PutRequest::new("written", "w")).await }
@@ -421,7 +409,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let read = tokio::time::timeout(Duration::from_secs(5), client.get("read-me")).await;
         let _ = answered.send(());
-        let waited = holder.join().unwrap();
+        let waited = holder.await.unwrap().unwrap().unwrap();
         assert!(
             matches!(read, Ok(Ok(ref siblings)) if siblings.len() == 1),
             "the read was not answered while a write waited for the lock: {read:?}"

@@ -515,8 +515,8 @@ impl ReplicationOutbox {
             .map(|p| p.id)
             .collect();
         if !done.is_empty() {
-            let storage = self.inner.storage.clone();
-            let removed = tokio::task::spawn_blocking(move || storage.remove_outbox(done)).await;
+            let storage = &self.inner.storage;
+            let removed = storage.long_write(|s| s.remove_outbox(done)).await;
             match removed {
                 Ok(Ok(())) => {}
                 // The records stay on disk and are sent again after a restart:

@@ -130,7 +130,10 @@ fn endpoint_builder(
         .handle(move |m: Replicate, _ctx: Context| {
             let storage = applier.clone();
             async move {
-                let changed = tokio::task::spawn_blocking(move || apply(&storage, &m.changes))
+                // Clients' writes to this node wait for the turn as parked tasks while the
+                // message is applied, not as threads blocked on the lock.
+                let changed = storage
+                    .long_write(move |s| apply(s, &m.changes))
                     .await
                     .map_err(HandlerError::msg)??;
                 tracing::trace!(from = %m.from, changed, "replication applied");

@@ -30,9 +30,9 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use group_commit::GroupCommit;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The longest key accepted, in bytes (64 KiB). The empty key is a valid key.
 pub const MAX_KEY_LEN: usize = 64 * 1024;
@@ -443,10 +443,11 @@ struct Inner {
     /// Writers read current versions and then write; one writer at a time keeps that
     /// read-check-write (and whole batches) serializable. Readers never take it.
     write_lock: Mutex<()>,
-    /// When the batch holding `write_lock` took it, in nanoseconds since `opened` (at least
-    /// one); zero while nobody holds it.
-    locked_at: AtomicU64,
-    opened: Instant,
+    /// Turns at `write_lock` for async writers: long ones ([`Storage::long_write`]) and those
+    /// that wait for them ([`Storage::short_write`]) queue here as parked tasks.
+    turns: tokio::sync::Mutex<()>,
+    /// Whether a [`Storage::long_write`] is running.
+    long_write: AtomicBool,
     durability: Durability,
     group_commit: GroupCommit,
     /// Makes every fsync fail, to test what a failed [`Durability::Fsync`] leaves behind.
@@ -454,31 +455,23 @@ struct Inner {
     fail_sync: std::sync::atomic::AtomicBool,
 }
 
-/// Records in [`Inner::locked_at`] that the write lock is held, until dropped (also when the
-/// batch fails half-way).
-struct HeldSince<'a>(&'a Inner);
+/// Marks a [`Storage::long_write`] as running, until dropped (also when it panics).
+struct LongWrite<'a>(&'a AtomicBool);
 
-impl<'a> HeldSince<'a> {
-    fn now(inner: &'a Inner) -> Self {
-        inner
-            .locked_at
-            .store(inner.since_opened().max(1), Ordering::Release);
-        Self(inner)
+impl<'a> LongWrite<'a> {
+    fn start(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        Self(flag)
     }
 }
 
-impl Drop for HeldSince<'_> {
+impl Drop for LongWrite<'_> {
     fn drop(&mut self) {
-        self.0.locked_at.store(0, Ordering::Release);
+        self.0.store(false, Ordering::Release);
     }
 }
 
 impl Inner {
-    /// Nanoseconds since the table was opened.
-    fn since_opened(&self) -> u64 {
-        u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
     /// Syncs the journal: what [`Durability::Fsync`] waits for.
     fn sync(&self) -> Result<(), fjall::Error> {
         #[cfg(test)]
@@ -529,8 +522,8 @@ impl Storage {
                 outbox,
                 outbox_corrupt,
                 write_lock: Mutex::new(()),
-                locked_at: AtomicU64::new(0),
-                opened: Instant::now(),
+                turns: tokio::sync::Mutex::new(()),
+                long_write: AtomicBool::new(false),
                 durability: options.durability,
                 group_commit: GroupCommit::default(),
                 #[cfg(test)]
@@ -639,12 +632,10 @@ impl Storage {
             .write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let held = HeldSince::now(inner);
         let mut batch = Batch::new(inner);
         let mut out = f(&mut batch)?;
         let wrote = batch.commit()?;
         let ticket = wrote.then(|| inner.group_commit.ticket());
-        drop(held);
         drop(guard);
         committed(&mut out);
         if let (Some(ticket), Durability::Fsync) = (ticket, inner.durability) {
@@ -656,25 +647,72 @@ impl Storage {
         Ok(out)
     }
 
-    /// How long the batch running now has held the write lock, if one is: how long another
-    /// batch may have to wait. A hint for callers that must not block for long (a node's
-    /// runtime threads), stale as soon as it returns.
+    /// Runs `f`, a write that may hold the write lock for milliseconds (a replica applying a
+    /// replication message, a clean-up), on a blocking thread, in the table's next write
+    /// turn. While it runs, [`long_write_running`](Self::long_write_running) says so, and
+    /// writers on an async runtime wait for their turn with [`short_write`](Self::short_write),
+    /// as parked tasks, rather than block a runtime thread on the lock. Fails only when `f`
+    /// panicked.
+    ///
+    /// Turns only order async writers: batches run one at a time whether or not their callers
+    /// took one.
     ///
     /// ```
-    /// use rhinobus_dht::{Storage, StorageError, StorageOptions};
+    /// use rhinobus_dht::{PutRequest, Storage, StorageOptions};
     ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let dir = tempfile::tempdir().unwrap();
     /// let table = Storage::open(dir.path(), StorageOptions::default())?;
-    /// assert_eq!(table.batch_running_for(), None);
-    /// table.batch(|_| {
-    ///     assert!(table.batch_running_for().is_some());
-    ///     Ok::<_, StorageError>(())
-    /// })?;
-    /// # Ok::<_, StorageError>(())
+    /// let put = table
+    ///     .long_write(|t| {
+    ///         assert!(t.long_write_running());
+    ///         t.put(PutRequest::new("k", "v"))
+    ///     })
+    ///     .await??;
+    /// assert!(!table.long_write_running());
+    /// assert_eq!(table.get(b"k")?[0].version, put.version);
+    /// # Ok(()) }
     /// ```
-    pub fn batch_running_for(&self) -> Option<Duration> {
-        let since = self.inner.locked_at.load(Ordering::Acquire);
-        (since != 0).then(|| Duration::from_nanos(self.inner.since_opened().saturating_sub(since)))
+    pub async fn long_write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Storage) -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let turn = self.inner.turns.lock().await;
+        let storage = self.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let _running = LongWrite::start(&storage.inner.long_write);
+            f(&storage)
+        })
+        .await;
+        drop(turn);
+        out
+    }
+
+    /// Runs `f`, a write of microseconds, on the calling task once the table's write turn
+    /// comes: how a writer on an async runtime waits for a [`long_write`](Self::long_write)
+    /// without blocking its thread.
+    ///
+    /// ```
+    /// use rhinobus_dht::{PutRequest, Storage, StorageOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let table = Storage::open(dir.path(), StorageOptions::default())?;
+    /// let put = table.short_write(|t| t.put(PutRequest::new("k", "v"))).await?;
+    /// assert_eq!(table.get(b"k")?[0].version, put.version);
+    /// # Ok(()) }
+    /// ```
+    pub async fn short_write<T>(&self, f: impl FnOnce(&Storage) -> T) -> T {
+        let _turn = self.inner.turns.lock().await;
+        f(self)
+    }
+
+    /// Whether a [`long_write`](Self::long_write) is running now: a hint, stale as soon as it
+    /// returns, for writers that must not block their thread for long.
+    pub fn long_write_running(&self) -> bool {
+        self.inner.long_write.load(Ordering::Acquire)
     }
 
     /// Supersedes values whose expiry is at or before `now`, at most `limit` of them; returns
