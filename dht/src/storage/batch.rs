@@ -287,7 +287,10 @@ impl<'a> Batch<'a> {
         if let Some(at) = record.expires_at_ms {
             self.expiry.set(&expiry_key(at, &k), Vec::new());
         }
-        self.versions.set(&k, layout::encode(record));
+        self.versions.set(
+            &k,
+            layout::encode_value_record(record, &record.key, &record.value),
+        );
     }
 
     /// Supersedes `parents` of `key`, returning which of them were current (stored and not
@@ -407,7 +410,10 @@ impl<'a> Batch<'a> {
             key: key.clone(),
             value: value.clone(),
         };
-        self.items.set(&item_key(key, id), layout::encode(&record));
+        self.items.set(
+            &item_key(key, id),
+            layout::encode_value_record(&record, key, value),
+        );
     }
 
     /// Removes an item from a list; `false` if it was not there.

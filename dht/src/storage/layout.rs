@@ -80,10 +80,24 @@ pub(crate) struct ItemRecord {
     pub value: Bytes,
 }
 
-pub(crate) fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+/// A key and value's record: sized for them up front (and their MessagePack framing), not grown
+/// a few bytes at a time. Replicas encode one per change they apply.
+pub(crate) fn encode_value_record<T: Serialize>(record: &T, key: &[u8], value: &[u8]) -> Vec<u8> {
+    /// Field names, markers, an expiry.
+    const FRAMING: usize = 48;
+    encode_into(
+        record,
+        Vec::with_capacity(key.len() + value.len() + FRAMING),
+    )
+}
+
+pub(crate) fn encode_into<T: Serialize>(record: &T, mut buf: Vec<u8>) -> Vec<u8> {
     // Serialising these plain structs into a Vec cannot fail: no maps with non-string keys, no
     // I/O. An empty record would be caught as corrupt on the way back in.
-    rmp_serde::to_vec_named(record).unwrap_or_default()
+    match rmp_serde::encode::write_named(&mut buf, record) {
+        Ok(()) => buf,
+        Err(_) => Vec::new(),
+    }
 }
 
 pub(crate) fn tombstone_value(at_ms: u64) -> [u8; 8] {
@@ -111,7 +125,8 @@ mod tests {
             value: Bytes::from_static(b"v"),
             expires_at_ms: Some(7),
         };
-        let back: VersionRecord = rmp_serde::from_slice(&encode(&r)).unwrap();
+        let encoded = encode_value_record(&r, &r.key, &r.value);
+        let back: VersionRecord = rmp_serde::from_slice(&encoded).unwrap();
         assert_eq!(back.key, r.key);
         assert_eq!(back.value, r.value);
         assert_eq!(back.expires_at_ms, Some(7));

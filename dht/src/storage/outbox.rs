@@ -8,7 +8,7 @@
 //! crash the record is sent to all its destinations again, a duplicate that applying
 //! replication writes again identically (or skips, where it was superseded since).
 
-use super::{Change, Storage, StorageError};
+use super::{Change, Storage, StorageError, layout};
 use serde::{Deserialize, Serialize};
 
 /// The identity of one outbox record (a UUID v7, so records sort roughly by commit time).
@@ -72,12 +72,20 @@ impl OutboxRecord {
     }
 
     pub(super) fn encode(&self) -> Vec<u8> {
-        // Serialising plain structs into a Vec cannot fail (no I/O, string keys only).
-        rmp_serde::to_vec_named(&StoredRecordRef {
+        /// Per change: field names, markers, a few versions.
+        const FRAMING: usize = 128;
+        let size: usize = (self.destinations.iter().map(String::len))
+            .chain(self.changes.iter().map(|c| c.key().len() + FRAMING))
+            .chain(self.changes.iter().map(|c| match c {
+                Change::Put { value, .. } | Change::AddItem { value, .. } => value.len(),
+                Change::Remove { .. } | Change::RemoveItem { .. } => 0,
+            }))
+            .sum();
+        let record = StoredRecordRef {
             destinations: &self.destinations,
             changes: &self.changes,
-        })
-        .unwrap_or_default()
+        };
+        layout::encode_into(&record, Vec::with_capacity(size))
     }
 
     fn decode(k: &[u8], v: &[u8]) -> Result<Self, StorageError> {
