@@ -1,5 +1,6 @@
 //! The bus messages of replication.
 
+use super::outbox::change_size;
 use crate::storage::Change;
 use rhinobus::Message;
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,10 @@ pub struct Replicate {
 
 impl Message for Replicate {
     const NAME: &'static str = "dht.replicate";
+
+    fn encoded_size_hint(&self) -> usize {
+        self.from.len() + self.changes.iter().map(change_size).sum::<usize>()
+    }
 }
 
 /// A node sends this to its own queue when it starts: once it comes back out, everything that
