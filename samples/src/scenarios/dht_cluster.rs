@@ -23,6 +23,9 @@ const VALUE_BYTES: usize = 100;
 const CONNECTIONS: usize = 4;
 /// How often the lag sampler picks the latest acknowledged write.
 const LAG_SAMPLE_EVERY: Duration = Duration::from_millis(10);
+/// Writes made one at a time after the load, each after the senders were quiet for longer
+/// than the linger, for the lag of a lone write.
+const LONE_WRITES: usize = 20;
 
 struct ClusterNode {
     replication: Replication,
@@ -158,6 +161,7 @@ async fn run(ops: u64, clients: usize, amqp: &str, linger: Duration) -> Result<R
     .await?;
     let _ = sampler_stop.send(());
     let (mut lag, samples) = sampler.await??;
+    let mut lone = lone_write_lag(&client, &cluster.addrs, linger).await?;
     drop(client);
     cluster.stop(amqp).await?;
     Ok(Report::new("dht-put-replicated", ops, elapsed, all)
@@ -168,7 +172,47 @@ async fn run(ops: u64, clients: usize, amqp: &str, linger: Duration) -> Result<R
         .with("linger_ms", linger.as_millis() as u64)
         .with("lag_p50_ms", lag.quantile_ms(0.50))
         .with("lag_p99_ms", lag.quantile_ms(0.99))
-        .with("lag_samples", samples))
+        .with("lag_samples", samples)
+        .with("lone_write_lag_p50_ms", lone.quantile_ms(0.50))
+        .with("lone_write_lag_max_ms", lone.quantile_ms(1.0)))
+}
+
+/// The lag of [`LONE_WRITES`] writes made one at a time on an idle cluster, each after a
+/// quiet spell of twice the linger (at least 50 ms).
+async fn lone_write_lag(
+    client: &Client,
+    addrs: &[String],
+    linger: Duration,
+) -> Result<Latencies, BoxError> {
+    let quiet = (linger * 2).max(Duration::from_millis(50));
+    let mut lag = Latencies::default();
+    for n in 0..LONE_WRITES {
+        tokio::time::sleep(quiet).await;
+        let key = format!("lone:{n}");
+        client.put(PutRequest::new(key.clone(), "lone")).await?;
+        let acked = Instant::now();
+        until_everywhere(client, addrs, &key).await?;
+        lag.record(acked.elapsed());
+    }
+    Ok(lag)
+}
+
+/// Returns once every node in `addrs` returns `key`, polling each millisecond.
+async fn until_everywhere(client: &Client, addrs: &[String], key: &str) -> Result<(), BoxError> {
+    let mut waiting: Vec<&String> = addrs.iter().collect();
+    while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for addr in waiting {
+            if client.get_from(addr, key.to_owned()).await?.is_empty() {
+                still.push(addr);
+            }
+        }
+        waiting = still;
+        if !waiting.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Every [`LAG_SAMPLE_EVERY`], takes the latest acknowledged write and polls all three nodes
@@ -189,19 +233,7 @@ async fn sample_lag(
         let Some((key, acked)) = latest.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             continue;
         };
-        let mut waiting: Vec<&String> = addrs.iter().collect();
-        while !waiting.is_empty() {
-            let mut still = Vec::new();
-            for addr in waiting {
-                if client.get_from(addr, key.clone()).await?.is_empty() {
-                    still.push(addr);
-                }
-            }
-            waiting = still;
-            if !waiting.is_empty() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
+        until_everywhere(&client, &addrs, &key).await?;
         lag.record(acked.elapsed());
         samples += 1;
     }
