@@ -182,14 +182,11 @@ impl Topology {
     }
 
     /// The indexes of the nodes that hold `range`, primary first.
-    pub fn replica_indexes(&self, range: RangeId) -> Vec<u32> {
-        let Some(a) = self.ranges.get(usize::from(range.get())) else {
-            return Vec::new();
-        };
-        [Some(a.primary), a.secondary, a.tertiary]
-            .into_iter()
+    pub fn replica_indexes(&self, range: RangeId) -> impl Iterator<Item = u32> {
+        let a = self.ranges.get(usize::from(range.get()));
+        a.into_iter()
+            .flat_map(|a| [Some(a.primary), a.secondary, a.tertiary])
             .flatten()
-            .collect()
     }
 
     /// The index of the node named `name`.
@@ -294,7 +291,7 @@ mod tests {
         let three = Topology::blocks(2, [("a", "1"), ("b", "2"), ("c", "3")]);
         three.validate().unwrap();
         for r in RangeId::all() {
-            let mut replicas = three.replica_indexes(r);
+            let mut replicas: Vec<_> = three.replica_indexes(r).collect();
             replicas.sort();
             assert_eq!(replicas, [0, 1, 2]);
         }

@@ -229,15 +229,12 @@ impl ReplicationOutbox {
     /// Whether `destination` holds a replica of `key`'s range.
     fn replicates_to(&self, destination: &str, key: &[u8]) -> bool {
         let topology = &self.inner.topology;
-        topology
-            .replica_indexes(RangeId::of(key))
-            .into_iter()
-            .any(|i| {
-                topology
-                    .names
-                    .get(i as usize)
-                    .is_some_and(|n| n == destination)
-            })
+        topology.replica_indexes(RangeId::of(key)).any(|i| {
+            topology
+                .names
+                .get(i as usize)
+                .is_some_and(|n| n == destination)
+        })
     }
 
     /// The other replicas that must receive some of `changes`: those holding their ranges.
@@ -362,6 +359,10 @@ impl ReplicationOutbox {
                 };
                 let for_destination = |c: &Change| self.replicates_to(destination, c.key());
                 if let Some(held) = &delivery.changes {
+                    // A record of one change lists exactly the replicas of its key.
+                    if let [change] = &held.changes[..] {
+                        return Ok(Some(vec![change.clone()]));
+                    }
                     let changes = held.changes.iter().filter(|c| for_destination(c));
                     return Ok(Some(changes.cloned().collect()));
                 }
