@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use rhinobus::endpoint::wait_for_signal;
+use rhinobus_dht::replication::outbox::DEFAULT_LINGER;
 use rhinobus_dht::{
     AddItemRequest, Client, ClientError, ClientOptions, ClusterSpec, Durability, ItemId,
     NodeOptions, PutRequest, RangeAssignment, RangeId, RemoveItemRequest, RemoveRequest,
@@ -72,9 +73,10 @@ enum Command {
         /// The largest frame accepted, in bytes.
         #[arg(long, default_value_t = rhinobus_dht::frame::DEFAULT_MAX_FRAME)]
         max_frame: usize,
-        /// How long, in milliseconds, a write's replication may wait for company in a fuller
-        /// message: more throughput for a little more replication lag (0: send at once).
-        #[arg(long, default_value_t = 10)]
+        /// The least time, in milliseconds, between two replication messages to one node:
+        /// writes that come faster wait for company in the next, fuller one (more throughput
+        /// for a little more replication lag under load; 0: send every write at once).
+        #[arg(long, default_value_t = DEFAULT_LINGER.as_millis() as u64)]
         replication_linger_ms: u64,
     },
     /// Print every current sibling of a key.
