@@ -445,7 +445,7 @@ struct Inner {
     write_lock: Mutex<()>,
     /// Turns at `write_lock` for async writers: long ones ([`Storage::long_write`]) and those
     /// that wait for them ([`Storage::short_write`]) queue here as parked tasks.
-    turns: tokio::sync::Mutex<()>,
+    turns: Arc<tokio::sync::Mutex<()>>,
     /// Whether a [`Storage::long_write`] is running.
     long_write: AtomicBool,
     durability: Durability,
@@ -522,7 +522,7 @@ impl Storage {
                 outbox,
                 outbox_corrupt,
                 write_lock: Mutex::new(()),
-                turns: tokio::sync::Mutex::new(()),
+                turns: Arc::default(),
                 long_write: AtomicBool::new(false),
                 durability: options.durability,
                 group_commit: GroupCommit::default(),
@@ -678,15 +678,15 @@ impl Storage {
         &self,
         f: impl FnOnce(&Storage) -> T + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
-        let turn = self.inner.turns.lock().await;
+        let turn = self.inner.turns.clone().lock_owned().await;
         let storage = self.clone();
-        let out = tokio::task::spawn_blocking(move || {
+        // The turn ends with `f`, on its thread, even if this future is dropped meanwhile.
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
             let _running = LongWrite::start(&storage.inner.long_write);
             f(&storage)
         })
-        .await;
-        drop(turn);
-        out
+        .await
     }
 
     /// Runs `f`, a write of microseconds, on the calling task once the table's write turn
