@@ -4,6 +4,7 @@
 use crate::connection;
 use crate::frame::{self, Request, Response, ResponseFrame, WireError};
 use crate::routing::{RangeId, Topology};
+use crate::status::NodeStatus;
 use crate::storage::{
     AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PutOutcome, PutRequest,
     RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, check_key, check_parents,
@@ -395,6 +396,15 @@ impl Client {
             .await?
         {
             Response::Dump(keys) => Ok(keys),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// What node `addr` reports about itself: its topology version and the replication it
+    /// still owes each peer (`rhinobus-dht status`).
+    pub async fn status(&self, addr: &str) -> Result<NodeStatus, ClientError> {
+        match self.send(addr, 0, &Request::Status, Reach::Always).await? {
+            Response::Status(status) => Ok(status),
             other => Err(unexpected(&other)),
         }
     }

@@ -5,6 +5,7 @@
 //! request id cannot be recovered the connection is closed after the error is sent.
 
 use crate::routing::{RangeId, Topology};
+use crate::status::NodeStatus;
 use crate::storage::{
     AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PutOutcome, PutRequest,
     RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError,
@@ -64,6 +65,8 @@ pub enum Request {
         /// The range.
         range: RangeId,
     },
+    /// The node's [`NodeStatus`] (answered whatever the request's topology version).
+    Status,
 }
 
 impl Request {
@@ -71,7 +74,7 @@ impl Request {
     pub fn is_routed(&self) -> bool {
         !matches!(
             self,
-            Request::Hello { .. } | Request::Topology | Request::Dump { .. }
+            Request::Hello { .. } | Request::Topology | Request::Dump { .. } | Request::Status
         )
     }
 
@@ -98,7 +101,8 @@ impl Request {
             | Request::Get(_)
             | Request::GetItems(_)
             | Request::Topology
-            | Request::Dump { .. } => false,
+            | Request::Dump { .. }
+            | Request::Status => false,
         }
     }
 }
@@ -139,6 +143,8 @@ pub enum Response {
     Topology(Topology),
     /// To [`Request::Dump`], ordered by key.
     Dump(Vec<KeyDump>),
+    /// To [`Request::Status`].
+    Status(NodeStatus),
 }
 
 /// Why a node refused or failed a request.

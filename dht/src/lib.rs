@@ -10,6 +10,8 @@
 //! - [`connection`]: a framed TCP socket; the writer task batches frames into few syscalls.
 //! - [`request`]: serving one decoded request against storage.
 //! - [`server`]: the node — accept loop, authentication, topology check, pipelined serving.
+//! - [`status`]: what a node reports about itself — its topology version and the replication
+//!   it still owes each peer.
 //! - [`shutdown`]: the signal every node task watches to stop cleanly (OS signals are the
 //!   bus's `rhinobus::endpoint::wait_for_signal`).
 //! - [`client`]: [`Client`], routing by range over pooled, pipelined connections, failing over
@@ -38,6 +40,7 @@ pub mod request;
 pub mod routing;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod storage;
 pub mod version;
 
@@ -46,6 +49,7 @@ pub use cluster::{ClusterSpec, NodeSpec};
 pub use frame::{Request, Response, WireError};
 pub use replication::{Replication, ReplicationOptions, ReplicationOutbox};
 pub use server::{NodeOptions, serve};
+pub use status::{Backlog, NodeStatus};
 
 pub use routing::{RANGE_COUNT, RangeAssignment, RangeId, Topology, TopologyError};
 pub use storage::{

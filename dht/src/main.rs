@@ -139,6 +139,9 @@ enum Command {
         #[arg(long)]
         range: Option<u16>,
     },
+    /// Print the node's topology version and the replication it still owes each peer (writes
+    /// the broker has not confirmed yet).
+    Status,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -464,6 +467,28 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
                         count(|a| a.secondary),
                         count(|a| a.tertiary),
                     );
+                }
+            }
+            Ok(())
+        }
+        Command::Status => {
+            let status = client.status(&node).await?;
+            if json {
+                let mut v = serde_json::to_value(&status).unwrap_or_default();
+                v["address"] = json!(node);
+                println!("{v}");
+            } else {
+                let name = status.node.as_deref().unwrap_or("(not replicating)");
+                println!(
+                    "node {name} at {node}, topology version {}",
+                    status.topology
+                );
+                if !status.backlog.is_empty() {
+                    println!("{:<32}  {:>10}", "OWES REPLICATION TO", "WRITES");
+                    for b in &status.backlog {
+                        println!("{:<32}  {:>10}", b.destination, b.pending);
+                    }
+                    println!("outbox memory: {} bytes", status.outbox_bytes);
                 }
             }
             Ok(())

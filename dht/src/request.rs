@@ -3,6 +3,7 @@
 use crate::frame::{Request, Response, WireError};
 use crate::replication::ReplicationOutbox;
 use crate::routing::Topology;
+use crate::status::NodeStatus;
 use crate::storage::{Batch, Storage, StorageError};
 
 /// Runs a data request against `storage`, without replication. `Hello` and `Topology` are
@@ -34,6 +35,7 @@ pub fn execute_replicated(
         }),
         Request::Topology => Ok(Response::Topology(topology.clone())),
         Request::Dump { range } => storage.dump(range).map(Response::Dump),
+        Request::Status => Ok(Response::Status(NodeStatus::of(topology, outbox))),
         Request::Get(r) => storage.get(&r.key).map(Response::Siblings),
         Request::GetItems(r) => storage.get_items(&r.key).map(Response::Items),
         Request::Put(r) => write(storage, outbox, |b| b.put(r)).map(Response::Put),
@@ -73,7 +75,7 @@ pub fn is_reserved(key: &[u8]) -> bool {
 /// Every key a request touches.
 fn request_keys(request: &Request) -> Box<dyn Iterator<Item = &[u8]> + '_> {
     match request {
-        Request::Hello { .. } | Request::Topology | Request::Dump { .. } => {
+        Request::Hello { .. } | Request::Topology | Request::Dump { .. } | Request::Status => {
             Box::new(std::iter::empty())
         }
         Request::Get(r) | Request::GetItems(r) => Box::new(std::iter::once(&r.key[..])),

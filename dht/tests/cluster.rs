@@ -340,12 +340,40 @@ async fn replication_survives_a_broker_restart() {
         .finish()
         .await;
     assert_eq!(while_down.len(), WHILE_DOWN);
+    // Those wait in the outboxes, owed to both other replicas, and the nodes say so.
+    let owed = owed_replication(&cluster.addrs);
+    assert!(
+        owed >= 2 * WHILE_DOWN as u64,
+        "the nodes report {owed} writes owed, fewer than the {WHILE_DOWN} taken twice over"
+    );
     stopped.start_again();
     let mut all = across.finish().await;
     assert_eq!(all.len(), WRITES);
     all.extend(while_down);
     cluster.converge(&client, holds_every(&all)).await;
+    // Once the broker confirmed everything, nothing is owed any more.
+    let deadline = tokio::time::Instant::now() + LIVENESS;
+    while owed_replication(&cluster.addrs) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replication still owed after the replicas converged"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     cluster.cleanup().await;
+}
+
+/// The replication the nodes at `addrs` still owe their peers, summed, as
+/// `rhinobus-dht status --json` reports it.
+fn owed_replication(addrs: &[String]) -> u64 {
+    let owed_by = |addr: &String| -> u64 {
+        let (code, out, err) = cli(addr, &["status", "--json"], None);
+        assert_eq!(code, 0, "status failed: {err}");
+        let status: serde_json::Value = serde_json::from_str(&out).expect("status prints JSON");
+        let backlog = status["backlog"].as_array().expect("a backlog");
+        backlog.iter().filter_map(|b| b["pending"].as_u64()).sum()
+    };
+    addrs.iter().map(owed_by).sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -208,6 +208,15 @@ impl ReplicationOutbox {
             .sum()
     }
 
+    /// How many records each other node still waits for, by name, in name order.
+    pub fn pending_by_destination(&self) -> Vec<(String, usize)> {
+        let mut pending: Vec<_> = (self.inner.destinations.iter())
+            .map(|(name, d)| (name.clone(), d.lock().len()))
+            .collect();
+        pending.sort();
+        pending
+    }
+
     /// At most how many bytes of memory the queues of pending records take: an id and a
     /// counter per record and destination, and the changes held within [`MEMORY_BUDGET`] (the
     /// others are read back from disk when sent).

@@ -1,0 +1,117 @@
+//! [`NodeStatus`]: what a node reports about itself (`rhinobus-dht status`), for operators
+//! watching replication fall behind while a peer or the broker is away.
+
+use crate::replication::ReplicationOutbox;
+use crate::routing::Topology;
+use serde::{Deserialize, Serialize};
+
+/// A node's own account of itself, as [`Client::status`](crate::Client::status) returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The version of the topology the node serves.
+    pub topology: u64,
+    /// The node's name in that topology; `None` for a node that does not replicate.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// For each other node, the writes this one accepted whose replication there the broker
+    /// has not confirmed yet (a record counts once per destination), in name order. They are
+    /// on this node's disk meanwhile: a backlog that grows means the broker or that node's
+    /// queue is out of reach. Empty for a node that does not replicate.
+    #[serde(default)]
+    pub backlog: Vec<Backlog>,
+    /// At most how many bytes of memory the outbox's queues take (see
+    /// [`ReplicationOutbox::queued_bytes`]).
+    #[serde(default)]
+    pub outbox_bytes: u64,
+}
+
+/// Replication owed to one destination; see [`NodeStatus::backlog`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backlog {
+    /// The destination's name in the topology.
+    pub destination: String,
+    /// Outbox records not yet confirmed for it.
+    pub pending: u64,
+}
+
+impl NodeStatus {
+    /// The status of a node serving `topology`, replicating through `outbox` if it does.
+    pub fn of(topology: &Topology, outbox: Option<&ReplicationOutbox>) -> Self {
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        Self {
+            topology: topology.version,
+            node: outbox.map(|o| o.node().to_owned()),
+            backlog: outbox
+                .map(|o| {
+                    o.pending_by_destination()
+                        .into_iter()
+                        .map(|(destination, pending)| Backlog {
+                            destination,
+                            pending: count(pending),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            outbox_bytes: outbox.map_or(0, |o| count(o.queued_bytes())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Request, Response};
+    use crate::request::{execute, execute_replicated};
+    use crate::storage::{PutRequest, Storage, StorageOptions};
+    use std::sync::Arc;
+
+    fn status(response: Response) -> NodeStatus {
+        match response {
+            Response::Status(s) => s,
+            other => panic!("expected a status, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_node_reports_what_it_still_owes_each_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let topology = Topology::blocks(1, [("a", "a:1"), ("b", "b:1"), ("c", "c:1")]);
+        let outbox =
+            ReplicationOutbox::open(storage.clone(), "a", Arc::new(topology.clone())).unwrap();
+        let ask = || {
+            let r = execute_replicated(&storage, &topology, Some(&outbox), Request::Status);
+            status(r.unwrap())
+        };
+        let before = ask();
+        assert_eq!(before.node.as_deref(), Some("a"));
+        assert_eq!(before.topology, topology.version);
+        let pending: Vec<_> = before.backlog.iter().map(|b| b.pending).collect();
+        assert_eq!(pending, [0, 0]);
+
+        // No senders run: two writes stay owed to both other replicas.
+        for key in ["k1", "k2"] {
+            let put = Request::Put(PutRequest::new(key, "v"));
+            execute_replicated(&storage, &topology, Some(&outbox), put).unwrap();
+        }
+        let after = ask();
+        let backlog: Vec<_> = after
+            .backlog
+            .iter()
+            .map(|b| (b.destination.as_str(), b.pending))
+            .collect();
+        assert_eq!(backlog, [("b", 2), ("c", 2)]);
+        assert!(after.outbox_bytes > before.outbox_bytes);
+    }
+
+    #[test]
+    fn a_node_that_does_not_replicate_owes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let topology = Topology::single("a:1");
+        let s = status(execute(&storage, &topology, Request::Status).unwrap());
+        assert_eq!(s.node, None);
+        assert!(s.backlog.is_empty());
+        assert_eq!(s.outbox_bytes, 0);
+    }
+}
