@@ -7,8 +7,8 @@ use rhinobus_dht::replication::outbox::DEFAULT_LINGER;
 use rhinobus_dht::{
     AddItemRequest, Client, ClientError, ClientOptions, ClusterSpec, Durability, ItemId,
     NodeOptions, PutRequest, RangeAssignment, RangeId, RemoveItemRequest, RemoveRequest,
-    Replication, ReplicationOptions, Sibling, Storage, StorageOptions, Version, WireError, cluster,
-    serve,
+    Replication, ReplicationOptions, Sibling, Storage, StorageError, StorageOptions, Version,
+    WireError, cluster, serve,
 };
 use serde_json::json;
 use std::path::PathBuf;
@@ -78,6 +78,12 @@ enum Command {
         /// for a little more replication lag under load; 0: send every write at once).
         #[arg(long, default_value_t = DEFAULT_LINGER.as_millis() as u64)]
         replication_linger_ms: u64,
+        /// How long, in hours, the tombstones of superseded versions and removed list items
+        /// are kept (0: forever). A replication message held up for longer than this (or
+        /// replayed from the error queue after it) brings the version it carries back as a
+        /// sibling.
+        #[arg(long, default_value_t = 240)]
+        tombstone_grace_hours: u64,
     },
     /// Print every current sibling of a key.
     Get {
@@ -181,21 +187,20 @@ async fn run(cli: Cli) -> ExitCode {
             durability,
             max_frame,
             replication_linger_ms,
+            tombstone_grace_hours,
         } => {
             let cluster = match (cluster, name) {
                 (Some(file), Some(name)) => Some((file.as_path(), name.as_str(), amqp.as_str())),
                 _ => None,
             };
-            run_node(
-                data,
-                listen.as_deref(),
-                cluster,
+            let tuning = NodeTuning {
                 durability,
                 max_frame,
-                Duration::from_millis(replication_linger_ms),
-                cli.secret.clone(),
-            )
-            .await
+                replication_linger: Duration::from_millis(replication_linger_ms),
+                tombstone_grace: (tombstone_grace_hours > 0)
+                    .then(|| Duration::from_secs(tombstone_grace_hours.saturating_mul(3600))),
+            };
+            run_node(data, listen.as_deref(), cluster, tuning, cli.secret.clone()).await
         }
         _ => match client_command(cli).await {
             Ok(()) => Ok(()),
@@ -220,15 +225,28 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// How a node runs, from its flags.
+struct NodeTuning {
+    durability: DurabilityArg,
+    max_frame: usize,
+    replication_linger: Duration,
+    /// How long tombstones are kept; forever when `None`.
+    tombstone_grace: Option<Duration>,
+}
+
 async fn run_node(
     data: &std::path::Path,
     listen: Option<&str>,
     cluster: Option<(&std::path::Path, &str, &str)>,
-    durability: DurabilityArg,
-    max_frame: usize,
-    replication_linger: Duration,
+    tuning: NodeTuning,
     secret: Option<String>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let NodeTuning {
+        durability,
+        max_frame,
+        replication_linger,
+        tombstone_grace,
+    } = tuning;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -289,7 +307,7 @@ async fn run_node(
     // Scripts and tests read this line to learn the port when they asked for port 0.
     println!("listening on {addr}");
     tracing::info!(%addr, data = %data.display(), ?durability, "node started");
-    let purger = tokio::spawn(purge_expired(storage.clone()));
+    let purger = tokio::spawn(purge(storage.clone(), tombstone_grace));
     let served = serve(listener, storage, options, wait_for_signal()).await;
     purger.abort();
     if let Some(r) = replication {
@@ -298,17 +316,47 @@ async fn run_node(
     Ok(served?)
 }
 
-/// Cleans up expired values once a minute; readers never see them even before.
-async fn purge_expired(storage: Storage) {
+/// Once a minute, cleans up expired values (readers never see them even before) and, with a
+/// grace, the tombstones older than it.
+async fn purge(storage: Storage, tombstone_grace: Option<Duration>) {
+    /// At most this much per batch, so that client writes get turns in between.
+    const CHUNK: usize = 10_000;
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
-        let purged = storage.long_write(|s| s.purge_expired(SystemTime::now(), 10_000));
-        match purged.await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::debug!(purged = n, "expired values cleaned up"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "purging expired values failed"),
-            Err(e) => tracing::warn!(error = %e, "purge task failed"),
+        let purged = storage.long_write(|s| s.purge_expired(SystemTime::now(), CHUNK));
+        log_purge("expired values", purged.await);
+        let Some(cutoff) = tombstone_grace.and_then(|g| SystemTime::now().checked_sub(g)) else {
+            continue;
+        };
+        loop {
+            let purged = storage.long_write(move |s| s.purge_tombstones(cutoff, CHUNK));
+            if log_purge("tombstones", purged.await) < CHUNK {
+                break;
+            }
+        }
+    }
+}
+
+/// Logs one purge's outcome and returns how much it cleaned up (0 when it failed).
+fn log_purge(
+    what: &'static str,
+    outcome: Result<Result<usize, StorageError>, tokio::task::JoinError>,
+) -> usize {
+    match outcome {
+        Ok(Ok(n)) => {
+            if n > 0 {
+                tracing::debug!(purged = n, what, "cleaned up");
+            }
+            n
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, what, "purge failed");
+            0
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, what, "purge task failed");
+            0
         }
     }
 }

@@ -1,7 +1,8 @@
 //! A batch: reads and writes against one consistent view, committed as one fjall write batch.
 
 use super::layout::{
-    self, ItemRecord, VersionRecord, expiry_key, id_of, item_key, parse_expiry_key, version_key,
+    self, EntryKey, ItemRecord, VersionRecord, id_of, item_key, parse_timed_key, timed_key,
+    version_key,
 };
 use super::outbox::OutboxRecord;
 use super::{
@@ -25,6 +26,7 @@ pub struct Batch<'a> {
     now_ms: u64,
     versions: Overlay,
     superseded: Overlay,
+    superseded_by_time: Overlay,
     expiry: Overlay,
     items: Overlay,
     outbox: Overlay,
@@ -184,6 +186,7 @@ impl<'a> Batch<'a> {
             now_ms: now_ms(),
             versions: Overlay::default(),
             superseded: Overlay::default(),
+            superseded_by_time: Overlay::default(),
             expiry: Overlay::default(),
             items: Overlay::default(),
             outbox: Overlay::default(),
@@ -275,17 +278,25 @@ impl<'a> Batch<'a> {
         if let Some(record) = record {
             self.versions.delete(&k);
             if let Some(at) = record.expires_at_ms {
-                self.expiry.delete(&expiry_key(at, &k));
+                self.expiry.delete(&timed_key(at, &k));
             }
         }
+        self.tombstone(&k);
+    }
+
+    /// Leaves a tombstone for entry `k` (a version or a list item), indexed by its time for
+    /// [`purge_tombstones`](Self::purge_tombstones).
+    fn tombstone(&mut self, k: &EntryKey) {
         self.superseded
-            .set(&k, layout::tombstone_value(self.now_ms).to_vec());
+            .set(k, layout::tombstone_value(self.now_ms).to_vec());
+        self.superseded_by_time
+            .set(&timed_key(self.now_ms, k), Vec::new());
     }
 
     fn store_version(&mut self, version: Version, record: &VersionRecord) {
         let k = version_key(&record.key, version);
         if let Some(at) = record.expires_at_ms {
-            self.expiry.set(&expiry_key(at, &k), Vec::new());
+            self.expiry.set(&timed_key(at, &k), Vec::new());
         }
         self.versions.set(
             &k,
@@ -437,8 +448,7 @@ impl<'a> Batch<'a> {
             self.items.delete(&k);
         }
         // Item ids are unique, so the tombstone shares the versions' keyspace safely.
-        self.superseded
-            .set(&k, layout::tombstone_value(self.now_ms).to_vec());
+        self.tombstone(&k);
         Ok(was_there)
     }
 
@@ -544,7 +554,7 @@ impl<'a> Batch<'a> {
         now_ms: u64,
         limit: usize,
     ) -> Result<usize, StorageError> {
-        let end = expiry_key(now_ms, &[0xff; 32]);
+        let end = timed_key(now_ms, &[0xff; 32]);
         let mut due = Vec::new();
         for kv in self
             .snapshot
@@ -552,7 +562,7 @@ impl<'a> Batch<'a> {
             .take(limit)
         {
             let k = kv.key()?;
-            let Some((at, entry)) = parse_expiry_key(&k) else {
+            let Some((at, entry)) = parse_timed_key(&k) else {
                 // Not one of ours; drop it rather than stall on it forever.
                 self.expiry.delete(&k);
                 continue;
@@ -561,7 +571,7 @@ impl<'a> Batch<'a> {
         }
         let mut purged = 0;
         for (at, entry) in due {
-            self.expiry.delete(&expiry_key(at, &entry));
+            self.expiry.delete(&timed_key(at, &entry));
             let Some(v) = self.overlay_or_snapshot(&self.versions, &self.inner.versions, &entry)?
             else {
                 continue;
@@ -580,12 +590,47 @@ impl<'a> Batch<'a> {
         Ok(purged)
     }
 
+    /// Deletes tombstones written before `before_ms`, looking at most `limit` index entries
+    /// up; returns how many tombstones went. Not replicated: every node purges its own.
+    pub(super) fn purge_tombstones(
+        &mut self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<usize, StorageError> {
+        let end = timed_key(before_ms, &[0; 32]);
+        let mut due = Vec::new();
+        for kv in self
+            .snapshot
+            .range(&self.inner.superseded_by_time, ..end.as_slice())
+            .take(limit)
+        {
+            due.push(kv.key()?.to_vec());
+        }
+        let mut purged = 0;
+        for k in due {
+            self.superseded_by_time.delete(&k);
+            // Not one of ours: dropped rather than stalled on forever.
+            let Some((at, entry)) = parse_timed_key(&k) else {
+                continue;
+            };
+            let written =
+                self.overlay_or_snapshot(&self.superseded, &self.inner.superseded, &entry)?;
+            // Written again since: its own, later entry purges it.
+            if written.as_deref() == Some(&layout::tombstone_value(at)[..]) {
+                self.superseded.delete(&entry);
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
     /// Writes everything out as one fjall batch; `false` when there was nothing to write.
     pub(super) fn commit(self) -> Result<bool, StorageError> {
         let mut wb = self.inner.db.batch();
         for (overlay, keyspace) in [
             (self.versions, &self.inner.versions),
             (self.superseded, &self.inner.superseded),
+            (self.superseded_by_time, &self.inner.superseded_by_time),
             (self.expiry, &self.inner.expiry),
             (self.items, &self.inner.items),
             (self.outbox, &self.inner.outbox),

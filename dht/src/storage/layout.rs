@@ -14,7 +14,10 @@
 //! - `versions`: `digest ++ version` → [`VersionRecord`] (the current siblings of each key)
 //! - `superseded`: `digest ++ version-or-item-id` → superseded-at milliseconds (big-endian u64).
 //!   Kept so that a replicated write that arrives after its successor is recognised and dropped
-//!   instead of resurrected.
+//!   instead of resurrected, until it is older than the node's tombstone grace.
+//! - `superseded-by-time`: `superseded-at ms ++ digest ++ id` → empty (which tombstones to purge
+//!   once they are older than the grace, in time order; a tombstone written again leaves its
+//!   older entry behind, and the purge skips a tombstone whose time differs from the entry's)
 //! - `expiry`: `expires-at ms ++ digest ++ version` → empty (what to clean up, in time order)
 //! - `items`: `digest ++ item id` → [`ItemRecord`] (list items)
 //! - `outbox`: `record id` → MessagePack `{ destinations, changes }`, one record per write
@@ -49,15 +52,16 @@ pub(crate) fn id_of(entry: &[u8]) -> Option<[u8; 16]> {
     entry.get(16..32)?.try_into().ok()
 }
 
-pub(crate) fn expiry_key(expires_at_ms: u64, entry: &EntryKey) -> [u8; 40] {
+/// A time index key (`expiry`, `superseded-by-time`): the time first, so keys sort by it.
+pub(crate) fn timed_key(at_ms: u64, entry: &EntryKey) -> [u8; 40] {
     let mut k = [0u8; 40];
-    k[..8].copy_from_slice(&expires_at_ms.to_be_bytes());
+    k[..8].copy_from_slice(&at_ms.to_be_bytes());
     k[8..].copy_from_slice(entry);
     k
 }
 
-/// Splits an expiry index key back into its parts.
-pub(crate) fn parse_expiry_key(k: &[u8]) -> Option<(u64, EntryKey)> {
+/// Splits a time index key back into its parts.
+pub(crate) fn parse_timed_key(k: &[u8]) -> Option<(u64, EntryKey)> {
     let ms = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
     let entry: EntryKey = k.get(8..40)?.try_into().ok()?;
     Some((ms, entry))
@@ -111,11 +115,11 @@ mod tests {
     #[test]
     fn expiry_keys_sort_by_time_and_parse_back() {
         let e = version_key(b"k", Version::new());
-        let early = expiry_key(5, &e);
-        let late = expiry_key(256, &e);
+        let early = timed_key(5, &e);
+        let late = timed_key(256, &e);
         assert!(early < late);
-        assert_eq!(parse_expiry_key(&late), Some((256, e)));
-        assert_eq!(parse_expiry_key(&late[..39]), None);
+        assert_eq!(parse_timed_key(&late), Some((256, e)));
+        assert_eq!(parse_timed_key(&late[..39]), None);
     }
 
     #[test]

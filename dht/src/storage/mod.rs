@@ -433,6 +433,8 @@ struct Inner {
     db: Database,
     versions: Keyspace,
     superseded: Keyspace,
+    /// The tombstones of `superseded` by the time they were written (see `layout`).
+    superseded_by_time: Keyspace,
     expiry: Keyspace,
     items: Keyspace,
     /// Replication records not yet confirmed by the broker: `id` (see `layout`).
@@ -506,6 +508,8 @@ impl Storage {
             KeyspaceCreateOptions::default().with_kv_separation(Some(Default::default()))
         })?;
         let superseded = db.keyspace("superseded", KeyspaceCreateOptions::default)?;
+        let superseded_by_time =
+            db.keyspace("superseded-by-time", KeyspaceCreateOptions::default)?;
         let expiry = db.keyspace("expiry", KeyspaceCreateOptions::default)?;
         let items = db.keyspace("items", || {
             KeyspaceCreateOptions::default().with_kv_separation(Some(Default::default()))
@@ -517,6 +521,7 @@ impl Storage {
                 db,
                 versions,
                 superseded,
+                superseded_by_time,
                 expiry,
                 items,
                 outbox,
@@ -720,6 +725,39 @@ impl Storage {
     /// returned even before it runs.
     pub fn purge_expired(&self, now: SystemTime, limit: usize) -> Result<usize, StorageError> {
         self.batch(|b| b.purge_expired(system_time_ms(now), limit))
+    }
+
+    /// Deletes the tombstones of versions and list items superseded before `before`, looking
+    /// at most `limit` of them up, oldest first; returns how many went. A node calls this
+    /// periodically with the time its tombstone grace ago.
+    ///
+    /// A tombstone is what makes a replica drop a write that arrives after the write that
+    /// superseded it. Once it is gone, such a late write (a replication message held up for
+    /// longer than the grace, or replayed from an error queue after it) comes back as a
+    /// sibling. Tombstones written before this index existed are kept.
+    ///
+    /// ```
+    /// use rhinobus_dht::{PutRequest, Storage, StorageError, StorageOptions};
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// # fn main() -> Result<(), StorageError> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let table = Storage::open(dir.path(), StorageOptions::default())?;
+    /// let first = table.put(PutRequest::new("k", "v1"))?;
+    /// table.put(PutRequest::new("k", "v2").parents([first.version]))?;
+    /// // The tombstone of v1 is younger than an hour: kept.
+    /// let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    /// assert_eq!(table.purge_tombstones(an_hour_ago, 100)?, 0);
+    /// let soon = SystemTime::now() + Duration::from_secs(1);
+    /// assert_eq!(table.purge_tombstones(soon, 100)?, 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn purge_tombstones(
+        &self,
+        before: SystemTime,
+        limit: usize,
+    ) -> Result<usize, StorageError> {
+        self.batch(|b| b.purge_tombstones(system_time_ms(before), limit))
     }
 
     /// Makes every later fsync fail (or succeed again), for tests of what a failed
