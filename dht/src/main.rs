@@ -78,12 +78,12 @@ enum Command {
         /// for a little more replication lag under load; 0: send every write at once).
         #[arg(long, default_value_t = DEFAULT_LINGER.as_millis() as u64)]
         replication_linger_ms: u64,
-        /// How long, in hours, the tombstones of superseded versions and removed list items
-        /// are kept (0: forever). A replication message held up for longer than this (or
-        /// replayed from the error queue after it) brings the version it carries back as a
-        /// sibling.
-        #[arg(long, default_value_t = 240)]
-        tombstone_grace_hours: u64,
+        /// How long the tombstones of superseded versions and removed list items are kept
+        /// ("10d", "36h", or "forever"). A replication message held up for longer than this
+        /// (or replayed from the error queue after it) brings the version it carries back as
+        /// a sibling.
+        #[arg(long, default_value = "10d", value_parser = parse_grace)]
+        tombstone_grace: Grace,
     },
     /// Print every current sibling of a key.
     Get {
@@ -187,7 +187,7 @@ async fn run(cli: Cli) -> ExitCode {
             durability,
             max_frame,
             replication_linger_ms,
-            tombstone_grace_hours,
+            tombstone_grace,
         } => {
             let cluster = match (cluster, name) {
                 (Some(file), Some(name)) => Some((file.as_path(), name.as_str(), amqp.as_str())),
@@ -197,8 +197,7 @@ async fn run(cli: Cli) -> ExitCode {
                 durability,
                 max_frame,
                 replication_linger: Duration::from_millis(replication_linger_ms),
-                tombstone_grace: (tombstone_grace_hours > 0)
-                    .then(|| Duration::from_secs(tombstone_grace_hours.saturating_mul(3600))),
+                tombstone_grace: tombstone_grace.0,
             };
             run_node(data, listen.as_deref(), cluster, tuning, cli.secret.clone()).await
         }
@@ -223,6 +222,19 @@ async fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--tombstone-grace`: how long tombstones are kept; forever when `None`.
+#[derive(Clone, Copy)]
+struct Grace(Option<Duration>);
+
+fn parse_grace(s: &str) -> Result<Grace, String> {
+    if s == "forever" {
+        return Ok(Grace(None));
+    }
+    let grace =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (try \"10d\" or \"forever\")"))?;
+    Ok(Grace(Some(grace)))
 }
 
 /// How a node runs, from its flags.
