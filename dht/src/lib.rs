@@ -56,6 +56,6 @@ pub use storage::{
     AddItemRequest, Batch, Change, Conflict, Durability, GetRequest, KeyDump, ListItem,
     MAX_KEY_LEN, MAX_PARENTS, MAX_VALUE_LEN, Op, OpResult, PutOutcome, PutRequest,
     RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, Storage, StorageError,
-    StorageOptions,
+    StorageOptions, TombstonesPurged,
 };
 pub use version::{ItemId, ParseVersionError, Version};

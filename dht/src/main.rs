@@ -234,6 +234,9 @@ fn parse_grace(s: &str) -> Result<Grace, String> {
     }
     let grace =
         humantime::parse_duration(s).map_err(|e| format!("{e} (try \"10d\" or \"forever\")"))?;
+    if grace.is_zero() {
+        return Err("no grace would purge every tombstone at once (\"forever\" keeps them)".into());
+    }
     Ok(Grace(Some(grace)))
 }
 
@@ -336,41 +339,41 @@ async fn purge(storage: Storage, tombstone_grace: Option<Duration>) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
-        let purged = storage.long_write(|s| s.purge_expired(SystemTime::now(), CHUNK));
-        log_purge("expired values", purged.await);
+        let expired = storage.long_write(|s| s.purge_expired(SystemTime::now(), CHUNK));
+        log_purge("expired values", expired.await, |&n| n);
         let Some(cutoff) = tombstone_grace.and_then(|g| SystemTime::now().checked_sub(g)) else {
             continue;
         };
+        // A backlog (a node that was down, a first run) goes in one tick, chunk by chunk.
         loop {
-            let purged = storage.long_write(move |s| s.purge_tombstones(cutoff, CHUNK));
-            if log_purge("tombstones", purged.await) < CHUNK {
+            let purge = storage.long_write(move |s| s.purge_tombstones(cutoff, CHUNK));
+            let purged = log_purge("tombstones", purge.await, |p| p.purged);
+            if !purged.is_some_and(|p| p.more) {
                 break;
             }
         }
     }
 }
 
-/// Logs one purge's outcome and returns how much it cleaned up (0 when it failed).
-fn log_purge(
+/// Logs one purge's outcome, `count` saying how many `what` it cleaned up.
+fn log_purge<T>(
     what: &'static str,
-    outcome: Result<Result<usize, StorageError>, tokio::task::JoinError>,
-) -> usize {
-    match outcome {
-        Ok(Ok(n)) => {
+    outcome: Result<Result<T, StorageError>, tokio::task::JoinError>,
+    count: impl Fn(&T) -> usize,
+) -> Option<T> {
+    let error = match outcome {
+        Ok(Ok(done)) => {
+            let n = count(&done);
             if n > 0 {
                 tracing::debug!(purged = n, what, "cleaned up");
             }
-            n
+            return Some(done);
         }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, what, "purge failed");
-            0
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, what, "purge task failed");
-            0
-        }
-    }
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("purge task failed: {e}"),
+    };
+    tracing::warn!(%error, what, "purge failed");
+    None
 }
 
 /// The moment `secs` seconds from now, or a clear error when that is past what the clock can

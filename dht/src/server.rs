@@ -294,7 +294,7 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
         // on serving. Waiting out another client's write, microseconds, is cheaper inline.
         let after_long_write = request::takes_write_lock(&frame.request)
             && !waits_for_sync
-            && node.storage.long_write_running();
+            && node.storage.long_writes_pending();
         if after_long_write {
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break;

@@ -169,19 +169,25 @@ fn cli_refuses_an_expiry_past_the_end_of_time() {
 }
 
 #[test]
-fn a_tombstone_grace_without_a_unit_is_refused_clearly() {
+fn a_tombstone_grace_without_a_unit_or_of_zero_is_refused_clearly() {
     let (_dir, data) = temp_data();
     let data = data.to_str().expect("a UTF-8 temp path");
-    let out = std::process::Command::new(common::BIN)
-        .args(["node", "--data", data, "--tombstone-grace", "10"])
-        .output()
-        .expect("run rhinobus-dht");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "a usage error: {err}");
-    assert!(
-        err.contains("time unit needed") && err.contains("forever"),
-        "{err}"
-    );
+    for (grace, says) in [
+        ("10", "time unit needed"),
+        ("0", "every tombstone"),
+        ("0s", "every tombstone"),
+    ] {
+        let out = std::process::Command::new(common::BIN)
+            .args(["node", "--data", data, "--tombstone-grace", grace])
+            .output()
+            .expect("run rhinobus-dht");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{grace}: a usage error: {err}");
+        assert!(
+            err.contains(says) && err.contains("forever"),
+            "{grace}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -7,8 +7,8 @@ use super::layout::{
 use super::outbox::OutboxRecord;
 use super::{
     AddItemRequest, Change, Conflict, Inner, ListItem, Op, OpResult, PutOutcome, PutRequest,
-    RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError, check_key,
-    check_parents, check_value, ms_system_time, now_ms, system_time_ms,
+    RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError, TombstonesPurged,
+    check_key, check_parents, check_value, ms_system_time, now_ms, system_time_ms,
 };
 use crate::routing::key_digest;
 use crate::version::{ItemId, Version};
@@ -591,21 +591,24 @@ impl<'a> Batch<'a> {
     }
 
     /// Deletes tombstones written before `before_ms`, looking at most `limit` index entries
-    /// up; returns how many tombstones went. Not replicated: every node purges its own.
+    /// up. Not replicated: every node purges its own.
     pub(super) fn purge_tombstones(
         &mut self,
         before_ms: u64,
         limit: usize,
-    ) -> Result<usize, StorageError> {
+    ) -> Result<TombstonesPurged, StorageError> {
         let end = timed_key(before_ms, &[0; 32]);
         let mut due = Vec::new();
+        // One more than the limit, to tell whether any are left.
         for kv in self
             .snapshot
             .range(&self.inner.superseded_by_time, ..end.as_slice())
-            .take(limit)
+            .take(limit.saturating_add(1))
         {
             due.push(kv.key()?.to_vec());
         }
+        let more = due.len() > limit;
+        due.truncate(limit);
         let mut purged = 0;
         for k in due {
             self.superseded_by_time.delete(&k);
@@ -621,7 +624,7 @@ impl<'a> Batch<'a> {
                 purged += 1;
             }
         }
-        Ok(purged)
+        Ok(TombstonesPurged { purged, more })
     }
 
     /// Writes everything out as one fjall batch; `false` when there was nothing to write.

@@ -30,7 +30,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use group_commit::GroupCommit;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -396,6 +396,15 @@ impl Change {
     }
 }
 
+/// What one [`Storage::purge_tombstones`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TombstonesPurged {
+    /// How many tombstones went.
+    pub purged: usize,
+    /// Whether the limit left tombstones that old for another call.
+    pub more: bool,
+}
+
 /// The persistent hash table. Cheap to clone; clones share one database.
 ///
 /// Calls block the calling thread for the duration of a local read or write (and an fsync with
@@ -448,8 +457,8 @@ struct Inner {
     /// Turns at `write_lock` for async writers: long ones ([`Storage::long_write`]) and those
     /// that wait for them ([`Storage::short_write`]) queue here as parked tasks.
     turns: Arc<tokio::sync::Mutex<()>>,
-    /// Whether a [`Storage::long_write`] is running.
-    long_write: AtomicBool,
+    /// How many [`Storage::long_write`]s wait for their turn or run.
+    long_writes: AtomicUsize,
     durability: Durability,
     group_commit: GroupCommit,
     /// Makes every fsync fail, to test what a failed [`Durability::Fsync`] leaves behind.
@@ -457,19 +466,20 @@ struct Inner {
     fail_sync: std::sync::atomic::AtomicBool,
 }
 
-/// Marks a [`Storage::long_write`] as running, until dropped (also when it panics).
-struct LongWrite<'a>(&'a AtomicBool);
+/// Counts a [`Storage::long_write`] in [`Inner::long_writes`] from before it waits for its turn
+/// until dropped: when it is done, or when the future waiting for its turn is dropped.
+struct LongWrite(Storage);
 
-impl<'a> LongWrite<'a> {
-    fn start(flag: &'a AtomicBool) -> Self {
-        flag.store(true, Ordering::Release);
-        Self(flag)
+impl LongWrite {
+    fn counted(storage: &Storage) -> Self {
+        storage.inner.long_writes.fetch_add(1, Ordering::AcqRel);
+        Self(storage.clone())
     }
 }
 
-impl Drop for LongWrite<'_> {
+impl Drop for LongWrite {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.inner.long_writes.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -528,7 +538,7 @@ impl Storage {
                 outbox_corrupt,
                 write_lock: Mutex::new(()),
                 turns: Arc::default(),
-                long_write: AtomicBool::new(false),
+                long_writes: AtomicUsize::new(0),
                 durability: options.durability,
                 group_commit: GroupCommit::default(),
                 #[cfg(test)]
@@ -654,10 +664,11 @@ impl Storage {
 
     /// Runs `f`, a write that may hold the write lock for milliseconds (a replica applying a
     /// replication message, a clean-up), on a blocking thread, in the table's next write
-    /// turn. While it runs, [`long_write_running`](Self::long_write_running) says so, and
-    /// writers on an async runtime wait for their turn with [`short_write`](Self::short_write),
-    /// as parked tasks, rather than block a runtime thread on the lock. Fails only when `f`
-    /// panicked.
+    /// turn. While it waits for the turn or runs,
+    /// [`long_writes_pending`](Self::long_writes_pending) says so, and writers on an async
+    /// runtime wait for their turn with [`short_write`](Self::short_write), as parked tasks,
+    /// rather than block a runtime thread on the lock. Fails only when `f` panicked or the
+    /// runtime is shutting down.
     ///
     /// Turns only order async writers: batches run one at a time whether or not their callers
     /// took one.
@@ -671,11 +682,11 @@ impl Storage {
     /// let table = Storage::open(dir.path(), StorageOptions::default())?;
     /// let put = table
     ///     .long_write(|t| {
-    ///         assert!(t.long_write_running());
+    ///         assert!(t.long_writes_pending());
     ///         t.put(PutRequest::new("k", "v"))
     ///     })
     ///     .await??;
-    /// assert!(!table.long_write_running());
+    /// assert!(!table.long_writes_pending());
     /// assert_eq!(table.get(b"k")?[0].version, put.version);
     /// # Ok(()) }
     /// ```
@@ -683,12 +694,15 @@ impl Storage {
         &self,
         f: impl FnOnce(&Storage) -> T + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
+        // Counted while it waits too: a writer that went inline in the hand-over from one
+        // long write to the next would block its thread for the whole of the next.
+        let counted = LongWrite::counted(self);
         let turn = self.inner.turns.clone().lock_owned().await;
         let storage = self.clone();
         // The turn ends with `f`, on its thread, even if this future is dropped meanwhile.
         tokio::task::spawn_blocking(move || {
+            let _counted = counted;
             let _turn = turn;
-            let _running = LongWrite::start(&storage.inner.long_write);
             f(&storage)
         })
         .await
@@ -714,10 +728,10 @@ impl Storage {
         f(self)
     }
 
-    /// Whether a [`long_write`](Self::long_write) is running now: a hint, stale as soon as it
-    /// returns, for writers that must not block their thread for long.
-    pub fn long_write_running(&self) -> bool {
-        self.inner.long_write.load(Ordering::Acquire)
+    /// Whether a [`long_write`](Self::long_write) waits for its turn or runs now: a hint,
+    /// stale as soon as it returns, for writers that must not block their thread for long.
+    pub fn long_writes_pending(&self) -> bool {
+        self.inner.long_writes.load(Ordering::Acquire) > 0
     }
 
     /// Supersedes values whose expiry is at or before `now`, at most `limit` of them; returns
@@ -728,8 +742,8 @@ impl Storage {
     }
 
     /// Deletes the tombstones of versions and list items superseded before `before`, looking
-    /// at most `limit` of them up, oldest first; returns how many went. A node calls this
-    /// periodically with the time its tombstone grace ago.
+    /// at most `limit` of them up, oldest first. A node calls this periodically with the time
+    /// its tombstone grace ago, again while [`more`](TombstonesPurged::more) are left.
     ///
     /// A tombstone is what makes a replica drop a write that arrives after the write that
     /// superseded it. Once it is gone, such a late write (a replication message held up for
@@ -747,16 +761,17 @@ impl Storage {
     /// table.put(PutRequest::new("k", "v2").parents([first.version]))?;
     /// // The tombstone of v1 is younger than an hour: kept.
     /// let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
-    /// assert_eq!(table.purge_tombstones(an_hour_ago, 100)?, 0);
+    /// assert_eq!(table.purge_tombstones(an_hour_ago, 100)?.purged, 0);
     /// let soon = SystemTime::now() + Duration::from_secs(1);
-    /// assert_eq!(table.purge_tombstones(soon, 100)?, 1);
+    /// let purge = table.purge_tombstones(soon, 100)?;
+    /// assert_eq!((purge.purged, purge.more), (1, false));
     /// # Ok(()) }
     /// ```
     pub fn purge_tombstones(
         &self,
         before: SystemTime,
         limit: usize,
-    ) -> Result<usize, StorageError> {
+    ) -> Result<TombstonesPurged, StorageError> {
         self.batch(|b| b.purge_tombstones(system_time_ms(before), limit))
     }
 
