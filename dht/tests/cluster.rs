@@ -4,7 +4,9 @@
 mod common;
 
 use common::{BrokerStopped, NodeProcess, cli};
-use rhinobus_dht::{Client, ClientOptions, KeyDump, PutRequest, RangeId, Version};
+use rhinobus_dht::cluster::queue_name;
+use rhinobus_dht::replication::Replicate;
+use rhinobus_dht::{Change, Client, ClientOptions, KeyDump, PutRequest, RangeId, Version};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,7 +39,7 @@ async fn broker() -> lapin::Connection {
 /// shared and slow; a healthy run needs a small fraction of it.
 const LIVENESS: Duration = Duration::from_secs(300);
 
-/// Both tests start three node processes; on two cores they take turns.
+/// Every test here starts three node processes; on two cores they take turns.
 static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Cluster {
@@ -46,6 +48,8 @@ struct Cluster {
     names: Vec<String>,
     addrs: Vec<String>,
     nodes: Vec<Option<NodeProcess>>,
+    /// More arguments for every node.
+    args: Vec<String>,
 }
 
 fn free_addr() -> String {
@@ -55,6 +59,11 @@ fn free_addr() -> String {
 
 impl Cluster {
     fn new(n: usize) -> Self {
+        Self::with_args(n, &[])
+    }
+
+    /// `n` nodes, each started with `args` besides the cluster's own.
+    fn with_args(n: usize, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let run = uuid::Uuid::now_v7().simple().to_string();
         let names: Vec<String> = (1..=n).map(|i| format!("test-{run}-n{i}")).collect();
@@ -76,6 +85,7 @@ impl Cluster {
             names,
             addrs,
             nodes: (0..n).map(|_| None).collect(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         for i in 0..n {
             c.start(i);
@@ -87,19 +97,18 @@ impl Cluster {
         let data = self.dir.path().join(&self.names[i]);
         let file = self.file.to_string_lossy().into_owned();
         let url = amqp_url();
-        self.nodes[i] = Some(NodeProcess::start(
-            &data,
-            &[
-                "--cluster",
-                &file,
-                "--name",
-                &self.names[i],
-                "--amqp",
-                &url,
-                "--listen",
-                &self.addrs[i],
-            ],
-        ));
+        let mut args = vec![
+            "--cluster",
+            &file,
+            "--name",
+            &self.names[i],
+            "--amqp",
+            &url,
+            "--listen",
+            &self.addrs[i],
+        ];
+        args.extend(self.args.iter().map(String::as_str));
+        self.nodes[i] = Some(NodeProcess::start(&data, &args));
     }
 
     fn kill(&mut self, i: usize) {
@@ -433,4 +442,101 @@ async fn concurrent_writers_leave_the_same_siblings_on_every_replica() {
         .await;
     assert!(expected.values().all(|s| s.len() == WRITERS * PUTS));
     cluster.cleanup().await;
+}
+
+/// A node purges its tombstones once they are older than its grace, at start-up and once a
+/// minute: a replication message that comes later than that brings back the version it
+/// carries, where a node still holding the tombstone turns it away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tombstones_older_than_the_grace_are_purged() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    drop(broker().await);
+    const GRACE: Duration = Duration::from_secs(2);
+    let mut cluster = Cluster::with_args(3, &["--tombstone-grace", "2s"]);
+    let client = cluster.client().await;
+    let first = client
+        .put(PutRequest::new("purged", "v1"))
+        .await
+        .expect("put v1");
+    let put = PutRequest::new("purged", "v2").parents([first.version]);
+    let second = client.put(put).await.expect("put v2");
+    let only_v2 = |d: &[KeyDump]| match versions_of(d).get(&b"purged"[..]) {
+        Some(v) if *v == BTreeSet::from([second.version]) => Ok(()),
+        other => Err(format!("purged holds {other:?}")),
+    };
+    cluster.converge(&client, only_v2).await;
+    // Older than the grace now. Node 2 purges at its restart; node 3 not for a minute.
+    tokio::time::sleep(GRACE + Duration::from_millis(500)).await;
+    cluster.kill(1);
+    cluster.start(1);
+    let bus = rhinobus::Bus::new(rhinobus::transport::RabbitMq::new(amqp_url()), "late-test");
+    let late = |marker: &str| Replicate {
+        from: "late-test".into(),
+        changes: vec![
+            Change::Put {
+                key: "purged".into(),
+                version: first.version,
+                parents: vec![],
+                value: "v1".into(),
+                expires_at: None,
+            },
+            Change::Put {
+                key: marker.to_owned().into(),
+                version: Version::new(),
+                parents: vec![],
+                value: "applied".into(),
+                expires_at: None,
+            },
+        ],
+    };
+    // Until its first purge ran (right after it started), node 2 drops v1 too: ask again.
+    let deadline = tokio::time::Instant::now() + LIVENESS;
+    let mut attempt = 0;
+    let back = loop {
+        attempt += 1;
+        let marker = format!("marker-2-{attempt}");
+        let queue = queue_name(&cluster.names[1]);
+        bus.send(&queue, &late(&marker))
+            .await
+            .expect("send to node 2");
+        let siblings = applied(&client, &cluster.addrs[1], &marker).await;
+        if siblings.len() == 2 {
+            break siblings;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "v1 never came back on node 2"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let versions: BTreeSet<_> = back.iter().map(|s| s.version).collect();
+    assert_eq!(versions, BTreeSet::from([first.version, second.version]));
+    // Node 3 still holds v1's tombstone and turns the late v1 away.
+    let queue = queue_name(&cluster.names[2]);
+    bus.send(&queue, &late("marker-3"))
+        .await
+        .expect("send to node 3");
+    let siblings = applied(&client, &cluster.addrs[2], "marker-3").await;
+    let versions: Vec<_> = siblings.iter().map(|s| s.version).collect();
+    assert_eq!(versions, [second.version], "node 3 resurrected v1");
+    cluster.cleanup().await;
+}
+
+/// Waits until node `addr` holds `marker` (so the message that carried it was applied) and
+/// returns what it holds of key "purged".
+async fn applied(client: &Client, addr: &str, marker: &str) -> Vec<rhinobus_dht::Sibling> {
+    let deadline = tokio::time::Instant::now() + LIVENESS;
+    while client
+        .get_from(addr, marker.to_owned())
+        .await
+        .expect("get")
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{marker} never applied on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.get_from(addr, "purged").await.expect("get purged")
 }
