@@ -30,6 +30,29 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// big rather than growing one from empty. Worth overriding for big messages (a batch of
     /// thousands of items); a wrong guess costs a reallocation or some spare bytes, nothing
     /// more.
+    ///
+    /// ```
+    /// use rhinobus::Message;
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct PricesChanged {
+    ///     skus: Vec<String>,
+    /// }
+    ///
+    /// impl Message for PricesChanged {
+    ///     const NAME: &'static str = "catalog.prices-changed";
+    ///
+    ///     fn encoded_size_hint(&self) -> usize {
+    ///         // Each SKU, its string marker, and the field name once.
+    ///         16 + self.skus.iter().map(|s| s.len() + 5).sum::<usize>()
+    ///     }
+    /// }
+    ///
+    /// let m = PricesChanged { skus: vec!["A-1".into(); 1000] };
+    /// let body = rhinobus::message::encode(&m).unwrap();
+    /// assert!(body.len() <= m.encoded_size_hint());
+    /// ```
     fn encoded_size_hint(&self) -> usize {
         256
     }
