@@ -14,6 +14,7 @@ use crate::routing::key_digest;
 use crate::version::{ItemId, Version};
 use bytes::Bytes;
 use fjall::{Keyspace, Readable, Snapshot};
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The operations of one atomic batch; see [`Storage::batch`](super::Storage::batch).
@@ -22,7 +23,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// writes. Nothing reaches disk until the batch's closure returns `Ok`.
 pub struct Batch<'a> {
     inner: &'a Inner,
-    snapshot: Snapshot,
+    /// Taken at the first read (under the write lock, like the whole batch): a write that
+    /// reads nothing, a put naming no parents, takes none.
+    snapshot: OnceCell<Snapshot>,
     now_ms: u64,
     versions: Overlay,
     superseded: Overlay,
@@ -182,7 +185,7 @@ impl<'a> Batch<'a> {
     pub(super) fn new(inner: &'a Inner) -> Self {
         Self {
             inner,
-            snapshot: inner.db.snapshot(),
+            snapshot: OnceCell::new(),
             now_ms: now_ms(),
             versions: Overlay::default(),
             superseded: Overlay::default(),
@@ -194,11 +197,16 @@ impl<'a> Batch<'a> {
         }
     }
 
+    /// The consistent view this batch reads, taken the first time it is needed.
+    fn snapshot(&self) -> &Snapshot {
+        self.snapshot.get_or_init(|| self.inner.db.snapshot())
+    }
+
     /// Every version stored for `key`, expired or not, oldest first.
     fn stored_versions(&self, key: &[u8]) -> Result<Vec<(Version, VersionRecord)>, StorageError> {
         let entries =
             self.versions
-                .scan_prefix(&self.snapshot, &self.inner.versions, &key_digest(key))?;
+                .scan_prefix(self.snapshot(), &self.inner.versions, &key_digest(key))?;
         let mut out = Vec::with_capacity(entries.len());
         for (k, v) in entries {
             let (version, record) = decode_version(&k, &v)?;
@@ -217,7 +225,7 @@ impl<'a> Batch<'a> {
     ) -> Result<Option<Vec<u8>>, StorageError> {
         match overlay.get(k) {
             Some(v) => Ok(v.clone()),
-            None => Ok(self.snapshot.get(keyspace, k)?.map(|v| v.to_vec())),
+            None => Ok(self.snapshot().get(keyspace, k)?.map(|v| v.to_vec())),
         }
     }
 
@@ -457,7 +465,7 @@ impl<'a> Batch<'a> {
         check_key(key)?;
         let entries =
             self.items
-                .scan_prefix(&self.snapshot, &self.inner.items, &key_digest(key))?;
+                .scan_prefix(self.snapshot(), &self.inner.items, &key_digest(key))?;
         items_of(key, entries.into_iter().map(Ok::<_, StorageError>))
     }
 
@@ -557,7 +565,7 @@ impl<'a> Batch<'a> {
         let end = timed_key(now_ms, &[0xff; 32]);
         let mut due = Vec::new();
         for kv in self
-            .snapshot
+            .snapshot()
             .range(&self.inner.expiry, ..=end.as_slice())
             .take(limit)
         {
@@ -601,7 +609,7 @@ impl<'a> Batch<'a> {
         let mut due = Vec::new();
         // One more than the limit, to tell whether any are left.
         for kv in self
-            .snapshot
+            .snapshot()
             .range(&self.inner.superseded_by_time, ..end.as_slice())
             .take(limit.saturating_add(1))
         {
