@@ -4,7 +4,7 @@
 //! - [`message`]: what travels — [`Replicate`] (a batch of changes) and [`CatchUpMarker`].
 //! - [`outbox`]: [`ReplicationOutbox`] — outbox records committed with the writes, and one
 //!   sender per destination that ships them in batches and deletes them once confirmed.
-//! - [`apply`]: applying received changes; idempotent and independent of order.
+//! - [`apply`](mod@apply): applying received changes; idempotent and independent of order.
 //! - [`runtime`]: [`Replication`] — catch-up at start-up, the receiving endpoint, the senders.
 
 pub mod apply;
