@@ -1,6 +1,5 @@
 //! The bus messages of replication.
 
-use super::outbox::change_size;
 use crate::storage::Change;
 use rhinobus::Message;
 use serde::{Deserialize, Serialize};
@@ -20,7 +19,7 @@ impl Message for Replicate {
     const NAME: &'static str = "dht.replicate";
 
     fn encoded_size_hint(&self) -> usize {
-        self.from.len() + self.changes.iter().map(change_size).sum::<usize>()
+        self.from.len() + self.changes.iter().map(Change::encoded_size).sum::<usize>()
     }
 }
 

@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 
 /// The most changes one [`Replicate`] message carries.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 500;
-/// The most bytes of keys and values (plus a per-change allowance, see [`change_size`]) one
+/// The most bytes of keys and values (plus a per-change allowance, see [`Change::encoded_size`]) one
 /// [`Replicate`] message carries, unless a single change is larger: a message always carries
 /// at least one. Well under RabbitMQ's default maximum message size (128 MiB), so a run of
 /// 16 MiB values never makes a message the broker refuses again and again.
@@ -44,7 +44,7 @@ pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// than one per linger wait at all; under such load, 20 ms took a third off the broker's work
 /// against 10 ms, for about 6 ms more replication lag (`bench dht-put-replicated`, README).
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(20);
-/// At most how many bytes of changes (counted by [`change_size`]) an outbox keeps in memory for
+/// At most how many bytes of changes (counted by [`Change::encoded_size`]) an outbox keeps in memory for
 /// its senders. Records queued past it are read back from disk when they are sent, a lookup and
 /// a decoding per record and destination: taking them from memory instead brought the senders'
 /// share of `bench dht-put-replicated`'s CPU from 5.7% to 3.0% (the budget is never reached
@@ -74,26 +74,6 @@ struct Destination {
     wake: Notify,
 }
 
-/// About how many bytes `change` takes in a [`Replicate`] message: its key and value, 32 per
-/// version it names (16 bytes and their MessagePack framing, generously), and 128 for field
-/// names and the rest.
-pub fn change_size(change: &Change) -> usize {
-    const PER_VERSION: usize = 32;
-    const OVERHEAD: usize = 128;
-    OVERHEAD
-        + match change {
-            Change::Put {
-                key,
-                value,
-                parents,
-                ..
-            } => key.len() + value.len() + PER_VERSION * (parents.len() + 1),
-            Change::Remove { key, parents } => key.len() + PER_VERSION * parents.len(),
-            Change::AddItem { key, value, .. } => key.len() + value.len() + PER_VERSION,
-            Change::RemoveItem { key, .. } => key.len() + PER_VERSION,
-        }
-}
-
 /// One stored record and how many of its destinations still wait for it. Which ones have it
 /// is known only here: after a crash, all of them get it again.
 struct Delivery {
@@ -114,7 +94,7 @@ struct Held {
 impl Held {
     /// `changes`, if `held` plus their size stays within the budget.
     fn within_budget(changes: Vec<Change>, held: &Arc<AtomicUsize>) -> Option<Self> {
-        let bytes: usize = changes.iter().map(change_size).sum();
+        let bytes: usize = changes.iter().map(Change::encoded_size).sum();
         held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
             (h + bytes <= MEMORY_BUDGET).then_some(h + bytes)
         })
@@ -445,7 +425,7 @@ impl ReplicationOutbox {
                         .chars()
                         .take(200)
                         .collect::<String>(),
-                    change_size(&changes[0]),
+                    changes[0].encoded_size(),
                 )
             });
             let message = Replicate {
@@ -573,7 +553,7 @@ fn take_message<E>(
     while let Some(record_changes) = record(i)? {
         let start = if i == 0 { front_sent } else { 0 };
         for (j, change) in record_changes.into_iter().enumerate().skip(start) {
-            let size = change_size(&change);
+            let size = change.encoded_size();
             if !changes.is_empty()
                 && (changes.len() == MAX_CHANGES_PER_MESSAGE
                     || bytes + size > MAX_BYTES_PER_MESSAGE)

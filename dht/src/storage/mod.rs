@@ -394,6 +394,26 @@ impl Change {
             | Change::RemoveItem { key, .. } => key,
         }
     }
+
+    /// About how many bytes the change takes encoded (in a replication message or an outbox
+    /// record): its key and value, 32 per version it names (16 bytes and their MessagePack
+    /// framing, generously), and 128 for field names and the rest.
+    pub fn encoded_size(&self) -> usize {
+        const PER_VERSION: usize = 32;
+        const OVERHEAD: usize = 128;
+        OVERHEAD
+            + match self {
+                Change::Put {
+                    key,
+                    value,
+                    parents,
+                    ..
+                } => key.len() + value.len() + PER_VERSION * (parents.len() + 1),
+                Change::Remove { key, parents } => key.len() + PER_VERSION * parents.len(),
+                Change::AddItem { key, value, .. } => key.len() + value.len() + PER_VERSION,
+                Change::RemoveItem { key, .. } => key.len() + PER_VERSION,
+            }
+    }
 }
 
 /// What one [`Storage::purge_tombstones`] did.

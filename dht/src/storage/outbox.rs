@@ -72,14 +72,8 @@ impl OutboxRecord {
     }
 
     pub(super) fn encode(&self) -> Vec<u8> {
-        /// Per change: field names, markers, a few versions.
-        const FRAMING: usize = 128;
         let size: usize = (self.destinations.iter().map(String::len))
-            .chain(self.changes.iter().map(|c| c.key().len() + FRAMING))
-            .chain(self.changes.iter().map(|c| match c {
-                Change::Put { value, .. } | Change::AddItem { value, .. } => value.len(),
-                Change::Remove { .. } | Change::RemoveItem { .. } => 0,
-            }))
+            .chain(self.changes.iter().map(Change::encoded_size))
             .sum();
         let record = StoredRecordRef {
             destinations: &self.destinations,
