@@ -36,6 +36,9 @@ pub struct Batch<'a> {
     changes: Vec<Change>,
 }
 
+/// A time index key, and its time and entry when it parses.
+type TimedEntry = (Vec<u8>, Option<(u64, EntryKey)>);
+
 /// Pending writes to one keyspace: `None` deletes.
 #[derive(Default)]
 struct Overlay(BTreeMap<Vec<u8>, Option<Vec<u8>>>);
@@ -557,29 +560,37 @@ impl<'a> Batch<'a> {
         Ok(record)
     }
 
+    /// The first `limit` keys of time index `index` (`expiry`, `superseded-by-time`) before
+    /// `before_ms`, oldest first, each with its time and entry. A key that does not parse is
+    /// not one of ours: the caller deletes it with the others rather than stall on it forever.
+    fn timed_entries(
+        &self,
+        index: &Keyspace,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<TimedEntry>, StorageError> {
+        let end = timed_key(before_ms, &[0; 32]);
+        let mut due = Vec::new();
+        for kv in self.snapshot().range(index, ..end.as_slice()).take(limit) {
+            let k = kv.key()?.to_vec();
+            let parsed = parse_timed_key(&k);
+            due.push((k, parsed));
+        }
+        Ok(due)
+    }
+
     pub(super) fn purge_expired(
         &mut self,
         now_ms: u64,
         limit: usize,
     ) -> Result<usize, StorageError> {
-        let end = timed_key(now_ms, &[0xff; 32]);
-        let mut due = Vec::new();
-        for kv in self
-            .snapshot()
-            .range(&self.inner.expiry, ..=end.as_slice())
-            .take(limit)
-        {
-            let k = kv.key()?;
-            let Some((at, entry)) = parse_timed_key(&k) else {
-                // Not one of ours; drop it rather than stall on it forever.
-                self.expiry.delete(&k);
+        let due = self.timed_entries(&self.inner.expiry, now_ms.saturating_add(1), limit)?;
+        let mut purged = 0;
+        for (k, parsed) in due {
+            self.expiry.delete(&k);
+            let Some((at, entry)) = parsed else {
                 continue;
             };
-            due.push((at, entry));
-        }
-        let mut purged = 0;
-        for (at, entry) in due {
-            self.expiry.delete(&timed_key(at, &entry));
             let Some(v) = self.overlay_or_snapshot(&self.versions, &self.inner.versions, &entry)?
             else {
                 continue;
@@ -605,23 +616,15 @@ impl<'a> Batch<'a> {
         before_ms: u64,
         limit: usize,
     ) -> Result<TombstonesPurged, StorageError> {
-        let end = timed_key(before_ms, &[0; 32]);
-        let mut due = Vec::new();
         // One more than the limit, to tell whether any are left.
-        for kv in self
-            .snapshot()
-            .range(&self.inner.superseded_by_time, ..end.as_slice())
-            .take(limit.saturating_add(1))
-        {
-            due.push(kv.key()?.to_vec());
-        }
+        let index = &self.inner.superseded_by_time;
+        let mut due = self.timed_entries(index, before_ms, limit.saturating_add(1))?;
         let more = due.len() > limit;
         due.truncate(limit);
         let mut purged = 0;
-        for k in due {
+        for (k, parsed) in due {
             self.superseded_by_time.delete(&k);
-            // Not one of ours: dropped rather than stalled on forever.
-            let Some((at, entry)) = parse_timed_key(&k) else {
+            let Some((at, entry)) = parsed else {
                 continue;
             };
             let written =
