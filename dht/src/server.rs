@@ -295,37 +295,30 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
         let after_long_write = request::takes_write_lock(&frame.request)
             && !waits_for_sync
             && node.storage.long_writes_pending();
-        if after_long_write {
+        // Writes wait for an fsync off the runtime's threads, many at once, so that group
+        // commit can share each sync between them; a range dump reads a 1,024th of the table.
+        let blocking = waits_for_sync || matches!(frame.request, Request::Dump { .. });
+        if after_long_write || blocking {
+            // On a task of its own; answers may overtake each other.
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break;
             };
             let node = node.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let result = node
-                    .storage
-                    .short_write(|_| node.execute(frame.request))
-                    .await;
-                respond(&tx, id, result, limit).await;
-                drop(permit);
-            });
-        } else if waits_for_sync || matches!(frame.request, Request::Dump { .. }) {
-            // Writes wait for an fsync off the runtime's threads, many at once, so that group
-            // commit can share each sync between them; a range dump reads a 1,024th of the
-            // table. Their answers may overtake each other.
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                break;
-            };
-            let node = node.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let result = tokio::task::spawn_blocking(move || node.execute(frame.request))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(WireError::Internal {
-                            message: format!("request task failed: {e}"),
+                let result = if blocking {
+                    tokio::task::spawn_blocking(move || node.execute(frame.request))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(WireError::Internal {
+                                message: format!("request task failed: {e}"),
+                            })
                         })
-                    });
+                } else {
+                    (node.storage)
+                        .short_write(|_| node.execute(frame.request))
+                        .await
+                };
                 respond(&tx, id, result, limit).await;
                 drop(permit);
             });
