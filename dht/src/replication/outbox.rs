@@ -764,23 +764,33 @@ mod tests {
         Some(rmp_serde::from_slice::<Replicate>(&body).unwrap().changes)
     }
 
+    /// Writes `key` and waits until it is confirmed, which must take well under `linger`.
+    async fn sent_at_once(
+        storage: &Storage,
+        outbox: &ReplicationOutbox,
+        key: &str,
+        linger: Duration,
+    ) {
+        let written = tokio::time::Instant::now();
+        write(storage, outbox, key);
+        eventually("the record is confirmed", || {
+            storage.outbox().unwrap().is_empty()
+        })
+        .await;
+        assert!(
+            written.elapsed() < linger / 2,
+            "{key} sent {:?} after it was written",
+            written.elapsed()
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_within_a_linger_of_the_last_message_share_the_next() {
         let (_dir, storage, broker, endpoint, outbox) = node_a_of(&["a", "b"]).await;
         const LINGER: Duration = Duration::from_secs(2);
         let senders = Senders::lingering(&outbox, endpoint.bus(), LINGER);
         // The sender has sent nothing yet: the first write goes at once, alone ...
-        let written = tokio::time::Instant::now();
-        write(&storage, &outbox, "k0");
-        eventually("the first write is confirmed", || {
-            storage.outbox().unwrap().is_empty()
-        })
-        .await;
-        assert!(
-            written.elapsed() < LINGER / 2,
-            "k0 waited {:?}",
-            written.elapsed()
-        );
+        sent_at_once(&storage, &outbox, "k0", LINGER).await;
         // ... and the four that follow within the linger wait for one message together.
         for n in 1..5 {
             write(&storage, &outbox, &format!("k{n}"));
@@ -806,23 +816,10 @@ mod tests {
         let (_dir, storage, _broker, endpoint, outbox) = node_a_of(&["a", "b"]).await;
         const LINGER: Duration = Duration::from_secs(1);
         let senders = Senders::lingering(&outbox, endpoint.bus(), LINGER);
-        for key in ["k0", "k1"] {
-            // Quiet for longer than the linger (before k1): no need to wait.
-            if key == "k1" {
-                tokio::time::sleep(LINGER).await;
-            }
-            let written = tokio::time::Instant::now();
-            write(&storage, &outbox, key);
-            eventually("the record is confirmed", || {
-                storage.outbox().unwrap().is_empty()
-            })
-            .await;
-            assert!(
-                written.elapsed() < LINGER / 2,
-                "{key} sent {:?} after it was written",
-                written.elapsed()
-            );
-        }
+        sent_at_once(&storage, &outbox, "k0", LINGER).await;
+        // Quiet for longer than the linger: no need to wait.
+        tokio::time::sleep(LINGER).await;
+        sent_at_once(&storage, &outbox, "k1", LINGER).await;
         senders.stop().await;
         endpoint.shutdown().await;
     }
