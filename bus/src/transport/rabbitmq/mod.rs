@@ -537,7 +537,9 @@ async fn supervise(inner: Arc<Inner>) {
                         acks.release();
                     }
                 }
-                let _ = link.connection.close(320, "reconnecting".into()).await;
+                // A broken connection may never answer the close either.
+                let close = link.connection.close(320, "reconnecting".into());
+                let _ = tokio::time::timeout(inner.connect_timeout, close).await;
             }
             Err(e) => warn!(error = %e, url = %redact(&inner.url), "cannot connect to RabbitMQ"),
         }
@@ -551,7 +553,16 @@ async fn supervise(inner: Arc<Inner>) {
 
 type EventStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
 
+/// Connects and opens the publishing channel, all within the connect timeout: a broker that
+/// accepts the connection while it is still starting (or already stopping) may never answer
+/// the channel's opening, and the supervisor must not wait for it forever.
 async fn connect(inner: &Inner, generation: u64) -> Result<(Link, EventStream), BusError> {
+    tokio::time::timeout(inner.connect_timeout, open_link(inner, generation))
+        .await
+        .map_err(|_| BusError::Timeout(inner.connect_timeout))?
+}
+
+async fn open_link(inner: &Inner, generation: u64) -> Result<(Link, EventStream), BusError> {
     let name = inner
         .connection_name
         .lock()
@@ -559,12 +570,7 @@ async fn connect(inner: &Inner, generation: u64) -> Result<(Link, EventStream), 
         .clone()
         .unwrap_or_else(|| format!("rhinobus:client:{}", std::process::id()));
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = tokio::time::timeout(
-        inner.connect_timeout,
-        Connection::connect(&inner.url, props),
-    )
-    .await
-    .map_err(|_| BusError::Timeout(inner.connect_timeout))??;
+    let connection = Connection::connect(&inner.url, props).await?;
     let events: EventStream = Box::pin(connection.events_listener());
     let publisher = connection.create_channel().await?;
     publisher
