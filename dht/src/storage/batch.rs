@@ -1,5 +1,6 @@
 //! A batch: reads and writes against one consistent view, committed as one fjall write batch.
 
+use super::copy::Tombstone;
 use super::layout::{
     self, EntryKey, ItemRecord, VersionRecord, id_of, item_key, parse_timed_key, timed_key,
     version_key,
@@ -287,21 +288,52 @@ impl<'a> Batch<'a> {
     fn supersede(&mut self, key: &[u8], version: Version, record: Option<&VersionRecord>) {
         let k = version_key(key, version);
         if let Some(record) = record {
-            self.versions.delete(&k);
-            if let Some(at) = record.expires_at_ms {
-                self.expiry.delete(&timed_key(at, &k));
-            }
+            self.delete_version(&k, record);
         }
         self.tombstone(&k);
     }
 
-    /// Leaves a tombstone for entry `k` (a version or a list item), indexed by its time for
-    /// [`purge_tombstones`](Self::purge_tombstones).
+    /// Deletes the version stored under entry `k`, and its expiry.
+    fn delete_version(&mut self, k: &EntryKey, record: &VersionRecord) {
+        self.versions.delete(k);
+        if let Some(at) = record.expires_at_ms {
+            self.expiry.delete(&timed_key(at, k));
+        }
+    }
+
+    /// Leaves a tombstone for entry `k` (a version or a list item), dated now.
     fn tombstone(&mut self, k: &EntryKey) {
+        self.tombstone_at(k, self.now_ms);
+    }
+
+    /// Leaves a tombstone for entry `k` dated `at_ms`, indexed by that time for
+    /// [`purge_tombstones`](Self::purge_tombstones).
+    fn tombstone_at(&mut self, k: &EntryKey, at_ms: u64) {
         self.superseded
-            .set(k, layout::tombstone_value(self.now_ms).to_vec());
+            .set(k, layout::tombstone_value(at_ms).to_vec());
         self.superseded_by_time
-            .set(&timed_key(self.now_ms, k), Vec::new());
+            .set(&timed_key(at_ms, k), Vec::new());
+    }
+
+    /// Merges `tombstone`, copied from another replica of its range
+    /// ([`Storage::range_page`](super::Storage::range_page)): deletes the version or list item
+    /// it names if it is stored here, and keeps the tombstone with its own date, so that what
+    /// the other replica superseded does not live on here. Returns whether anything changed;
+    /// merging it again changes nothing.
+    pub fn apply_tombstone(&mut self, tombstone: &Tombstone) -> Result<bool, StorageError> {
+        let k = tombstone.entry_key()?;
+        if self.is_superseded(&k)? {
+            return Ok(false);
+        }
+        if let Some(bytes) = self.overlay_or_snapshot(&self.versions, &self.inner.versions, &k)? {
+            let (_, record) = decode_version(&k, &bytes)?;
+            self.delete_version(&k, &record);
+        }
+        if (self.overlay_or_snapshot(&self.items, &self.inner.items, &k)?).is_some() {
+            self.items.delete(&k);
+        }
+        self.tombstone_at(&k, tombstone.at_ms);
+        Ok(true)
     }
 
     fn store_version(&mut self, version: Version, record: &VersionRecord) {

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use fjall::{Keyspace, Readable, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 /// Everything one key holds: its current siblings and its list items.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,11 +32,21 @@ fn bounds(range: RangeId) -> (Vec<u8>, Option<Vec<u8>>) {
     )
 }
 
-fn scan(snapshot: &Snapshot, keyspace: &Keyspace, range: RangeId) -> fjall::Iter {
-    match bounds(range) {
-        (start, Some(end)) => snapshot.range(keyspace, start..end),
-        (start, None) => snapshot.range(keyspace, start..),
-    }
+/// The entries of `range` in `keyspace` (any keyspace keyed by digest first), from the first,
+/// or from the one after key `after`.
+pub(super) fn scan(
+    snapshot: &Snapshot,
+    keyspace: &Keyspace,
+    range: RangeId,
+    after: Option<&[u8]>,
+) -> fjall::Iter {
+    let (start, end) = bounds(range);
+    let start = match after {
+        Some(k) => Bound::Excluded(k.to_vec()),
+        None => Bound::Included(start),
+    };
+    let end = end.map_or(Bound::Unbounded, Bound::Excluded);
+    snapshot.range(keyspace, (start, end))
 }
 
 impl Storage {
@@ -46,7 +57,7 @@ impl Storage {
         // One snapshot for both keyspaces: whole batches only, the same moment for both.
         let snapshot = self.inner.db.snapshot();
         let mut keys: BTreeMap<Bytes, KeyDump> = BTreeMap::new();
-        for kv in scan(&snapshot, &self.inner.versions, range) {
+        for kv in scan(&snapshot, &self.inner.versions, range, None) {
             let (k, v) = kv.into_inner()?;
             let (version, record) = decode_version(&k, &v)?;
             if is_live(&record, now) {
@@ -61,7 +72,7 @@ impl Storage {
                 siblings.push(to_sibling(version, record));
             }
         }
-        for kv in scan(&snapshot, &self.inner.items, range) {
+        for kv in scan(&snapshot, &self.inner.items, range, None) {
             let (k, v) = kv.into_inner()?;
             let (id, record) = decode_item(&k, &v)?;
             let key = record.key.clone();

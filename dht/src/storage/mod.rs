@@ -15,12 +15,14 @@
 //! superseded is never brought back, whatever order the writes arrive in.
 
 mod batch;
+mod copy;
 mod dump;
 mod group_commit;
 mod layout;
 mod outbox;
 
 pub use batch::Batch;
+pub use copy::{Merged, PAGE_BYTES, PageCursor, RangePage, Tombstone};
 pub use dump::KeyDump;
 pub use outbox::{OutboxId, OutboxRecord};
 
