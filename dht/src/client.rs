@@ -6,9 +6,9 @@ use crate::frame::{self, Request, Response, ResponseFrame, WireError};
 use crate::routing::{RangeId, Topology};
 use crate::status::NodeStatus;
 use crate::storage::{
-    AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PutOutcome, PutRequest,
-    RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, check_key, check_parents,
-    check_value,
+    AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PageCursor, PutOutcome,
+    PutRequest, RangePage, RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, check_key,
+    check_parents, check_value,
 };
 use crate::version::ItemId;
 use bytes::Bytes;
@@ -396,6 +396,23 @@ impl Client {
             .await?
         {
             Response::Dump(keys) => Ok(keys),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The page of `range` starting at `from` as node `addr` holds it, tombstones included:
+    /// what a replica that lost its data copies back (see [`crate::rebuild`]).
+    pub async fn range_page(
+        &self,
+        addr: &str,
+        range: RangeId,
+        from: Option<PageCursor>,
+    ) -> Result<RangePage, ClientError> {
+        match self
+            .send(addr, 0, &Request::RangePage { range, from }, Reach::Always)
+            .await?
+        {
+            Response::RangePage(page) => Ok(page),
             other => Err(unexpected(&other)),
         }
     }

@@ -7,8 +7,8 @@
 use crate::routing::{RangeId, Topology};
 use crate::status::NodeStatus;
 use crate::storage::{
-    AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PutOutcome, PutRequest,
-    RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError,
+    AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PageCursor, PutOutcome,
+    PutRequest, RangePage, RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError,
 };
 use crate::version::ItemId;
 use serde::{Deserialize, Serialize};
@@ -67,6 +67,16 @@ pub enum Request {
     },
     /// The node's [`NodeStatus`] (answered whatever the request's topology version).
     Status,
+    /// One page of everything this node holds for a range, tombstones included, for a replica
+    /// that rebuilds it ([`Storage::range_page`](crate::Storage::range_page); answered
+    /// whatever the request's topology version).
+    RangePage {
+        /// The range.
+        range: RangeId,
+        /// Where the page starts: the previous page's `next`, or `None` for the first.
+        #[serde(default)]
+        from: Option<PageCursor>,
+    },
 }
 
 impl Request {
@@ -74,7 +84,11 @@ impl Request {
     pub fn is_routed(&self) -> bool {
         !matches!(
             self,
-            Request::Hello { .. } | Request::Topology | Request::Dump { .. } | Request::Status
+            Request::Hello { .. }
+                | Request::Topology
+                | Request::Dump { .. }
+                | Request::Status
+                | Request::RangePage { .. }
         )
     }
 
@@ -102,7 +116,8 @@ impl Request {
             | Request::GetItems(_)
             | Request::Topology
             | Request::Dump { .. }
-            | Request::Status => false,
+            | Request::Status
+            | Request::RangePage { .. } => false,
         }
     }
 }
@@ -145,6 +160,8 @@ pub enum Response {
     Dump(Vec<KeyDump>),
     /// To [`Request::Status`].
     Status(NodeStatus),
+    /// To [`Request::RangePage`].
+    RangePage(RangePage),
 }
 
 /// Why a node refused or failed a request.

@@ -18,6 +18,8 @@
 //!   primary → secondary → tertiary.
 //! - [`cluster`]: the cluster file ([`ClusterSpec`]), node queue names, and the topology as
 //!   stored in the DHT itself.
+//! - [`rebuild`]: a node that lost its data copies its ranges back from the other replicas
+//!   before it serves.
 //! - [`replication`]: replication as bus messages — the outbox committed with every write,
 //!   batched senders per destination, idempotent apply, catch-up at start-up.
 //! - `main.rs`: the `rhinobus-dht` binary (node and CLI), a thin shell over the above; behind
@@ -35,6 +37,7 @@ pub mod client;
 pub mod cluster;
 pub mod connection;
 pub mod frame;
+pub mod rebuild;
 pub mod replication;
 pub mod request;
 pub mod routing;

@@ -84,6 +84,11 @@ enum Command {
         /// a sibling.
         #[arg(long, default_value = "10d", value_parser = parse_grace)]
         tombstone_grace: Grace,
+        /// Before serving, copy every range this node holds from the other replicas: for a
+        /// node that lost its data. Harmless otherwise (copies merge like replication), but it
+        /// reads every range of every other replica.
+        #[arg(long, requires = "cluster")]
+        rebuild: bool,
     },
     /// Print every current sibling of a key.
     Get {
@@ -188,6 +193,7 @@ async fn run(cli: Cli) -> ExitCode {
             max_frame,
             replication_linger_ms,
             tombstone_grace,
+            rebuild,
         } => {
             let cluster = match (cluster, name) {
                 (Some(file), Some(name)) => Some((file.as_path(), name.as_str(), amqp.as_str())),
@@ -198,6 +204,7 @@ async fn run(cli: Cli) -> ExitCode {
                 max_frame,
                 replication_linger: Duration::from_millis(replication_linger_ms),
                 tombstone_grace: tombstone_grace.0,
+                rebuild,
             };
             run_node(data, listen.as_deref(), cluster, tuning, cli.secret.clone()).await
         }
@@ -247,6 +254,8 @@ struct NodeTuning {
     replication_linger: Duration,
     /// How long tombstones are kept; forever when `None`.
     tombstone_grace: Option<Duration>,
+    /// Copy this node's ranges from the other replicas before serving.
+    rebuild: bool,
 }
 
 async fn run_node(
@@ -261,6 +270,7 @@ async fn run_node(
         max_frame,
         replication_linger,
         tombstone_grace,
+        rebuild,
     } = tuning;
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -291,7 +301,9 @@ async fn run_node(
         Storage::open(&dir, StorageOptions::default().durability(durability))
     })
     .await??;
-    let mut options = NodeOptions::default().secret(secret).max_frame(max_frame);
+    let mut options = NodeOptions::default()
+        .secret(secret.clone())
+        .max_frame(max_frame);
     let mut replication = None;
     if let (Some((spec, _)), Some((_, name, amqp))) = (&spec, cluster) {
         let s = storage.clone();
@@ -299,6 +311,9 @@ async fn run_node(
         let topology =
             tokio::task::spawn_blocking(move || cluster::store_topology(&s, &file_topology))
                 .await??;
+        if rebuild {
+            rebuild_from_peers(&storage, &topology, name, secret.clone()).await?;
+        }
         tracing::info!(
             node = name,
             topology = topology.version,
@@ -329,6 +344,32 @@ async fn run_node(
         r.shutdown().await;
     }
     Ok(served?)
+}
+
+/// `--rebuild`: copies this node's ranges from the other replicas, and says what came.
+async fn rebuild_from_peers(
+    storage: &Storage,
+    topology: &rhinobus_dht::Topology,
+    name: &str,
+    secret: Option<String>,
+) -> Result<(), rhinobus_dht::rebuild::RebuildError> {
+    tracing::info!(
+        node = name,
+        "rebuilding from the other replicas before serving"
+    );
+    let options = ClientOptions::default().secret(secret);
+    let rebuilt = rhinobus_dht::rebuild::rebuild(storage, topology, name, options).await?;
+    for (replica, why) in &rebuilt.skipped {
+        tracing::warn!(%replica, %why, "not copied from this replica (its ranges came from the others)");
+    }
+    tracing::info!(
+        ranges = rebuilt.ranges,
+        pages = rebuilt.pages,
+        changes = rebuilt.merged.changes,
+        tombstones = rebuilt.merged.tombstones,
+        "rebuilt"
+    );
+    Ok(())
 }
 
 /// Once a minute, cleans up expired values (readers never see them even before) and, with a

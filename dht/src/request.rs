@@ -36,6 +36,9 @@ pub fn execute_replicated(
         Request::Topology => Ok(Response::Topology(topology.clone())),
         Request::Dump { range } => storage.dump(range).map(Response::Dump),
         Request::Status => Ok(Response::Status(NodeStatus::of(topology, outbox))),
+        Request::RangePage { range, from } => storage
+            .range_page(range, from.as_ref())
+            .map(Response::RangePage),
         Request::Get(r) => storage.get(&r.key).map(Response::Siblings),
         Request::GetItems(r) => storage.get_items(&r.key).map(Response::Items),
         Request::Put(r) => write(storage, outbox, |b| b.put(r)).map(Response::Put),
@@ -75,9 +78,11 @@ pub fn is_reserved(key: &[u8]) -> bool {
 /// Every key a request touches.
 fn request_keys(request: &Request) -> Box<dyn Iterator<Item = &[u8]> + '_> {
     match request {
-        Request::Hello { .. } | Request::Topology | Request::Dump { .. } | Request::Status => {
-            Box::new(std::iter::empty())
-        }
+        Request::Hello { .. }
+        | Request::Topology
+        | Request::Dump { .. }
+        | Request::Status
+        | Request::RangePage { .. } => Box::new(std::iter::empty()),
         Request::Get(r) | Request::GetItems(r) => Box::new(std::iter::once(&r.key[..])),
         Request::Put(r) => Box::new(std::iter::once(&r.key[..])),
         Request::Remove(r) => Box::new(std::iter::once(&r.key[..])),

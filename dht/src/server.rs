@@ -296,8 +296,13 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
             && !waits_for_sync
             && node.storage.long_writes_pending();
         // Writes wait for an fsync off the runtime's threads, many at once, so that group
-        // commit can share each sync between them; a range dump reads a 1,024th of the table.
-        let blocking = waits_for_sync || matches!(frame.request, Request::Dump { .. });
+        // commit can share each sync between them; a range dump reads a 1,024th of the table,
+        // and a range page up to a megabyte of it.
+        let blocking = waits_for_sync
+            || matches!(
+                frame.request,
+                Request::Dump { .. } | Request::RangePage { .. }
+            );
         if after_long_write || blocking {
             // On a task of its own; answers may overtake each other.
             let Ok(permit) = in_flight.clone().acquire_owned().await else {

@@ -6,7 +6,10 @@ mod common;
 use common::{BrokerStopped, NodeProcess, cli};
 use rhinobus_dht::cluster::queue_name;
 use rhinobus_dht::replication::Replicate;
-use rhinobus_dht::{Change, Client, ClientOptions, KeyDump, PutRequest, RangeId, Version};
+use rhinobus_dht::{
+    AddItemRequest, Change, Client, ClientOptions, KeyDump, PutRequest, RangeId, RemoveItemRequest,
+    RemoveRequest, Version,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -543,4 +546,125 @@ async fn applied(client: &Client, addr: &str, marker: &str) -> Vec<rhinobus_dht:
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     client.get_from(addr, "purged").await.expect("get purged")
+}
+
+/// A node whose data is gone (a new disk) comes back with `--rebuild`: before it serves, it
+/// copies its ranges from the other two, then drains what they accepted while it was down.
+/// Catch-up alone would bring back only the latter. It ends holding exactly what they hold:
+/// superseded versions and removals stay gone, siblings and list items come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_lost_its_data_is_rebuilt_from_the_other_replicas() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    drop(broker().await);
+    let mut cluster = Cluster::new(3);
+    let client = cluster.client().await;
+    let mut all = Writers::start(&client, "before", 2_000, 10).finish().await;
+    // A history beyond fresh keys, on every node's ranges.
+    for n in 0..60 {
+        let key = format!("history/{n}");
+        let first = client
+            .put(PutRequest::new(key.clone(), "a"))
+            .await
+            .expect("put");
+        match n % 3 {
+            0 => {
+                let put = PutRequest::new(key.clone(), "b").parents([first.version]);
+                all.push((key, client.put(put).await.expect("put b").version));
+            }
+            1 => {
+                let remove = RemoveRequest::new(key, [first.version]);
+                client.remove(remove).await.expect("remove");
+            }
+            _ => {
+                let sibling = client.put(PutRequest::new(key.clone(), "c")).await;
+                all.push((key.clone(), first.version));
+                all.push((key, sibling.expect("put c").version));
+            }
+        }
+        let list = format!("list/{n}");
+        client
+            .add_item(AddItemRequest::new(list.clone(), "kept"))
+            .await
+            .expect("add item");
+        let id = (client
+            .add_item(AddItemRequest::new(list.clone(), "removed"))
+            .await)
+            .expect("add item");
+        let remove = RemoveItemRequest {
+            key: list.into(),
+            id,
+        };
+        client.remove_item(remove).await.expect("remove item");
+    }
+    cluster.converge(&client, holds_every(&all)).await;
+
+    cluster.kill(2);
+    std::fs::remove_dir_all(cluster.dir.path().join(&cluster.names[2])).expect("wipe node 3");
+    // Accepted while it is down: these wait in its queue.
+    all.extend(Writers::start(&client, "during", 1_000, 10).finish().await);
+    cluster.args = vec!["--rebuild".into()];
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.start(2);
+        cluster
+    })
+    .await
+    .expect("restart node 3");
+
+    let history = |dump: &[KeyDump]| {
+        let items = |n: usize| {
+            let list = format!("list/{n}");
+            let k = dump.iter().find(|k| k.key == list.as_bytes());
+            k.map(|k| k.items.iter().map(|i| i.value.clone()).collect::<Vec<_>>())
+        };
+        let present = versions_of(dump);
+        for n in 0..60 {
+            let key = format!("history/{n}");
+            let want = [1, 0, 2][n % 3];
+            let have = present.get(key.as_bytes()).map_or(0, BTreeSet::len);
+            if have != want {
+                return Err(format!("{key}: {have} siblings instead of {want}"));
+            }
+            if items(n) != Some(vec!["kept".into()]) {
+                return Err(format!("list/{n} holds {:?}", items(n)));
+            }
+        }
+        holds_every(&all)(dump)
+    };
+    cluster.converge(&client, history).await;
+    cluster.cleanup().await;
+}
+
+/// `--rebuild` with no other replica to copy from refuses to start, saying why, rather than
+/// serve an empty node as if it held its ranges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_without_any_other_replica_refuses_to_start() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    drop(broker().await);
+    let mut cluster = Cluster::new(3);
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    let data = cluster.dir.path().join(&cluster.names[2]);
+    std::fs::remove_dir_all(&data).expect("wipe node 3");
+    let out = std::process::Command::new(common::BIN)
+        .arg("node")
+        .arg("--data")
+        .arg(&data)
+        .arg("--cluster")
+        .arg(&cluster.file)
+        .args(["--name", &cluster.names[2], "--amqp", &amqp_url()])
+        .args(["--listen", &cluster.addrs[2], "--rebuild"])
+        .output()
+        .expect("run the node");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the node started: {stderr}");
+    assert!(
+        stderr.contains("1024 ranges") && stderr.contains("could not be copied"),
+        "unclear error: {stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).is_empty(),
+        "it must not have listened"
+    );
+    cluster.cleanup().await;
 }
