@@ -73,9 +73,10 @@ enum Command {
         /// The largest frame accepted, in bytes.
         #[arg(long, default_value_t = rhinobus_dht::frame::DEFAULT_MAX_FRAME)]
         max_frame: usize,
-        /// The least time, in milliseconds, between two replication messages to one node:
-        /// writes that come faster wait for company in the next, fuller one (more throughput
-        /// for a little more replication lag under load; 0: send every write at once).
+        /// Replication messages to each node go on ticks this many milliseconds apart (the
+        /// same on every node), at most one per tick: writes that come faster wait for company
+        /// in the next, fuller one (more throughput for a little more replication lag under
+        /// load; 0: send every write at once).
         #[arg(long, default_value_t = DEFAULT_LINGER.as_millis() as u64)]
         replication_linger_ms: u64,
         /// How long the tombstones of superseded versions and removed list items are kept

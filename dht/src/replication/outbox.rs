@@ -39,10 +39,11 @@ pub const MAX_BYTES_PER_MESSAGE: usize = 8 * 1024 * 1024;
 /// How long a sender waits before it tries again after a failed send (or a failed read of
 /// the outbox).
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
-/// The least time, by default, between two messages of one sender: what is written meanwhile
-/// waits for the next (see [`ReplicationOutbox::run_senders`]). Only writes that come faster
-/// than one per linger wait at all; under such load, 20 ms took a third off the broker's work
-/// against 10 ms, for about 6 ms more replication lag (`bench dht-put-replicated`, README).
+/// The default time between the ticks on which senders send, at most one message per tick each:
+/// what is written meanwhile waits for the next (see [`ReplicationOutbox::run_senders`]). Only
+/// writes that come faster than one per linger wait at all; under such load, 20 ms took a third
+/// off the broker's work against 10 ms, for about 6 ms more replication lag (`bench
+/// dht-put-replicated`, README).
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(20);
 /// At most how many bytes of changes (counted by [`Change::encoded_size`]) an outbox keeps in memory for
 /// its senders. Records queued past it are read back from disk when they are sent, a lookup and
@@ -307,14 +308,17 @@ impl ReplicationOutbox {
 
     /// Runs one sender per destination until `stop`, sending through `bus`.
     ///
-    /// A sender sends at most one message per `linger`: what is queued while it waits goes
-    /// together in the next message (up to a message's worth, which goes at once). A record
-    /// queued when the sender has not sent for `linger` goes at once, so writes that come
-    /// slower than one per `linger` wait for nothing. The broker spends about as much on a
-    /// message as on the changes in it (RabbitMQ syncs each persistent message to disk, once
-    /// per queue), so under load fewer, fuller messages carry several times more writes on the
-    /// same broker; the price is up to `linger` more replication lag under that load. Zero
-    /// sends every record at once.
+    /// Senders send on ticks, the moments that are a whole number of `linger`s past the Unix
+    /// epoch, at most one message per tick each: what is queued while a sender waits for the
+    /// next tick goes together in its message (up to a message's worth, which goes at once). A
+    /// record queued when the sender has not sent since the last tick goes at once, so writes
+    /// that come slower than one per `linger` wait for nothing. The broker spends about as
+    /// much on a message as on the changes in it (RabbitMQ syncs each persistent message to
+    /// disk, once per queue), so under load fewer, fuller messages carry several times more
+    /// writes on the same broker; the price is up to `linger` more replication lag under that
+    /// load. The ticks are the same for every sender of every node (as far as their clocks
+    /// agree), so under load their messages reach the broker together and it syncs them
+    /// together. Zero sends every record at once.
     pub async fn run_senders(&self, bus: Bus, stop: Shutdown, linger: Duration) {
         let senders: Vec<_> = self
             .inner
@@ -376,7 +380,7 @@ impl ReplicationOutbox {
         // How many changes of the front record this destination already confirmed: a record
         // larger than one message (a big batch) goes out over several.
         let mut front_sent = 0;
-        // When the last message went out: the next one waits for the linger from then.
+        // When the last message went out: the next one waits for the tick after it.
         let mut last_sent: Option<tokio::time::Instant> = None;
         loop {
             if self.destination(&destination).lock().is_empty() {
@@ -387,7 +391,7 @@ impl ReplicationOutbox {
                 }
             }
             // The rest of a record too big for one message needs no company.
-            let due = last_sent.map(|at| at + linger);
+            let due = last_sent.map(|at| next_tick(at, linger));
             if front_sent == 0 && !self.linger(&destination, due, &mut stop).await {
                 return;
             }
@@ -520,6 +524,29 @@ impl ReplicationOutbox {
         }
         front_sent
     }
+}
+
+/// The first tick after `t`: the next moment that is a whole number of `linger`s past the Unix
+/// epoch by the system clock, the same for every sender of every node.
+fn next_tick(t: tokio::time::Instant, linger: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let t_since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(now.saturating_duration_since(t));
+    t + until_next_tick(t_since_epoch, linger)
+}
+
+/// How long after `since_epoch` the next whole multiple of `linger` comes (a whole `linger` when
+/// `since_epoch` is one; nothing when `linger` is zero).
+fn until_next_tick(since_epoch: Duration, linger: Duration) -> Duration {
+    let linger_ns = linger.as_nanos();
+    if linger_ns == 0 {
+        return Duration::ZERO;
+    }
+    let into = since_epoch.as_nanos() % linger_ns;
+    // Below `linger`, which is a Duration: it fits.
+    Duration::from_nanos(u64::try_from(linger_ns - into).unwrap_or(u64::MAX))
 }
 
 impl Destination {
@@ -785,13 +812,16 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn writes_within_a_linger_of_the_last_message_share_the_next() {
+    async fn writes_before_the_next_tick_share_its_message() {
         let (_dir, storage, broker, endpoint, outbox) = node_a_of(&["a", "b"]).await;
         const LINGER: Duration = Duration::from_secs(2);
         let senders = Senders::lingering(&outbox, endpoint.bus(), LINGER);
+        // Just after a tick: the next is a whole linger away.
+        let tick = next_tick(tokio::time::Instant::now(), LINGER);
+        tokio::time::sleep_until(tick + Duration::from_millis(50)).await;
         // The sender has sent nothing yet: the first write goes at once, alone ...
         sent_at_once(&storage, &outbox, "k0", LINGER).await;
-        // ... and the four that follow within the linger wait for one message together.
+        // ... and the four that follow before the next tick wait for it, in one message.
         for n in 1..5 {
             write(&storage, &outbox, &format!("k{n}"));
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -809,6 +839,23 @@ mod tests {
         assert!(next_changes(&broker, &queue).is_none(), "only two messages");
         senders.stop().await;
         endpoint.shutdown().await;
+    }
+
+    #[test]
+    fn ticks_are_whole_lingers_since_the_epoch() {
+        let ms = Duration::from_millis;
+        assert_eq!(until_next_tick(ms(25), ms(20)), ms(15));
+        assert_eq!(
+            until_next_tick(ms(40), ms(20)),
+            ms(20),
+            "on a tick: the next one"
+        );
+        assert_eq!(until_next_tick(ms(0), ms(20)), ms(20));
+        assert_eq!(until_next_tick(ms(39), ms(20)), ms(1));
+        assert_eq!(until_next_tick(ms(39), Duration::ZERO), Duration::ZERO);
+        let now = tokio::time::Instant::now();
+        let next = next_tick(now, ms(20));
+        assert!(next > now && next <= now + ms(20));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
