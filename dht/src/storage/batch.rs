@@ -13,7 +13,6 @@ use super::{
 };
 use crate::routing::key_digest;
 use crate::version::{ItemId, Version};
-use bytes::Bytes;
 use fjall::{Keyspace, Readable, Snapshot};
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -336,15 +335,19 @@ impl<'a> Batch<'a> {
         Ok(true)
     }
 
-    fn store_version(&mut self, version: Version, record: &VersionRecord) {
-        let k = version_key(&record.key, version);
-        if let Some(at) = record.expires_at_ms {
-            self.expiry.set(&timed_key(at, &k), Vec::new());
+    /// Stores a version of `key` under its entry key `k`.
+    fn store_version(
+        &mut self,
+        k: &EntryKey,
+        key: &[u8],
+        value: &[u8],
+        expires_at_ms: Option<u64>,
+    ) {
+        if let Some(at) = expires_at_ms {
+            self.expiry.set(&timed_key(at, k), Vec::new());
         }
-        self.versions.set(
-            &k,
-            layout::encode_value_record(record, &record.key, &record.value),
-        );
+        let record = layout::encode_version_record(key, value, expires_at_ms);
+        self.versions.set(k, record);
     }
 
     /// Supersedes `parents` of `key`, returning which of them were current (stored and not
@@ -412,12 +415,9 @@ impl<'a> Batch<'a> {
         let superseded =
             self.supersede_parents(&request.key, &request.parents, request.optimistic)?;
         let version = Version::new();
-        let record = VersionRecord {
-            key: request.key.clone(),
-            value: request.value.clone(),
-            expires_at_ms: request.expires_at.map(system_time_ms),
-        };
-        self.store_version(version, &record);
+        let expires_at_ms = request.expires_at.map(system_time_ms);
+        let k = version_key(&request.key, version);
+        self.store_version(&k, &request.key, &request.value, expires_at_ms);
         self.changes.push(Change::Put {
             key: request.key,
             version,
@@ -459,15 +459,9 @@ impl<'a> Batch<'a> {
         Ok(id)
     }
 
-    fn store_item(&mut self, key: &Bytes, id: ItemId, value: &Bytes) {
-        let record = ItemRecord {
-            key: key.clone(),
-            value: value.clone(),
-        };
-        self.items.set(
-            &item_key(key, id),
-            layout::encode_value_record(&record, key, value),
-        );
+    fn store_item(&mut self, key: &[u8], id: ItemId, value: &[u8]) {
+        let record = layout::encode_item_record(key, value);
+        self.items.set(&item_key(key, id), record);
     }
 
     /// Removes an item from a list; `false` if it was not there.
@@ -542,15 +536,11 @@ impl<'a> Batch<'a> {
                 // a removal can overtake the write it removes, and the write's own
                 // supersessions must still happen.
                 let changed = !self.supersede_named(key, parents)?.is_empty();
-                if self.is_superseded(&version_key(key, *version))? {
+                let k = version_key(key, *version);
+                if self.is_superseded(&k)? {
                     return Ok(changed);
                 }
-                let record = VersionRecord {
-                    key: key.clone(),
-                    value: value.clone(),
-                    expires_at_ms: expires_at.map(system_time_ms),
-                };
-                self.store_version(*version, &record);
+                self.store_version(&k, key, value, expires_at.map(system_time_ms));
                 Ok(true)
             }
             Change::Remove { key, parents } => {

@@ -84,15 +84,58 @@ pub(crate) struct ItemRecord {
     pub value: Bytes,
 }
 
-/// A key and value's record: sized for them up front (and their MessagePack framing), not grown
-/// a few bytes at a time. Replicas encode one per change they apply.
-pub(crate) fn encode_value_record<T: Serialize>(record: &T, key: &[u8], value: &[u8]) -> Vec<u8> {
-    /// Field names, markers, an expiry.
-    const FRAMING: usize = 48;
-    encode_into(
-        record,
-        Vec::with_capacity(key.len() + value.len() + FRAMING),
-    )
+/// Borrowed bytes, encoded as MessagePack bin, as [`Bytes`] is.
+struct Bin<'a>(&'a [u8]);
+
+impl Serialize for Bin<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// A [`VersionRecord`] encoded from borrowed parts: the same bytes, no copies of the key and
+/// value into a record first.
+#[derive(Serialize)]
+struct VersionRecordRef<'a> {
+    key: Bin<'a>,
+    value: Bin<'a>,
+    expires_at_ms: Option<u64>,
+}
+
+/// An [`ItemRecord`] encoded from borrowed parts.
+#[derive(Serialize)]
+struct ItemRecordRef<'a> {
+    key: Bin<'a>,
+    value: Bin<'a>,
+}
+
+/// Field names, markers, an expiry: what a record adds to its key and value.
+const RECORD_FRAMING: usize = 48;
+
+/// The stored form of a [`VersionRecord`] of `key` and `value`, in a buffer sized for them up
+/// front (not grown a few bytes at a time). Replicas encode one per change they apply.
+pub(crate) fn encode_version_record(
+    key: &[u8],
+    value: &[u8],
+    expires_at_ms: Option<u64>,
+) -> Vec<u8> {
+    let record = VersionRecordRef {
+        key: Bin(key),
+        value: Bin(value),
+        expires_at_ms,
+    };
+    let buf = Vec::with_capacity(key.len() + value.len() + RECORD_FRAMING);
+    encode_into(&record, buf)
+}
+
+/// The stored form of an [`ItemRecord`] of `key` and `value`.
+pub(crate) fn encode_item_record(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let record = ItemRecordRef {
+        key: Bin(key),
+        value: Bin(value),
+    };
+    let buf = Vec::with_capacity(key.len() + value.len() + RECORD_FRAMING);
+    encode_into(&record, buf)
 }
 
 pub(crate) fn encode_into<T: Serialize>(record: &T, mut buf: Vec<u8>) -> Vec<u8> {
@@ -123,16 +166,24 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip() {
-        let r = VersionRecord {
-            key: Bytes::from_static(b"k"),
-            value: Bytes::from_static(b"v"),
-            expires_at_ms: Some(7),
+    fn records_encoded_from_borrowed_parts_are_the_records_bytes() {
+        for expires_at_ms in [Some(7), None] {
+            let r = VersionRecord {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from(vec![b'v'; 300]),
+                expires_at_ms,
+            };
+            let encoded = encode_version_record(&r.key, &r.value, r.expires_at_ms);
+            assert_eq!(encoded, rmp_serde::to_vec_named(&r).unwrap());
+            let back: VersionRecord = rmp_serde::from_slice(&encoded).unwrap();
+            assert_eq!((back.key, back.value), (r.key, r.value));
+            assert_eq!(back.expires_at_ms, expires_at_ms);
+        }
+        let item = ItemRecord {
+            key: Bytes::from_static(b"list"),
+            value: Bytes::from_static(b"item"),
         };
-        let encoded = encode_value_record(&r, &r.key, &r.value);
-        let back: VersionRecord = rmp_serde::from_slice(&encoded).unwrap();
-        assert_eq!(back.key, r.key);
-        assert_eq!(back.value, r.value);
-        assert_eq!(back.expires_at_ms, Some(7));
+        let encoded = encode_item_record(&item.key, &item.value);
+        assert_eq!(encoded, rmp_serde::to_vec_named(&item).unwrap());
     }
 }
