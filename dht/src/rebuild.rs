@@ -24,7 +24,7 @@ pub struct Rebuilt {
     pub ranges: usize,
     /// Pages fetched, from all replicas.
     pub pages: usize,
-    /// What the pages added here.
+    /// What merging the pages wrote here.
     pub merged: Merged,
     /// The replicas that could not be copied from, with why; every range they share with this
     /// node was copied from another one.

@@ -549,7 +549,8 @@ async fn applied(client: &Client, addr: &str, marker: &str) -> Vec<rhinobus_dht:
 }
 
 /// A node whose data is gone (a new disk) comes back with `--rebuild`: before it serves, it
-/// copies its ranges from the other two, then drains what they accepted while it was down.
+/// copies its ranges from the other two, then drains what they accepted while it was down and
+/// while it copied.
 /// Catch-up alone would bring back only the latter. It ends holding exactly what they hold:
 /// superseded versions and removals stay gone, siblings and list items come back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -600,8 +601,9 @@ async fn a_node_that_lost_its_data_is_rebuilt_from_the_other_replicas() {
 
     cluster.kill(2);
     std::fs::remove_dir_all(cluster.dir.path().join(&cluster.names[2])).expect("wipe node 3");
-    // Accepted while it is down: these wait in its queue.
-    all.extend(Writers::start(&client, "during", 1_000, 10).finish().await);
+    // Taken while it is down and while it rebuilds: these wait in its queue.
+    let during = Writers::start(&client, "during", 2_000, 10);
+    during.wait_for(500).await;
     cluster.args = vec!["--rebuild".into()];
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.start(2);
@@ -609,6 +611,7 @@ async fn a_node_that_lost_its_data_is_rebuilt_from_the_other_replicas() {
     })
     .await
     .expect("restart node 3");
+    all.extend(during.finish().await);
 
     let history = |dump: &[KeyDump]| {
         let items = |n: usize| {

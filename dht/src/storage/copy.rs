@@ -90,7 +90,8 @@ impl Section {
 pub struct Merged {
     /// Tombstones new here.
     pub tombstones: usize,
-    /// Versions and list items new here.
+    /// Versions and list items written here: those it held already are written again,
+    /// identically, as replication does (it does not look them up first), and counted too.
     pub changes: usize,
 }
 
