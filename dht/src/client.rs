@@ -7,8 +7,8 @@ use crate::routing::{RangeId, Topology};
 use crate::status::NodeStatus;
 use crate::storage::{
     AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PageCursor, PutOutcome,
-    PutRequest, RangePage, RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, check_key,
-    check_parents, check_value,
+    PutRequest, RangeDigest, RangePage, RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling,
+    check_key, check_parents, check_value,
 };
 use crate::version::ItemId;
 use bytes::Bytes;
@@ -396,6 +396,18 @@ impl Client {
             .await?
         {
             Response::Dump(keys) => Ok(keys),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The digest of `range` as node `addr` holds it, whatever its role for it: for comparing
+    /// replicas (`rhinobus-dht verify`).
+    pub async fn digest(&self, addr: &str, range: RangeId) -> Result<RangeDigest, ClientError> {
+        match self
+            .send(addr, 0, &Request::Digest { range }, Reach::Always)
+            .await?
+        {
+            Response::Digest(digest) => Ok(digest),
             other => Err(unexpected(&other)),
         }
     }

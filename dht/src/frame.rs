@@ -8,7 +8,8 @@ use crate::routing::{RangeId, Topology};
 use crate::status::NodeStatus;
 use crate::storage::{
     AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PageCursor, PutOutcome,
-    PutRequest, RangePage, RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError,
+    PutRequest, RangeDigest, RangePage, RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling,
+    StorageError,
 };
 use crate::version::ItemId;
 use serde::{Deserialize, Serialize};
@@ -67,6 +68,13 @@ pub enum Request {
     },
     /// The node's [`NodeStatus`] (answered whatever the request's topology version).
     Status,
+    /// The [`RangeDigest`] of a range as this node holds it, whatever its role for it: for
+    /// comparing replicas without their contents (answered whatever the request's topology
+    /// version).
+    Digest {
+        /// The range.
+        range: RangeId,
+    },
     /// One page of everything this node holds for a range, tombstones included, for a replica
     /// that rebuilds it ([`Storage::range_page`](crate::Storage::range_page); answered
     /// whatever the request's topology version).
@@ -88,6 +96,7 @@ impl Request {
                 | Request::Topology
                 | Request::Dump { .. }
                 | Request::Status
+                | Request::Digest { .. }
                 | Request::RangePage { .. }
         )
     }
@@ -117,6 +126,7 @@ impl Request {
             | Request::Topology
             | Request::Dump { .. }
             | Request::Status
+            | Request::Digest { .. }
             | Request::RangePage { .. } => false,
         }
     }
@@ -160,6 +170,8 @@ pub enum Response {
     Dump(Vec<KeyDump>),
     /// To [`Request::Status`].
     Status(NodeStatus),
+    /// To [`Request::Digest`].
+    Digest(RangeDigest),
     /// To [`Request::RangePage`].
     RangePage(RangePage),
 }

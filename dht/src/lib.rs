@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`storage`]: the persistent hash table — versions and siblings, optimistic writes, lists,
 //!   expiry, atomic batches, durability. Everything else is a way to reach it.
+//! - [`verify`]: whether the replicas of every range hold the same data, by digest.
 //! - [`version`]: version and list-item ids, unique across nodes and restarts.
 //! - [`routing`]: the 1024 hash ranges and the versioned [`Topology`] that maps them to nodes
 //!   (contiguous blocks, the previous nodes as secondary and tertiary: [`Topology::blocks`]).
@@ -45,6 +46,7 @@ pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod storage;
+pub mod verify;
 pub mod version;
 
 pub use client::{Client, ClientError, ClientOptions};
@@ -57,7 +59,7 @@ pub use status::{Backlog, NodeStatus};
 pub use routing::{RANGE_COUNT, RangeAssignment, RangeId, Topology, TopologyError};
 pub use storage::{
     AddItemRequest, Batch, Change, Conflict, Durability, GetRequest, KeyDump, ListItem,
-    MAX_KEY_LEN, MAX_PARENTS, MAX_VALUE_LEN, Op, OpResult, PutOutcome, PutRequest,
+    MAX_KEY_LEN, MAX_PARENTS, MAX_VALUE_LEN, Op, OpResult, PutOutcome, PutRequest, RangeDigest,
     RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, Storage, StorageError,
     StorageOptions, TombstonesPurged,
 };

@@ -154,6 +154,10 @@ enum Command {
     /// Print the node's topology version and the replication it still owes each peer (writes
     /// the broker has not confirmed yet).
     Status,
+    /// Compare every range across its replicas by digest; fail, listing the ranges whose
+    /// replicas differ, unless all agree (replication in flight differs too: run it again once
+    /// writes have stopped).
+    Verify,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -209,6 +213,7 @@ async fn run(cli: Cli) -> ExitCode {
             };
             run_node(data, listen.as_deref(), cluster, tuning, cli.secret.clone()).await
         }
+        Command::Verify => verify(&cli).await,
         _ => match client_command(cli).await {
             Ok(()) => Ok(()),
             Err(ClientError::Conflict(c)) => {
@@ -430,18 +435,25 @@ fn expires_at(secs: u64) -> Result<SystemTime, ClientError> {
         })
 }
 
-async fn client_command(cli: Cli) -> Result<(), ClientError> {
+/// A client of the node the command line names.
+async fn connect(cli: &Cli) -> Result<Client, ClientError> {
     let options = ClientOptions::default()
-        .secret(cli.secret)
+        .secret(cli.secret.clone())
         .timeout(Duration::from_millis(cli.timeout_ms))
         .connections_per_node(1);
-    let node = cli.node.clone();
-    let client = Client::connect_with([cli.node], options).await?;
+    Client::connect_with([cli.node.clone()], options).await
+}
+
+async fn client_command(cli: Cli) -> Result<(), ClientError> {
+    let client = connect(&cli).await?;
+    let node = cli.node;
     let json = cli.json;
     match cli.command {
-        Command::Node { .. } => Err(ClientError::Rejected(WireError::Malformed {
-            message: "node is not a client command".into(),
-        })),
+        Command::Node { .. } | Command::Verify => {
+            Err(ClientError::Rejected(WireError::Malformed {
+                message: "not a plain client command".into(),
+            }))
+        }
         Command::Get { key } => {
             let siblings = client.get(key.clone()).await?;
             if json {
@@ -653,6 +665,61 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
     }
+}
+
+/// `verify`'s failure: some ranges differ between their replicas.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{differing} of {ranges} ranges differ between their replicas (replication in flight \
+     differs too: run again once writes have stopped)"
+)]
+struct ReplicasDiffer {
+    differing: usize,
+    ranges: usize,
+}
+
+/// `verify`: the ranges whose replicas differ, as a table or JSON; an error when there are any.
+async fn verify(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let client = connect(cli).await?;
+    let json = cli.json;
+    let topology = client.topology();
+    let reports = rhinobus_dht::verify::compare_replicas(&client, &topology).await;
+    let differing: Vec<_> = reports.iter().filter(|r| !r.agrees()).collect();
+    if json {
+        let list: Vec<_> = (differing.iter())
+            .map(|r| {
+                let replicas: Vec<_> = (r.replicas.iter())
+                    .map(|(node, d)| match d {
+                        Ok(d) => json!({ "node": node, "keys": d.keys, "md5": d.md5 }),
+                        Err(e) => json!({ "node": node, "error": e }),
+                    })
+                    .collect();
+                json!({ "range": r.range.get(), "replicas": replicas })
+            })
+            .collect();
+        println!("{}", json!({ "ranges": reports.len(), "differing": list }));
+    } else if !differing.is_empty() {
+        println!("{:<5}  {:<24}  {:>8}  MD5", "RANGE", "NODE", "KEYS");
+        for r in &differing {
+            for (node, d) in &r.replicas {
+                match d {
+                    Ok(d) => println!("{:<5}  {node:<24}  {:>8}  {}", r.range.get(), d.keys, d.md5),
+                    Err(e) => println!("{:<5}  {node:<24}  {:>8}  ({e})", r.range.get(), "-"),
+                }
+            }
+        }
+    }
+    if differing.is_empty() {
+        if !json {
+            println!("all {} ranges identical on their replicas", reports.len());
+        }
+        return Ok(());
+    }
+    Err(ReplicasDiffer {
+        differing: differing.len(),
+        ranges: reports.len(),
+    }
+    .into())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -36,6 +36,7 @@ pub fn execute_replicated(
         Request::Topology => Ok(Response::Topology(topology.clone())),
         Request::Dump { range } => storage.dump(range).map(Response::Dump),
         Request::Status => Ok(Response::Status(NodeStatus::of(topology, outbox))),
+        Request::Digest { range } => storage.digest(range).map(Response::Digest),
         Request::RangePage { range, from } => storage
             .range_page(range, from.as_ref())
             .map(Response::RangePage),
@@ -82,6 +83,7 @@ fn request_keys(request: &Request) -> Box<dyn Iterator<Item = &[u8]> + '_> {
         | Request::Topology
         | Request::Dump { .. }
         | Request::Status
+        | Request::Digest { .. }
         | Request::RangePage { .. } => Box::new(std::iter::empty()),
         Request::Get(r) | Request::GetItems(r) => Box::new(std::iter::once(&r.key[..])),
         Request::Put(r) => Box::new(std::iter::once(&r.key[..])),

@@ -296,12 +296,12 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
             && !waits_for_sync
             && node.storage.long_writes_pending();
         // Writes wait for an fsync off the runtime's threads, many at once, so that group
-        // commit can share each sync between them; a range dump reads a 1,024th of the table,
-        // and a range page up to a megabyte of it.
+        // commit can share each sync between them; a range dump or digest reads a 1,024th of
+        // the table, and a range page up to a megabyte of it.
         let blocking = waits_for_sync
             || matches!(
                 frame.request,
-                Request::Dump { .. } | Request::RangePage { .. }
+                Request::Dump { .. } | Request::Digest { .. } | Request::RangePage { .. }
             );
         if after_long_write || blocking {
             // On a task of its own; answers may overtake each other.

@@ -526,6 +526,27 @@ async fn tombstones_older_than_the_grace_are_purged() {
     let siblings = applied(&client, &cluster.addrs[2], "marker-3").await;
     let versions: Vec<_> = siblings.iter().map(|s| s.version).collect();
     assert_eq!(versions, [second.version], "node 3 resurrected v1");
+    // `verify` sees the replicas of "purged" differ, and fails.
+    let (code, out, err) = cli(&cluster.addrs[0], &["verify", "--json"], None);
+    assert_ne!(code, 0, "verify passed: {out}");
+    assert!(
+        err.contains("ranges differ between their replicas"),
+        "{err}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).expect("verify prints JSON");
+    let purged = RangeId::of(b"purged").get();
+    let differing = report["differing"].as_array().expect("differing ranges");
+    let range = (differing.iter())
+        .find(|r| r["range"] == purged)
+        .unwrap_or_else(|| panic!("range {purged} not reported: {out}"));
+    let digests: Vec<_> = (range["replicas"].as_array().expect("replicas").iter())
+        .map(|r| r["md5"].as_str().expect("a digest").to_owned())
+        .collect();
+    assert_eq!(digests.len(), 3, "{range}");
+    assert!(
+        digests[0] != digests[1] || digests[1] != digests[2],
+        "{range}"
+    );
     cluster.cleanup().await;
 }
 
@@ -634,6 +655,9 @@ async fn a_node_that_lost_its_data_is_rebuilt_from_the_other_replicas() {
         holds_every(&all)(dump)
     };
     cluster.converge(&client, history).await;
+    let (code, out, err) = cli(&cluster.addrs[2], &["verify"], None);
+    assert_eq!(code, 0, "verify failed: {out}{err}");
+    assert!(out.contains("all 1024 ranges identical"), "{out}");
     cluster.cleanup().await;
 }
 

@@ -5,6 +5,7 @@ use super::{ListItem, Sibling, Storage, StorageError, now_ms};
 use crate::routing::RangeId;
 use bytes::Bytes;
 use fjall::{Keyspace, Readable, Snapshot};
+use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -49,7 +50,50 @@ pub(super) fn scan(
     snapshot.range(keyspace, (start, end))
 }
 
+/// A fingerprint of one range as a node holds it: two replicas hold the same data for the range
+/// exactly when their digests are equal (short of an MD5 collision).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeDigest {
+    /// How many keys hold siblings or list items.
+    pub keys: u64,
+    /// The MD5 digest of the range's [`dump`](Storage::dump), in hex.
+    pub md5: String,
+}
+
 impl Storage {
+    /// The [`RangeDigest`] of `range`: what comparing replicas needs, without sending their
+    /// contents.
+    ///
+    /// ```
+    /// use rhinobus_dht::{PutRequest, RangeId, Storage, StorageError, StorageOptions};
+    ///
+    /// # fn main() -> Result<(), StorageError> {
+    /// # let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    /// let (one, other) = (
+    ///     Storage::open(a.path(), StorageOptions::default())?,
+    ///     Storage::open(b.path(), StorageOptions::default())?,
+    /// );
+    /// one.put(PutRequest::new("hello", "world"))?;
+    /// let range = RangeId::of(b"hello");
+    /// assert_eq!(one.digest(range)?.keys, 1);
+    /// assert_ne!(one.digest(range)?, other.digest(range)?);
+    /// # Ok(()) }
+    /// ```
+    pub fn digest(&self, range: RangeId) -> Result<RangeDigest, StorageError> {
+        let keys = self.dump(range)?;
+        let mut md5 = Md5::new();
+        for key in &keys {
+            // Plain structs of bytes, ids and numbers: encoding cannot fail.
+            if let Ok(bytes) = rmp_serde::to_vec(key) {
+                md5.update(bytes);
+            }
+        }
+        Ok(RangeDigest {
+            keys: keys.len() as u64,
+            md5: md5.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+        })
+    }
+
     /// Every key of `range` with its siblings and items, ordered by key. Two replicas hold the
     /// same data for the range exactly when their dumps are equal.
     pub fn dump(&self, range: RangeId) -> Result<Vec<KeyDump>, StorageError> {

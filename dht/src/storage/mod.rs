@@ -23,7 +23,7 @@ mod outbox;
 
 pub use batch::Batch;
 pub use copy::{Merged, PAGE_BYTES, PageCursor, RangePage, Tombstone};
-pub use dump::KeyDump;
+pub use dump::{KeyDump, RangeDigest};
 pub use outbox::{OutboxId, OutboxRecord};
 
 use crate::version::{ItemId, Version};
