@@ -9,7 +9,12 @@
 //! meanwhile waits in this node's queue, drained by catch-up right after.
 //!
 //! What it cannot bring back: writes this node accepted itself and had not yet sent (their
-//! outbox records were on the lost disk), the price of asynchronous replication.
+//! outbox records were on the lost disk), the price of asynchronous replication. Two cases can
+//! leave it short of a write its peers hold, each needing a replica that is behind while the
+//! node is rebuilt: a write this node sent just before it lost its data and that a peer applies
+//! only after it was copied, and a write only a skipped (unreachable) replica and this node had
+//! applied. [`verify`](crate::verify) finds such ranges; rebuilding again (harmless) once the
+//! peers are caught up and reachable mends them.
 
 use crate::client::{Client, ClientError, ClientOptions};
 use crate::routing::{RangeId, Topology};
@@ -61,7 +66,8 @@ pub enum RebuildError {
 /// Copies into `storage` every range node `node` holds in `topology` from the other replicas
 /// of that range, as `options` reaches them (their shared secret, timeouts).
 ///
-/// A replica that cannot be reached, or fails, is skipped, and named in
+/// A replica that cannot be reached, fails, or sends a page that does not check out
+/// ([`RangePage::check`](crate::storage::RangePage::check)) is skipped, and named in
 /// [`Rebuilt::skipped`]; the rebuild fails only when some range could not be copied from any.
 ///
 /// ```no_run
@@ -91,12 +97,10 @@ pub async fn rebuild(
             continue;
         }
         for peer in topology.replica_indexes(range).filter(|i| *i != me) {
-            let addr = topology
-                .nodes
-                .get(peer as usize)
-                .cloned()
-                .unwrap_or_default();
-            shared.entry(addr).or_default().push(range);
+            // A valid topology has an address for every index it names.
+            if let Some(addr) = topology.nodes.get(peer as usize) {
+                shared.entry(addr.clone()).or_default().push(range);
+            }
         }
     }
     let wanted: BTreeSet<RangeId> = shared.values().flatten().copied().collect();
@@ -110,7 +114,11 @@ pub async fn rebuild(
                         Ok(()) => copied.extend(ranges),
                         Err(CopyError::Local(e)) => return Err(e),
                         Err(CopyError::Peer(e)) => {
-                            tracing::warn!(from = %addr, error = %e, "cannot copy from this replica");
+                            tracing::warn!(
+                                from = %addr, error = %e,
+                                "cannot copy from this replica: its ranges come from the others \
+                                 only (run --rebuild again once it is back)"
+                            );
                             rebuilt.skipped.insert(addr.clone(), e.to_string());
                         }
                     }
@@ -160,6 +168,12 @@ async fn copy_ranges(
         loop {
             let mut page =
                 (client.range_page(addr, range, from.take()).await).map_err(CopyError::Peer)?;
+            page.check(range).map_err(|e| {
+                CopyError::Peer(ClientError::Protocol(format!(
+                    "a bad page of range {}: {e}",
+                    range.get()
+                )))
+            })?;
             rebuilt.pages += 1;
             let next = page.next.take();
             rebuilt.merged += storage
@@ -175,6 +189,7 @@ async fn copy_ranges(
     }
     Ok(())
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

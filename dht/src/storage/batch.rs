@@ -316,13 +316,24 @@ impl<'a> Batch<'a> {
 
     /// Merges `tombstone`, copied from another replica of its range
     /// ([`Storage::range_page`](super::Storage::range_page)): deletes the version or list item
-    /// it names if it is stored here, and keeps the tombstone with its own date, so that what
-    /// the other replica superseded does not live on here. Returns whether anything changed;
-    /// merging it again changes nothing.
+    /// it names if it is stored here, and keeps the tombstone with its date (never later than
+    /// now), so that what the other replica superseded does not live on here. Where this table
+    /// has a tombstone for it already, the later of the two dates stays, so that merging
+    /// tombstones in any order ends the same. Returns whether anything changed; merging it
+    /// again changes nothing.
     pub fn apply_tombstone(&mut self, tombstone: &Tombstone) -> Result<bool, StorageError> {
         let k = tombstone.entry_key()?;
-        if self.is_superseded(&k)? {
-            return Ok(false);
+        let at = tombstone.at_ms.min(self.now_ms);
+        if let Some(date) =
+            self.overlay_or_snapshot(&self.superseded, &self.inner.superseded, &k)?
+        {
+            // Stored with the deletion: nothing left to delete, only the date to settle.
+            let kept = <[u8; 8]>::try_from(date.as_slice()).map_or(0, u64::from_be_bytes);
+            if kept >= at {
+                return Ok(false);
+            }
+            self.tombstone_at(&k, at);
+            return Ok(true);
         }
         if let Some(bytes) = self.overlay_or_snapshot(&self.versions, &self.inner.versions, &k)? {
             let (_, record) = decode_version(&k, &bytes)?;
@@ -331,7 +342,7 @@ impl<'a> Batch<'a> {
         if (self.overlay_or_snapshot(&self.items, &self.inner.items, &k)?).is_some() {
             self.items.delete(&k);
         }
-        self.tombstone_at(&k, tombstone.at_ms);
+        self.tombstone_at(&k, at);
         Ok(true)
     }
 

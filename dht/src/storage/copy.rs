@@ -16,7 +16,9 @@
 use super::batch::{decode_item, decode_version, is_live};
 use super::dump::scan;
 use super::layout::EntryKey;
-use super::{Change, Storage, StorageError, ms_system_time, now_ms};
+use super::{
+    Change, Storage, StorageError, check_key, check_parents, check_value, ms_system_time, now_ms,
+};
 use crate::routing::RangeId;
 use bytes::Bytes;
 use fjall::Keyspace;
@@ -48,6 +50,65 @@ pub struct Tombstone {
     /// When it was superseded, in milliseconds since the Unix epoch: the tombstone grace runs
     /// from then on every replica.
     pub at_ms: u64,
+}
+
+impl RangePage {
+    /// Whether the page holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.tombstones.is_empty() && self.changes.is_empty()
+    }
+
+    /// Checks a page that came from another node before it is merged: only tombstones of
+    /// 32-byte entries, puts and list items, keys and values within the limits, all of
+    /// `range`.
+    pub fn check(&self, range: RangeId) -> Result<(), StorageError> {
+        let outside = |what: &str, got: RangeId| StorageError::Corrupt {
+            what: "range page",
+            detail: format!(
+                "{what} of range {} in a page of range {}",
+                got.get(),
+                range.get()
+            ),
+        };
+        for t in &self.tombstones {
+            let entry = t.entry_key()?;
+            let mut digest = [0u8; 16];
+            digest.copy_from_slice(&entry[..16]);
+            let got = RangeId::from_digest(&digest);
+            if got != range {
+                return Err(outside("a tombstone", got));
+            }
+        }
+        for c in &self.changes {
+            match c {
+                Change::Put {
+                    key,
+                    value,
+                    parents,
+                    ..
+                } => {
+                    check_key(key)?;
+                    check_value(value)?;
+                    check_parents(parents)?;
+                }
+                Change::AddItem { key, value, .. } => {
+                    check_key(key)?;
+                    check_value(value)?;
+                }
+                Change::Remove { .. } | Change::RemoveItem { .. } => {
+                    return Err(StorageError::Corrupt {
+                        what: "range page",
+                        detail: "a removal (pages carry tombstones instead)".into(),
+                    });
+                }
+            }
+            let got = RangeId::of(c.key());
+            if got != range {
+                return Err(outside("a key", got));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Tombstone {
@@ -151,43 +212,19 @@ impl Storage {
         loop {
             for kv in scan(&snapshot, self.keyspace(section), range, after.as_deref()) {
                 let (k, v) = kv.into_inner()?;
-                bytes += match section {
-                    Section::Tombstones => {
-                        page.tombstones.push(tombstone(&k, &v)?);
-                        TOMBSTONE_BYTES
-                    }
-                    Section::Versions => {
-                        let (version, record) = decode_version(&k, &v)?;
-                        if !is_live(&record, now) {
-                            continue;
-                        }
-                        let change = Change::Put {
-                            key: record.key,
-                            version,
-                            parents: Vec::new(),
-                            value: record.value,
-                            expires_at: record.expires_at_ms.map(ms_system_time),
-                        };
-                        page.changes.push(change);
-                        page.changes.last().map_or(0, Change::encoded_size)
-                    }
-                    Section::Items => {
-                        let (id, record) = decode_item(&k, &v)?;
-                        page.changes.push(Change::AddItem {
-                            key: record.key,
-                            id,
-                            value: record.value,
-                        });
-                        page.changes.last().map_or(0, Change::encoded_size)
-                    }
+                let Some(entry) = entry(section, &k, &v, now)? else {
+                    continue;
                 };
-                if bytes >= budget {
-                    page.next = Some(PageCursor {
-                        section,
-                        after: Some(Bytes::copy_from_slice(&k)),
-                    });
+                let size = entry.size();
+                // Whole entries only: one that would take the page past the budget starts the
+                // next (a page holds one entry at least, however large).
+                if !page.is_empty() && bytes + size > budget {
+                    page.next = Some(PageCursor { section, after });
                     return Ok(page);
                 }
+                entry.push_to(&mut page);
+                bytes += size;
+                after = Some(Bytes::copy_from_slice(&k));
             }
             match section.next() {
                 Some(next) => (section, after) = (next, None),
@@ -220,6 +257,57 @@ impl Storage {
             Ok(merged)
         })
     }
+}
+
+/// One entry of a page.
+enum Entry {
+    Tombstone(Tombstone),
+    Change(Change),
+}
+
+impl Entry {
+    /// What it counts against [`PAGE_BYTES`].
+    fn size(&self) -> usize {
+        match self {
+            Entry::Tombstone(_) => TOMBSTONE_BYTES,
+            Entry::Change(c) => c.encoded_size(),
+        }
+    }
+
+    fn push_to(self, page: &mut RangePage) {
+        match self {
+            Entry::Tombstone(t) => page.tombstones.push(t),
+            Entry::Change(c) => page.changes.push(c),
+        }
+    }
+}
+
+/// The entry stored under `k` in `section`'s keyspace; `None` for a version expired at `now`.
+fn entry(section: Section, k: &[u8], v: &[u8], now: u64) -> Result<Option<Entry>, StorageError> {
+    Ok(Some(match section {
+        Section::Tombstones => Entry::Tombstone(tombstone(k, v)?),
+        Section::Versions => {
+            let (version, record) = decode_version(k, v)?;
+            if !is_live(&record, now) {
+                return Ok(None);
+            }
+            Entry::Change(Change::Put {
+                key: record.key,
+                version,
+                parents: Vec::new(),
+                value: record.value,
+                expires_at: record.expires_at_ms.map(ms_system_time),
+            })
+        }
+        Section::Items => {
+            let (id, record) = decode_item(k, v)?;
+            Entry::Change(Change::AddItem {
+                key: record.key,
+                id,
+                value: record.value,
+            })
+        }
+    }))
 }
 
 fn tombstone(k: &[u8], v: &[u8]) -> Result<Tombstone, StorageError> {
@@ -255,6 +343,14 @@ mod tests {
                 let page = from
                     .range_page_within(range, cursor.as_ref(), budget)
                     .unwrap();
+                page.check(range).unwrap();
+                let bytes: usize = (page.tombstones.len() * TOMBSTONE_BYTES)
+                    + page.changes.iter().map(Change::encoded_size).sum::<usize>();
+                let entries = page.tombstones.len() + page.changes.len();
+                assert!(
+                    entries <= 1 || bytes <= budget,
+                    "{entries} entries, {bytes} bytes"
+                );
                 to.merge_range_page(&page).unwrap();
                 pages += 1;
                 match page.next {
@@ -375,6 +471,97 @@ mod tests {
             assert!(rebuilt.get(b"gone").unwrap().is_empty());
             assert_eq!(dump_all(&rebuilt), dump_all(&ahead));
         }
+    }
+
+    /// The tombstones `s` holds, with their dates.
+    fn tombstones(s: &Storage) -> Vec<Tombstone> {
+        RangeId::all()
+            .flat_map(|r| s.range_page(r, None).unwrap().tombstones)
+            .collect()
+    }
+
+    #[test]
+    fn of_two_dates_for_one_tombstone_the_later_stays_and_none_is_in_the_future() {
+        let (_a, source) = open();
+        let v = source.put(PutRequest::new("k", "v")).unwrap().version;
+        source.remove(RemoveRequest::new("k", [v])).unwrap();
+        let [original] = &tombstones(&source)[..] else {
+            panic!("one tombstone expected")
+        };
+        let dated = |at_ms| RangePage {
+            tombstones: vec![Tombstone {
+                entry: original.entry.clone(),
+                at_ms,
+            }],
+            ..RangePage::default()
+        };
+        let early = original.at_ms - 1000;
+        for order in [[early, original.at_ms], [original.at_ms, early]] {
+            let (_b, copy) = open();
+            for at in order {
+                copy.merge_range_page(&dated(at)).unwrap();
+            }
+            assert_eq!(tombstones(&copy), std::slice::from_ref(original));
+        }
+        let (_c, copy) = open();
+        copy.merge_range_page(&dated(u64::MAX)).unwrap();
+        let kept = tombstones(&copy)[0].at_ms;
+        assert!(kept <= now_ms(), "a tombstone dated in the future: {kept}");
+    }
+
+    #[test]
+    fn a_cursor_outside_its_range_reads_nothing_of_other_ranges() {
+        let (_a, s) = open();
+        for n in 0..2000 {
+            s.put(PutRequest::new(format!("k{n}"), "v")).unwrap();
+        }
+        let range = RangeId::new(500).unwrap();
+        let full = s.range_page(range, None).unwrap();
+        assert!(!full.changes.is_empty());
+        // A cursor below the range starts at its start; one past its end reads nothing.
+        for (after, expected) in [(vec![0u8; 32], full.changes.len()), (vec![0xff; 32], 0)] {
+            let cursor = PageCursor {
+                section: Section::Versions,
+                after: Some(after.into()),
+            };
+            let page = s.range_page(range, Some(&cursor)).unwrap();
+            page.check(range).unwrap();
+            assert_eq!(page.changes.len(), expected);
+        }
+    }
+
+    #[test]
+    fn a_page_with_entries_of_another_range_or_removals_does_not_check_out() {
+        let (_a, s) = open();
+        s.put(PutRequest::new("hello", "v")).unwrap();
+        let hello = RangeId::of(b"hello");
+        let page = s.range_page(hello, None).unwrap();
+        page.check(hello).unwrap();
+        let other = RangeId::new((hello.get() + 1) % 1024).unwrap();
+        assert!(matches!(
+            page.check(other),
+            Err(StorageError::Corrupt { .. })
+        ));
+        let removal = RangePage {
+            changes: vec![Change::Remove {
+                key: "hello".into(),
+                parents: vec![],
+            }],
+            ..RangePage::default()
+        };
+        assert!(removal.check(hello).is_err());
+        let huge = RangePage {
+            changes: vec![Change::AddItem {
+                key: vec![b'k'; crate::storage::MAX_KEY_LEN + 1].into(),
+                id: crate::version::ItemId::new(),
+                value: "v".into(),
+            }],
+            ..RangePage::default()
+        };
+        assert!(matches!(
+            huge.check(hello),
+            Err(StorageError::KeyTooLarge { .. })
+        ));
     }
 
     #[test]

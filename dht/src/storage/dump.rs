@@ -34,7 +34,9 @@ fn bounds(range: RangeId) -> (Vec<u8>, Option<Vec<u8>>) {
 }
 
 /// The entries of `range` in `keyspace` (any keyspace keyed by digest first), from the first,
-/// or from the one after key `after`.
+/// or from the one after key `after`. An `after` outside the range (a cursor from another
+/// node) cannot widen it: one below starts at the range's start, one past its end reads
+/// nothing.
 pub(super) fn scan(
     snapshot: &Snapshot,
     keyspace: &Keyspace,
@@ -42,16 +44,21 @@ pub(super) fn scan(
     after: Option<&[u8]>,
 ) -> fjall::Iter {
     let (start, end) = bounds(range);
-    let start = match after {
-        Some(k) => Bound::Excluded(k.to_vec()),
-        None => Bound::Included(start),
+    let from = match after {
+        Some(k) if k >= start.as_slice() => match &end {
+            Some(end) if k >= end.as_slice() => Bound::Included(end.clone()),
+            _ => Bound::Excluded(k.to_vec()),
+        },
+        _ => Bound::Included(start),
     };
     let end = end.map_or(Bound::Unbounded, Bound::Excluded);
-    snapshot.range(keyspace, (start, end))
+    snapshot.range(keyspace, (from, end))
 }
 
-/// A fingerprint of one range as a node holds it: two replicas hold the same data for the range
-/// exactly when their digests are equal (short of an MD5 collision).
+/// A fingerprint of one range as a node holds it: what its [`dump`](Storage::dump) shows, the
+/// current siblings and list items. Two replicas show the same data for the range exactly when
+/// their digests are equal (short of an MD5 collision). Tombstones are not in it, and expiry
+/// is judged by each node's clock, so a value expiring right then can differ for a moment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeDigest {
     /// How many keys hold siblings or list items.
@@ -83,10 +90,11 @@ impl Storage {
         let keys = self.dump(range)?;
         let mut md5 = Md5::new();
         for key in &keys {
-            // Plain structs of bytes, ids and numbers: encoding cannot fail.
-            if let Ok(bytes) = rmp_serde::to_vec(key) {
-                md5.update(bytes);
-            }
+            let bytes = rmp_serde::to_vec(key).map_err(|e| StorageError::Corrupt {
+                what: "range digest",
+                detail: format!("a key's dump cannot be encoded: {e}"),
+            })?;
+            md5.update(bytes);
         }
         Ok(RangeDigest {
             keys: keys.len() as u64,
