@@ -314,11 +314,19 @@ async fn run_node(
     if let (Some((spec, _)), Some((_, name, amqp))) = (&spec, cluster) {
         let s = storage.clone();
         let file_topology = spec.topology();
-        let topology =
-            tokio::task::spawn_blocking(move || cluster::store_topology(&s, &file_topology))
-                .await??;
+        let (topology, fresh) = tokio::task::spawn_blocking(move || {
+            let fresh = cluster::stored_topology(&s)?.is_none();
+            Ok::<_, cluster::ClusterError>((cluster::store_topology(&s, &file_topology)?, fresh))
+        })
+        .await??;
         if rebuild {
             rebuild_from_peers(&storage, &topology, name, secret.clone()).await?;
+        } else if fresh {
+            tracing::warn!(
+                node = name, data = %data.display(),
+                "the data directory held nothing: if this node replaces one that held data, \
+                 stop it and start it with --rebuild, or it serves its ranges without that data"
+            );
         }
         tracing::info!(
             node = name,

@@ -114,6 +114,20 @@ impl Cluster {
         self.nodes[i] = Some(NodeProcess::start(&data, &args));
     }
 
+    /// The command that runs node `i` as [`start`](Self::start) does, for a test that wants
+    /// its output or exit status.
+    fn node_command(&self, i: usize) -> std::process::Command {
+        let mut cmd = std::process::Command::new(common::BIN);
+        cmd.arg("node")
+            .arg("--data")
+            .arg(self.dir.path().join(&self.names[i]))
+            .arg("--cluster")
+            .arg(&self.file)
+            .args(["--name", &self.names[i], "--amqp", &amqp_url()])
+            .args(["--listen", &self.addrs[i]]);
+        cmd
+    }
+
     fn kill(&mut self, i: usize) {
         if let Some(mut node) = self.nodes[i].take() {
             node.signal_and_wait("KILL");
@@ -673,16 +687,7 @@ async fn a_rebuild_without_any_other_replica_refuses_to_start() {
     }
     let data = cluster.dir.path().join(&cluster.names[2]);
     std::fs::remove_dir_all(&data).expect("wipe node 3");
-    let out = std::process::Command::new(common::BIN)
-        .arg("node")
-        .arg("--data")
-        .arg(&data)
-        .arg("--cluster")
-        .arg(&cluster.file)
-        .args(["--name", &cluster.names[2], "--amqp", &amqp_url()])
-        .args(["--listen", &cluster.addrs[2], "--rebuild"])
-        .output()
-        .expect("run the node");
+    let out = (cluster.node_command(2).arg("--rebuild").output()).expect("run the node");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the node started: {stderr}");
     assert!(
@@ -693,5 +698,45 @@ async fn a_rebuild_without_any_other_replica_refuses_to_start() {
         String::from_utf8_lossy(&out.stdout).is_empty(),
         "it must not have listened"
     );
+    cluster.cleanup().await;
+}
+
+/// A node started on an empty directory in a cluster says that a replacement needs
+/// `--rebuild`; one that kept its data does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_on_an_empty_directory_says_a_replacement_needs_a_rebuild() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    drop(broker().await);
+    let mut cluster = Cluster::new(3);
+    // Starts node `i` until it listens, stops it, and returns what it logged.
+    let run_once = |cluster: &Cluster, i: usize| {
+        use std::io::{BufRead, BufReader, Read};
+        let mut child = (cluster.node_command(i))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the node");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        BufReader::new(stdout).read_line(&mut line).expect("read");
+        assert!(line.starts_with("listening on"), "did not start: {line:?}");
+        child.kill().expect("stop the node");
+        child.wait().expect("wait for the node");
+        let mut logged = String::new();
+        let mut stderr = child.stderr.take().expect("stderr");
+        stderr.read_to_string(&mut logged).expect("read stderr");
+        logged
+    };
+    cluster.kill(2);
+    std::fs::remove_dir_all(cluster.dir.path().join(&cluster.names[2])).expect("wipe node 3");
+    let logged = run_once(&cluster, 2);
+    assert!(
+        logged.contains("held nothing") && logged.contains("--rebuild"),
+        "no hint to rebuild: {logged}"
+    );
+    cluster.kill(0);
+    let logged = run_once(&cluster, 0);
+    assert!(!logged.contains("held nothing"), "{logged}");
     cluster.cleanup().await;
 }
