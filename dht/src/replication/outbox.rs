@@ -247,7 +247,8 @@ impl ReplicationOutbox {
     }
 
     /// Stages, in batch `b`, one outbox record for what `b` changed, listing every other
-    /// replica of the keys changed. `None` when there is nobody to send to.
+    /// replica of the keys changed, and takes those changes out of `b`
+    /// ([`Batch::take_changes`]). `None` when there is nobody to send to.
     pub fn stage(&self, b: &mut Batch<'_>) -> Result<Option<Staged>, StorageError> {
         if b.changes().is_empty() {
             return Ok(None);
@@ -256,7 +257,7 @@ impl ReplicationOutbox {
         if destinations.is_empty() {
             return Ok(None);
         }
-        let changes = b.changes().to_vec();
+        let changes = b.take_changes();
         let record = b.enqueue_outbox(destinations.iter().cloned().collect(), changes)?;
         Ok(Some(Staged {
             id: record.id,

@@ -580,6 +580,12 @@ impl<'a> Batch<'a> {
         &self.changes
     }
 
+    /// [`changes`](Self::changes), taken out of the batch (which then has none to show):
+    /// staging their replication moves them rather than copying them.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
     /// Records, in this batch, that `changes` still have to reach `destinations`: one record,
     /// committed (or not) together with the writes that made the changes. Returns the record,
     /// to hand to the senders once the batch committed.
