@@ -412,18 +412,22 @@ impl Client {
         }
     }
 
-    /// The page of `range` starting at `from` as node `addr` holds it, tombstones included:
-    /// what a replica that lost its data copies back (see [`crate::rebuild`]).
+    /// The page of `range` starting at `from` as node `addr` holds it, tombstones included,
+    /// of about `max_bytes` at most (when less than the node's own page size): what a replica
+    /// that lost its data copies back (see [`crate::rebuild`]).
     pub async fn range_page(
         &self,
         addr: &str,
         range: RangeId,
         from: Option<PageCursor>,
+        max_bytes: Option<u64>,
     ) -> Result<RangePage, ClientError> {
-        match self
-            .send(addr, 0, &Request::RangePage { range, from }, Reach::Always)
-            .await?
-        {
+        let request = Request::RangePage {
+            range,
+            from,
+            max_bytes,
+        };
+        match self.send(addr, 0, &request, Reach::Always).await? {
             Response::RangePage(page) => Ok(page),
             other => Err(unexpected(&other)),
         }

@@ -84,6 +84,10 @@ pub enum Request {
         /// Where the page starts: the previous page's `next`, or `None` for the first.
         #[serde(default)]
         from: Option<PageCursor>,
+        /// At most about this many bytes of entries (a bigger entry still goes alone), when
+        /// less than the node's own [`PAGE_BYTES`](crate::storage::PAGE_BYTES).
+        #[serde(default)]
+        max_bytes: Option<u64>,
     },
 }
 

@@ -17,8 +17,9 @@
 //! peers are caught up and reachable mends them.
 
 use crate::client::{Client, ClientError, ClientOptions};
+use crate::frame::WireError;
 use crate::routing::{RangeId, Topology};
-use crate::storage::{Merged, PageCursor, Storage, StorageError};
+use crate::storage::{Merged, PAGE_BYTES, PageCursor, Storage, StorageError};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// What a rebuild copied.
@@ -146,6 +147,10 @@ pub async fn rebuild(
     Ok(rebuilt)
 }
 
+/// The smallest page budget asked of a replica whose answers are too large for its frame
+/// limit: below it, an entry itself is too large, and smaller pages would not help.
+const MIN_PAGE_BYTES: u64 = 4096;
+
 /// Why one range was not copied: the other replica failed (try the next), or this node did
 /// (give up).
 enum CopyError {
@@ -163,11 +168,25 @@ async fn copy_ranges(
     rebuilt: &mut Rebuilt,
 ) -> Result<(), CopyError> {
     tracing::info!(from = %addr, ranges = ranges.len(), "copying ranges from a replica");
+    // Smaller pages from a replica whose frame limit is below a page.
+    let mut max_bytes: Option<u64> = None;
     for &range in ranges {
         let mut from: Option<PageCursor> = None;
         loop {
-            let mut page =
-                (client.range_page(addr, range, from.take()).await).map_err(CopyError::Peer)?;
+            let asked = client
+                .range_page(addr, range, from.clone(), max_bytes)
+                .await;
+            let mut page = match asked {
+                Err(e @ ClientError::Rejected(WireError::ResponseTooLarge { max, .. })) => {
+                    let smaller = max_bytes.unwrap_or(PAGE_BYTES as u64).min(max) / 2;
+                    if smaller < MIN_PAGE_BYTES {
+                        return Err(CopyError::Peer(e));
+                    }
+                    max_bytes = Some(smaller);
+                    continue;
+                }
+                asked => asked.map_err(CopyError::Peer)?,
+            };
             page.check(range).map_err(|e| {
                 CopyError::Peer(ClientError::Protocol(format!(
                     "a bad page of range {}: {e}",
@@ -207,12 +226,23 @@ mod tests {
         Storage::open(dir.path(), StorageOptions::default()).unwrap()
     }
 
+    /// Also: a replica whose frame limit is below a page is copied in smaller pages.
     #[tokio::test]
     async fn a_replica_that_does_not_answer_is_skipped_and_named() {
+        const FRAME: usize = 64 * 1024;
         let (a_dir, w_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let a = open(&a_dir);
         for n in 0..300 {
             a.put(PutRequest::new(format!("k{n}"), "v")).unwrap();
+        }
+        // 200 KiB in one range: more than one answer of `FRAME` bytes can carry.
+        let crowded = RangeId::new(7).unwrap();
+        let keys = (0..).map(|n| format!("big/{n}"));
+        for key in keys
+            .filter(|k| RangeId::of(k.as_bytes()) == crowded)
+            .take(200)
+        {
+            a.put(PutRequest::new(key, vec![b'v'; 1024])).unwrap();
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a_addr = listener.local_addr().unwrap().to_string();
@@ -226,7 +256,9 @@ mod tests {
         let node = tokio::spawn(serve(
             listener,
             a.clone(),
-            NodeOptions::default().topology(topology.clone()),
+            NodeOptions::default()
+                .topology(topology.clone())
+                .max_frame(FRAME),
             async move {
                 let _ = stopped.await;
             },
@@ -235,7 +267,12 @@ mod tests {
         let options = ClientOptions::default().timeout(Duration::from_secs(10));
         let rebuilt = rebuild(&w, &topology, "w", options.clone()).await.unwrap();
         assert_eq!(rebuilt.ranges, 1024);
-        assert_eq!(rebuilt.merged.changes, 300);
+        assert_eq!(rebuilt.merged.changes, 500);
+        assert!(
+            rebuilt.pages >= 1024 + 200 * 1024 / FRAME,
+            "{} pages",
+            rebuilt.pages
+        );
         assert_eq!(rebuilt.skipped.keys().collect::<Vec<_>>(), [&b_addr]);
         for r in RangeId::all() {
             assert_eq!(w.dump(r).unwrap(), a.dump(r).unwrap());

@@ -4,7 +4,7 @@ use crate::frame::{Request, Response, WireError};
 use crate::replication::ReplicationOutbox;
 use crate::routing::Topology;
 use crate::status::NodeStatus;
-use crate::storage::{Batch, Storage, StorageError};
+use crate::storage::{Batch, PAGE_BYTES, Storage, StorageError};
 
 /// Runs a data request against `storage`, without replication. `Hello` and `Topology` are
 /// answered from the node's own state, given here.
@@ -37,9 +37,14 @@ pub fn execute_replicated(
         Request::Dump { range } => storage.dump(range).map(Response::Dump),
         Request::Status => Ok(Response::Status(NodeStatus::of(topology, outbox))),
         Request::Digest { range } => storage.digest(range).map(Response::Digest),
-        Request::RangePage { range, from } => storage
-            .range_page(range, from.as_ref())
-            .map(Response::RangePage),
+        Request::RangePage {
+            range,
+            from,
+            max_bytes,
+        } => {
+            let budget = max_bytes.map_or(PAGE_BYTES, |m| PAGE_BYTES.min(m as usize));
+            (storage.range_page_within(range, from.as_ref(), budget)).map(Response::RangePage)
+        }
         Request::Get(r) => storage.get(&r.key).map(Response::Siblings),
         Request::GetItems(r) => storage.get_items(&r.key).map(Response::Items),
         Request::Put(r) => write(storage, outbox, |b| b.put(r)).map(Response::Put),

@@ -197,7 +197,9 @@ impl Storage {
         self.range_page_within(range, from, PAGE_BYTES)
     }
 
-    fn range_page_within(
+    /// [`range_page`](Self::range_page) with about `budget` bytes of entries at most, instead
+    /// of [`PAGE_BYTES`] (one entry still goes, however large).
+    pub fn range_page_within(
         &self,
         range: RangeId,
         from: Option<&PageCursor>,
