@@ -423,7 +423,11 @@ async fn a_message_that_cannot_reach_the_error_queue_comes_back_after_a_pause() 
         .queue_delete(error.as_str().into(), Default::default())
         .await
         .expect("delete the error queue");
-    ep.bus().send(&queue, &Work { n: 1 }).await.expect("send");
+    // Sent on a connection of its own. On the endpoint's, this send and the endpoint's attempt
+    // to move the message to the missing error queue share a channel, and lapin can pin the
+    // broker's return of the second on the confirm of the first (a known bug, README).
+    let sender = rhinobus::Bus::new(rabbit(), unique("sender"));
+    sender.send(&queue, &Work { n: 1 }).await.expect("send");
     // One attempt, a pause of a second while the delivery is held, then the next: never more
     // than two attempts in 1.5 s, however loaded the machine (without the pause, each of the
     // four slots ran it again at once).
