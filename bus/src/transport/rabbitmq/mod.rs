@@ -80,7 +80,13 @@ struct Inner {
 pub(crate) struct Link {
     generation: u64,
     connection: Connection,
+    /// Sends and republishes: messages that must reach a queue.
     publisher: Channel,
+    /// Publications, which may reach no queue. Apart from the sends because lapin hands each
+    /// `basic.return` to whichever confirm of the channel completes next, not to the message
+    /// returned: on one channel, the return of an event nobody subscribes to made sends settled
+    /// with it fail as unroutable.
+    topic_publisher: Channel,
     /// Queues seen to exist on this connection (see [`RabbitMq::check_queues`]).
     known_queues: StdMutex<HashSet<String>>,
 }
@@ -212,14 +218,17 @@ impl RabbitMq {
         self.check_queues(link, messages).await?;
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages {
-            let (exchange, key, routing) = match &m.destination {
-                Destination::Queue(q) => ("", q.as_str(), Routing::Required),
-                Destination::Topic(t) => {
-                    (self.inner.exchange.as_str(), t.as_str(), Routing::Optional)
-                }
+            let (channel, exchange, key, routing) = match &m.destination {
+                Destination::Queue(q) => (&link.publisher, "", q.as_str(), Routing::Required),
+                Destination::Topic(t) => (
+                    &link.topic_publisher,
+                    self.inner.exchange.as_str(),
+                    t.as_str(),
+                    Routing::Optional,
+                ),
             };
             let props = amqp::properties_for(&m.headers)?;
-            let confirm = amqp::publish(&link.publisher, exchange, key, &m.body, props).await?;
+            let confirm = amqp::publish(channel, exchange, key, &m.body, props).await?;
             pending.push(amqp::confirmed(
                 confirm,
                 routing,
@@ -338,6 +347,7 @@ impl Transport for RabbitMq {
         let link = self.inner.link.send_replace(None);
         if let Some(link) = link {
             let _ = link.publisher.wait_for_confirms().await;
+            let _ = link.topic_publisher.wait_for_confirms().await;
             let _ = link.connection.close(200, "endpoint stopped".into()).await;
         }
     }
@@ -572,19 +582,27 @@ async fn open_link(inner: &Inner, generation: u64) -> Result<(Link, EventStream)
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let connection = Connection::connect(&inner.url, props).await?;
     let events: EventStream = Box::pin(connection.events_listener());
-    let publisher = connection.create_channel().await?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let publisher = confirming_channel(&connection).await?;
+    let topic_publisher = confirming_channel(&connection).await?;
     Ok((
         Link {
             generation,
             connection,
             publisher,
+            topic_publisher,
             known_queues: StdMutex::default(),
         },
         events,
     ))
+}
+
+/// A new channel of `connection` in confirm mode, for publishing.
+async fn confirming_channel(connection: &Connection) -> Result<Channel, BusError> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 /// The URL without its password, for logs and errors.
