@@ -128,6 +128,13 @@ impl Cluster {
         cmd
     }
 
+    /// Kills node `i` and deletes its data directory, as a lost disk would.
+    fn kill_and_wipe(&mut self, i: usize) {
+        self.kill(i);
+        let data = self.dir.path().join(&self.names[i]);
+        std::fs::remove_dir_all(data).expect("wipe the node's data");
+    }
+
     fn kill(&mut self, i: usize) {
         if let Some(mut node) = self.nodes[i].take() {
             node.signal_and_wait("KILL");
@@ -634,8 +641,7 @@ async fn a_node_that_lost_its_data_is_rebuilt_from_the_other_replicas() {
     }
     cluster.converge(&client, holds_every(&all)).await;
 
-    cluster.kill(2);
-    std::fs::remove_dir_all(cluster.dir.path().join(&cluster.names[2])).expect("wipe node 3");
+    cluster.kill_and_wipe(2);
     // Taken while it is down and while it rebuilds: these wait in its queue.
     let during = Writers::start(&client, "during", 2_000, 10);
     during.wait_for(500).await;
@@ -682,11 +688,9 @@ async fn a_rebuild_without_any_other_replica_refuses_to_start() {
     let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
     drop(broker().await);
     let mut cluster = Cluster::new(3);
-    for i in 0..3 {
-        cluster.kill(i);
-    }
-    let data = cluster.dir.path().join(&cluster.names[2]);
-    std::fs::remove_dir_all(&data).expect("wipe node 3");
+    cluster.kill(0);
+    cluster.kill(1);
+    cluster.kill_and_wipe(2);
     let out = (cluster.node_command(2).arg("--rebuild").output()).expect("run the node");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the node started: {stderr}");
@@ -728,8 +732,7 @@ async fn a_node_on_an_empty_directory_says_a_replacement_needs_a_rebuild() {
         stderr.read_to_string(&mut logged).expect("read stderr");
         logged
     };
-    cluster.kill(2);
-    std::fs::remove_dir_all(cluster.dir.path().join(&cluster.names[2])).expect("wipe node 3");
+    cluster.kill_and_wipe(2);
     let logged = run_once(&cluster, 2);
     assert!(
         logged.contains("held nothing") && logged.contains("--rebuild"),
