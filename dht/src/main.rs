@@ -374,7 +374,11 @@ async fn rebuild_from_peers(
     let options = ClientOptions::default().secret(secret);
     let rebuilt = rhinobus_dht::rebuild::rebuild(storage, topology, name, options).await?;
     for (replica, why) in &rebuilt.skipped {
-        tracing::warn!(%replica, %why, "not copied from this replica (its ranges came from the others)");
+        tracing::warn!(
+            %replica, %why,
+            "not copied from this replica: its ranges came from the others only (run --rebuild \
+             again once it is back)"
+        );
     }
     tracing::info!(
         ranges = rebuilt.ranges,

@@ -115,11 +115,6 @@ pub async fn rebuild(
                         Ok(()) => copied.extend(ranges),
                         Err(CopyError::Local(e)) => return Err(e),
                         Err(CopyError::Peer(e)) => {
-                            tracing::warn!(
-                                from = %addr, error = %e,
-                                "cannot copy from this replica: its ranges come from the others \
-                                 only (run --rebuild again once it is back)"
-                            );
                             rebuilt.skipped.insert(addr.clone(), e.to_string());
                         }
                     }
