@@ -211,6 +211,57 @@ async fn sends_beside_publications_nobody_receives_never_fail() {
     raw.cleanup().await;
 }
 
+/// Sends to a queue that does not exist, beside sends to one that does, from one bus: each of
+/// the first must fail as unroutable (one reported sent would be a message lost) and each of
+/// the second must succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_beside_sends_to_a_missing_queue_are_told_apart() {
+    let mut raw = Raw::connect().await;
+    let queue = unique("beside-missing");
+    raw.queue(&queue).await;
+    let missing = unique("missing");
+    let bus = rhinobus::Bus::new(rabbit(), unique("sender"));
+    let tasks: Vec<_> = (0..8u32)
+        .map(|t| {
+            let (bus, queue, missing) = (bus.clone(), queue.clone(), missing.clone());
+            tokio::spawn(async move {
+                let (mut lost, mut failed) = (0, Vec::new());
+                for n in 0..150 {
+                    if t % 2 == 0 {
+                        if let Err(e) = bus.send(&queue, &Work { n }).await {
+                            failed.push(e.to_string());
+                        }
+                    } else {
+                        match bus.send(&missing, &Work { n }).await {
+                            Err(rhinobus::BusError::Unroutable { queue }) => {
+                                assert_eq!(queue, missing, "the missing queue is named");
+                            }
+                            Err(e) => panic!("a send to a missing queue failed otherwise: {e}"),
+                            Ok(_) => lost += 1,
+                        }
+                    }
+                }
+                (lost, failed)
+            })
+        })
+        .collect();
+    let (mut lost, mut failed) = (0, Vec::new());
+    for t in tasks {
+        let (l, f) = t.await.expect("task");
+        lost += l;
+        failed.extend(f);
+    }
+    assert_eq!(lost, 0, "sends to a missing queue reported sent (lost)");
+    assert!(
+        failed.is_empty(),
+        "{} sends to an existing queue failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    raw.wait_for_count(&queue, 600, WAIT).await;
+    raw.cleanup().await;
+}
+
 #[tokio::test]
 async fn sending_to_a_missing_queue_is_an_error() {
     let bus = rhinobus::Bus::new(rabbit(), unique("sender"));

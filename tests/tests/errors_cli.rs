@@ -175,6 +175,35 @@ async fn messages_that_cannot_be_replayed_fail_loudly_stay_and_do_not_stop_the_r
     raw.cleanup().await;
 }
 
+/// Returns from the broker are matched to the messages they are: among many replays moving
+/// at once, each one to the missing queue stays in the error queue and each other one moves
+/// (lapin alone hands a return to whichever confirm completes next).
+#[tokio::test]
+async fn among_many_replays_exactly_those_to_a_missing_queue_stay() {
+    let mut raw = Raw::connect().await;
+    let error = unique("error");
+    raw.queue(&error).await;
+    let (gone, source) = (unique("gone"), unique("source"));
+    raw.queue(&source).await;
+    let (mut stays, mut moves) = (Vec::new(), Vec::new());
+    for n in 0..700 {
+        let id = format!("m{n}");
+        let to = if n % 3 == 0 { &gone } else { &source };
+        raw.publish(&error, &body(n), failure_headers(&id, to, "E"))
+            .await;
+        if n % 3 == 0 { &mut stays } else { &mut moves }.push(id);
+    }
+    let (ok, out, err) = rhinobus_cli(&["errors", "--queue", &error, "replay", "--all"]);
+    assert!(!ok, "the replays to a missing queue make the command fail");
+    assert!(
+        out.contains(&format!("replayed {} of 700", moves.len())),
+        "{out}\n{err}"
+    );
+    assert_eq!(ids_in(&raw.drain(&source).await), moves);
+    assert_eq!(ids_in(&raw.drain(&error).await), stays);
+    raw.cleanup().await;
+}
+
 #[tokio::test]
 async fn archive_keeps_and_purge_needs_yes() {
     let mut raw = Raw::connect().await;

@@ -8,20 +8,20 @@
 use super::{FailedMessage, Selection};
 use crate::error::BusError;
 use crate::headers::{Headers, format_time, names};
-use crate::transport::rabbitmq::amqp::{self, Routing};
+use crate::transport::rabbitmq::amqp;
+use crate::transport::rabbitmq::batch::{self, Batch, Publication, Routing};
 use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use serde::Serialize;
 use std::time::{Duration, SystemTime};
 
-/// How many moved messages wait for their confirm at once.
+/// How many moved messages wait for their confirms together.
 const CONFIRM_WINDOW: usize = 512;
+
+/// How long the broker may take to confirm a window of moved messages.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long to wait for the next message of a queue that reported more.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,10 +137,7 @@ impl ErrorQueue {
         dry_run: bool,
     ) -> Result<Outcome, BusError> {
         let (channel, mut reader) = self.open_reader().await?;
-        let publisher = self.connection.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let publisher = batch::confirming_channel(&self.connection).await?;
         let archive = format!("{}.archive", self.queue);
         if *action == Action::Archive && !dry_run {
             declare_durable(&publisher, &archive).await?;
@@ -149,7 +146,8 @@ impl ErrorQueue {
             examined: reader.remaining,
             ..Outcome::default()
         };
-        let mut pending = FuturesUnordered::new();
+        let mut batch = Batch::new(publisher.clone());
+        let mut moving = Vec::new();
         while let Some(d) = reader.next().await? {
             let headers = amqp::envelope_headers(&d.properties);
             let failed = FailedMessage::new(headers, Vec::new());
@@ -160,9 +158,9 @@ impl ErrorQueue {
             if dry_run {
                 continue;
             }
-            let moving = match action {
+            let target = match action {
                 Action::Purge => {
-                    settle(Some((failed.id, d.acker, Ok(()))), &mut outcome).await;
+                    settle(failed.id, d.acker, Ok(()), &mut outcome).await;
                     continue;
                 }
                 Action::Archive => Ok((archive.clone(), d.properties.clone())),
@@ -176,38 +174,30 @@ impl ErrorQueue {
                         Ok((target, replay_properties(&d.properties, &failed.headers)?))
                     }),
             };
-            if pending.len() >= CONFIRM_WINDOW {
-                settle(pending.next().await, &mut outcome).await;
-            }
             // A message that cannot be moved stays where it is (unacked, it goes back when the
             // channel closes) and is reported; the others go on.
-            let published = match moving {
-                Ok((target, props)) => amqp::publish(&publisher, "", &target, &d.data, props)
-                    .await
-                    .map(|confirm| (target, confirm)),
+            let copy = target.and_then(|(target, properties)| {
+                Publication::new("", &target, d.data, properties, Routing::Required)
+            });
+            let published = match copy {
+                Ok(copy) => batch.publish([&copy]).await,
                 Err(e) => Err(e),
             };
-            let (target, confirm) = match published {
-                Ok(p) => p,
-                Err(e) => {
-                    outcome.failed.push(MoveFailure {
-                        id: failed.id,
-                        error: e.to_string(),
-                    });
-                    continue;
+            match published {
+                Ok(()) => moving.push((failed.id, d.acker)),
+                Err(e) => outcome.failed.push(MoveFailure {
+                    id: failed.id,
+                    error: e.to_string(),
+                }),
+            }
+            if batch.len() >= CONFIRM_WINDOW {
+                let full = std::mem::replace(&mut batch, Batch::new(publisher.clone()));
+                if !settle_window(full, &mut moving, &mut outcome).await {
+                    break;
                 }
-            };
-            let acker = d.acker;
-            pending.push(async move {
-                let result =
-                    amqp::confirmed(confirm, Routing::Required, &target, Duration::from_secs(30))
-                        .await;
-                (failed.id, acker, result)
-            });
+            }
         }
-        while let Some(done) = pending.next().await {
-            settle(Some(done), &mut outcome).await;
-        }
+        settle_window(batch, &mut moving, &mut outcome).await;
         let _ = channel.close(200, "done".into()).await;
         let _ = publisher.close(200, "done".into()).await;
         Ok(outcome)
@@ -268,11 +258,43 @@ impl Reader {
     }
 }
 
+/// Settles a window of moved messages: acknowledges each original whose copy the broker
+/// confirmed and records why the others stay. False when the fate of the whole window is
+/// unknown: the publishing channel can then no longer tell one window's returns from the
+/// next, and moving stops (what was not read yet stays in the queue).
+async fn settle_window(
+    batch: Batch,
+    moving: &mut Vec<(String, lapin::Acker)>,
+    outcome: &mut Outcome,
+) -> bool {
+    match batch.settle(CONFIRM_TIMEOUT).await {
+        Ok(results) => {
+            for ((id, acker), result) in moving.drain(..).zip(results) {
+                settle(id, acker, result, outcome).await;
+            }
+            true
+        }
+        Err(e) => {
+            for (id, _) in moving.drain(..) {
+                outcome.failed.push(MoveFailure {
+                    id,
+                    error: format!(
+                        "{e}; it is still in the error queue (and may be in the target too)"
+                    ),
+                });
+            }
+            false
+        }
+    }
+}
+
 /// Acknowledges a moved message once its copy is confirmed, or records why it stays.
-async fn settle(done: Option<(String, lapin::Acker, Result<(), BusError>)>, outcome: &mut Outcome) {
-    let Some((id, acker, result)) = done else {
-        return;
-    };
+async fn settle(
+    id: String,
+    acker: lapin::Acker,
+    result: Result<(), BusError>,
+    outcome: &mut Outcome,
+) {
     let acked = match result {
         Ok(()) => match acker.ack(BasicAckOptions::default()).await {
             Ok(true) => Ok(()),

@@ -1,12 +1,11 @@
-//! Small conversions between rhinobus envelopes and AMQP properties, and confirmed publishing.
+//! Small conversions between rhinobus envelopes and AMQP properties.
 
 use crate::error::BusError;
 use crate::headers::{Headers, names};
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ErrorKind, PublisherConfirm};
-use std::time::Duration;
+use lapin::{BasicProperties, Connection, ErrorKind};
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
@@ -155,68 +154,6 @@ pub(crate) fn with_headers_changed(
         );
     }
     Ok(props.clone().with_headers(table))
-}
-
-/// How long handing a message to the connection may take; a connection the broker blocked
-/// (a memory or disk alarm) stalls here.
-const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Publishes with `mandatory` and returns the pending confirm.
-pub(crate) async fn publish(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    props: BasicProperties,
-) -> Result<PublisherConfirm, BusError> {
-    let routing_key = short("queue or routing key", routing_key)?;
-    let publishing = channel.basic_publish(
-        exchange.into(),
-        routing_key,
-        BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        },
-        body,
-        props,
-    );
-    Ok(tokio::time::timeout(PUBLISH_TIMEOUT, publishing)
-        .await
-        .map_err(|_| BusError::Timeout(PUBLISH_TIMEOUT))??)
-}
-
-/// What a publish needs to have come to for the message to count as sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Routing {
-    /// It must reach a queue (a send): an unroutable message is an error.
-    Required,
-    /// It may reach no queue (a publish nobody subscribed to).
-    Optional,
-}
-
-/// Waits for a confirm and turns it into a result.
-pub(crate) async fn confirmed(
-    confirm: PublisherConfirm,
-    routing: Routing,
-    destination: &str,
-    timeout: Duration,
-) -> Result<(), BusError> {
-    let confirmation = tokio::time::timeout(timeout, confirm)
-        .await
-        .map_err(|_| BusError::Timeout(timeout))??;
-    match confirmation {
-        Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(_)) if routing == Routing::Optional => Ok(()),
-        Confirmation::Ack(Some(_)) => Err(BusError::Unroutable {
-            queue: destination.to_owned(),
-        }),
-        Confirmation::Nack(_) => Err(BusError::Refused {
-            destination: destination.to_owned(),
-        }),
-        Confirmation::NotRequested => Err(BusError::Transport(
-            "publisher confirms are not enabled on this channel".into(),
-        )),
-    }
 }
 
 #[cfg(test)]

@@ -11,20 +11,23 @@
 
 mod acks;
 pub(crate) mod amqp;
+pub(crate) mod batch;
 mod delivery;
+mod publisher;
 
-use self::amqp::Routing;
 use super::{Deliveries, Destination, EndpointTopology, OutgoingMessage, Transport};
 use crate::error::BusError;
 use async_trait::async_trait;
+use batch::{Publication, Routing};
 use delivery::RabbitDelivery;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
+use publisher::Publisher;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::Duration;
@@ -76,17 +79,11 @@ struct Inner {
     shutdown: CancellationToken,
 }
 
-/// One live connection and its confirm-mode publishing channel.
+/// One live connection and its publisher.
 pub(crate) struct Link {
     generation: u64,
-    connection: Connection,
-    /// Sends and republishes: messages that must reach a queue.
-    publisher: Channel,
-    /// Publications, which may reach no queue. Apart from the sends because lapin hands each
-    /// `basic.return` to whichever confirm of the channel completes next, not to the message
-    /// returned: on one channel, the return of an event nobody subscribes to made sends settled
-    /// with it fail as unroutable.
-    topic_publisher: Channel,
+    connection: Arc<Connection>,
+    publisher: Publisher,
     /// Queues seen to exist on this connection (see [`RabbitMq::check_queues`]).
     known_queues: StdMutex<HashSet<String>>,
 }
@@ -182,9 +179,9 @@ impl RabbitMq {
     async fn check_queues(
         &self,
         link: &Link,
-        messages: &[OutgoingMessage],
+        publications: &[Publication],
     ) -> Result<(), BusError> {
-        if messages.len() < 2 {
+        if publications.len() < 2 {
             return Ok(());
         }
         let unseen: Vec<String> = {
@@ -192,14 +189,12 @@ impl RabbitMq {
                 .known_queues
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let unseen: BTreeSet<&String> = messages
+            let unseen: BTreeSet<&str> = publications
                 .iter()
-                .filter_map(|m| match &m.destination {
-                    Destination::Queue(q) if !known.contains(q) => Some(q),
-                    _ => None,
-                })
+                .filter_map(Publication::queue)
+                .filter(|q| !known.contains(*q))
                 .collect();
-            unseen.into_iter().cloned().collect()
+            unseen.into_iter().map(str::to_owned).collect()
         };
         if unseen.is_empty() {
             return Ok(());
@@ -214,30 +209,21 @@ impl RabbitMq {
         Ok(())
     }
 
-    async fn send_once(&self, link: &Link, messages: &[OutgoingMessage]) -> Result<(), BusError> {
-        self.check_queues(link, messages).await?;
-        let mut pending = Vec::with_capacity(messages.len());
-        for m in messages {
-            let (channel, exchange, key, routing) = match &m.destination {
-                Destination::Queue(q) => (&link.publisher, "", q.as_str(), Routing::Required),
-                Destination::Topic(t) => (
-                    &link.topic_publisher,
-                    self.inner.exchange.as_str(),
-                    t.as_str(),
-                    Routing::Optional,
-                ),
-            };
-            let props = amqp::properties_for(&m.headers)?;
-            let confirm = amqp::publish(channel, exchange, key, &m.body, props).await?;
-            pending.push(amqp::confirmed(
-                confirm,
-                routing,
-                key,
-                self.inner.confirm_timeout,
-            ));
-        }
-        futures_util::future::try_join_all(pending).await?;
-        Ok(())
+    /// The messages as AMQP publications, their names checked.
+    fn publications(&self, messages: Vec<OutgoingMessage>) -> Result<Arc<[Publication]>, BusError> {
+        messages
+            .into_iter()
+            .map(|m| {
+                let (exchange, routing_key, routing) = match &m.destination {
+                    Destination::Queue(q) => ("", q.as_str(), Routing::Required),
+                    Destination::Topic(t) => {
+                        (self.inner.exchange.as_str(), t.as_str(), Routing::Optional)
+                    }
+                };
+                let properties = amqp::properties_for(&m.headers)?;
+                Publication::new(exchange, routing_key, m.body, properties, routing)
+            })
+            .collect()
     }
 
     /// Publishes a copy of a received message into `queue` and waits for the confirm.
@@ -247,21 +233,16 @@ impl RabbitMq {
         body: &[u8],
         props: lapin::BasicProperties,
     ) -> Result<(), BusError> {
+        let copy = Publication::new("", queue, body.to_vec(), props, Routing::Required)?;
         let link = self.link().await?;
-        let confirm = amqp::publish(&link.publisher, "", queue, body, props)
+        link.publisher
+            .publish(Arc::new([copy]))
             .await
             .inspect_err(|e| {
                 if matches!(e, BusError::Transport(_)) {
                     self.report_broken(&link);
                 }
-            })?;
-        amqp::confirmed(
-            confirm,
-            Routing::Required,
-            queue,
-            self.inner.confirm_timeout,
-        )
-        .await
+            })
     }
 }
 
@@ -304,10 +285,15 @@ impl Transport for RabbitMq {
         if messages.is_empty() {
             return Ok(());
         }
+        let publications = self.publications(messages)?;
         let deadline = tokio::time::Instant::now() + self.inner.confirm_timeout;
         loop {
             let link = self.link().await?;
-            match self.send_once(&link, &messages).await {
+            let sent = match self.check_queues(&link, &publications).await {
+                Ok(()) => link.publisher.publish(publications.clone()).await,
+                Err(e) => Err(e),
+            };
+            match sent {
                 // A broken connection leaves the fate of the batch unknown: send it again on
                 // the next connection. Receivers may see duplicates, never a gap.
                 Err(BusError::Transport(e)) if tokio::time::Instant::now() < deadline => {
@@ -346,8 +332,7 @@ impl Transport for RabbitMq {
         self.inner.shutdown.cancel();
         let link = self.inner.link.send_replace(None);
         if let Some(link) = link {
-            let _ = link.publisher.wait_for_confirms().await;
-            let _ = link.topic_publisher.wait_for_confirms().await;
+            link.publisher.finished(self.inner.confirm_timeout).await;
             let _ = link.connection.close(200, "endpoint stopped".into()).await;
         }
     }
@@ -405,15 +390,11 @@ impl RabbitMq {
     }
 }
 
-/// Declares an endpoint's exchange, queues, delay queues and bindings.
-async fn declare(channel: &Channel, exchange: &str, t: &EndpointTopology) -> Result<(), BusError> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
+/// Declares the durable topic exchange publications go through.
+async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), BusError> {
     channel
         .exchange_declare(
-            exchange.into(),
+            amqp::short("exchange", exchange)?,
             ExchangeKind::Topic,
             ExchangeDeclareOptions {
                 durable: true,
@@ -422,6 +403,16 @@ async fn declare(channel: &Channel, exchange: &str, t: &EndpointTopology) -> Res
             FieldTable::default(),
         )
         .await?;
+    Ok(())
+}
+
+/// Declares an endpoint's exchange, queues, delay queues and bindings.
+async fn declare(channel: &Channel, exchange: &str, t: &EndpointTopology) -> Result<(), BusError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    declare_exchange(channel, exchange).await?;
     for queue in [&t.queue, &t.error_queue] {
         channel
             .queue_declare(
@@ -451,7 +442,7 @@ async fn declare(channel: &Channel, exchange: &str, t: &EndpointTopology) -> Res
         channel
             .queue_bind(
                 amqp::short("queue name", &t.queue)?,
-                exchange.into(),
+                amqp::short("exchange", exchange)?,
                 amqp::short("message type", message_type)?,
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -563,9 +554,9 @@ async fn supervise(inner: Arc<Inner>) {
 
 type EventStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
 
-/// Connects and opens the publishing channel, all within the connect timeout: a broker that
-/// accepts the connection while it is still starting (or already stopping) may never answer
-/// the channel's opening, and the supervisor must not wait for it forever.
+/// Connects and declares the exchange, all within the connect timeout: a broker that accepts
+/// the connection while it is still starting (or already stopping) may never answer a
+/// channel's opening, and the supervisor must not wait for it forever.
 async fn connect(inner: &Inner, generation: u64) -> Result<(Link, EventStream), BusError> {
     tokio::time::timeout(inner.connect_timeout, open_link(inner, generation))
         .await
@@ -580,29 +571,22 @@ async fn open_link(inner: &Inner, generation: u64) -> Result<(Link, EventStream)
         .clone()
         .unwrap_or_else(|| format!("rhinobus:client:{}", std::process::id()));
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = Connection::connect(&inner.url, props).await?;
+    let connection = Arc::new(Connection::connect(&inner.url, props).await?);
     let events: EventStream = Box::pin(connection.events_listener());
-    let publisher = confirming_channel(&connection).await?;
-    let topic_publisher = confirming_channel(&connection).await?;
+    // Declared here as well as by endpoints: a bus that publishes before any endpoint
+    // subscribed must find the exchange (a publication nobody receives is not an error).
+    let channel = connection.create_channel().await?;
+    declare_exchange(&channel, &inner.exchange).await?;
+    let _ = channel.close(200, "declared".into()).await;
     Ok((
         Link {
             generation,
+            publisher: Publisher::start(connection.clone(), inner.confirm_timeout),
             connection,
-            publisher,
-            topic_publisher,
             known_queues: StdMutex::default(),
         },
         events,
     ))
-}
-
-/// A new channel of `connection` in confirm mode, for publishing.
-async fn confirming_channel(connection: &Connection) -> Result<Channel, BusError> {
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
 }
 
 /// The URL without its password, for logs and errors.
