@@ -262,6 +262,64 @@ async fn sends_beside_sends_to_a_missing_queue_are_told_apart() {
     raw.cleanup().await;
 }
 
+/// The messages of one send (a handler's, say) reach a queue in the order they were staged,
+/// also when other sends of the connection share their batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_messages_of_one_send_arrive_in_order() {
+    use rhinobus::transport::{Destination, OutgoingMessage, Transport};
+    let mut raw = Raw::connect().await;
+    let (ordered, other) = (unique("ordered"), unique("other"));
+    raw.queue(&ordered).await;
+    raw.queue(&other).await;
+    let transport = rabbit();
+    let message = |queue: &str, n: u32| {
+        let mut headers = rhinobus::Headers::new();
+        headers.insert(names::MESSAGE_ID.into(), format!("{n:04}"));
+        OutgoingMessage {
+            destination: Destination::Queue(queue.to_owned()),
+            headers,
+            body: rhinobus::message::encode(&Work { n }).expect("encodes"),
+        }
+    };
+    let singles: Vec<_> = (0..4u32)
+        .map(|t| {
+            let (transport, other) = (transport.clone(), other.clone());
+            let message = message.clone();
+            tokio::spawn(async move {
+                for n in 0..100 {
+                    transport
+                        .send(vec![message(&other, t * 100 + n)])
+                        .await
+                        .expect("send");
+                }
+            })
+        })
+        .collect();
+    for round in 0..5u32 {
+        let batch = (0..200)
+            .map(|n| message(&ordered, round * 200 + n))
+            .collect();
+        transport.send(batch).await.expect("send");
+    }
+    for s in singles {
+        s.await.expect("task");
+    }
+    raw.wait_for_count(&ordered, 1000, WAIT).await;
+    let ids: Vec<String> = raw
+        .drain(&ordered)
+        .await
+        .into_iter()
+        .map(|(h, _)| h[names::MESSAGE_ID].clone())
+        .collect();
+    let expected: Vec<String> = (0..1000).map(|n| format!("{n:04}")).collect();
+    assert!(
+        ids == expected,
+        "out of order: {:?}",
+        &ids[..20.min(ids.len())]
+    );
+    raw.cleanup().await;
+}
+
 #[tokio::test]
 async fn sending_to_a_missing_queue_is_an_error() {
     let bus = rhinobus::Bus::new(rabbit(), unique("sender"));

@@ -17,6 +17,7 @@ use crate::error::BusError;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use std::task::Poll;
 use std::time::Duration;
 use tracing::warn;
 
@@ -136,8 +137,11 @@ impl Batch {
             return Err(copy_of(e));
         }
         let publications: Vec<&Publication> = publications.into_iter().collect();
-        let publishing = publications.iter().map(|p| {
-            self.channel.basic_publish(
+        // A publish takes its delivery tag and queues its frames when first polled: start them
+        // one by one, in order, then wait until the connection has written all of them.
+        let mut started = Vec::with_capacity(publications.len());
+        for p in &publications {
+            let mut publishing = Box::pin(self.channel.basic_publish(
                 p.exchange.clone(),
                 p.routing_key.clone(),
                 BasicPublishOptions {
@@ -146,11 +150,16 @@ impl Batch {
                 },
                 &p.body,
                 p.properties.clone(),
-            )
-        });
-        // All start at once, in order: each takes its delivery tag and queues its frames
-        // when first polled.
-        let all = futures_util::future::join_all(publishing);
+            ));
+            let first = futures_util::poll!(publishing.as_mut());
+            started.push(async move {
+                match first {
+                    Poll::Ready(published) => published,
+                    Poll::Pending => publishing.await,
+                }
+            });
+        }
+        let all = futures_util::future::join_all(started);
         let confirms = match tokio::time::timeout(PUBLISH_TIMEOUT, all).await {
             Ok(results) => results
                 .into_iter()
