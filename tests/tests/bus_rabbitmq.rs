@@ -284,7 +284,6 @@ async fn the_messages_of_one_send_arrive_in_order() {
     let singles: Vec<_> = (0..4u32)
         .map(|t| {
             let (transport, other) = (transport.clone(), other.clone());
-            let message = message.clone();
             tokio::spawn(async move {
                 for n in 0..100 {
                     transport
