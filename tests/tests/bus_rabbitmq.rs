@@ -319,6 +319,44 @@ async fn the_messages_of_one_send_arrive_in_order() {
     raw.cleanup().await;
 }
 
+/// A message larger than the broker takes fails at once, clearly, and alone: the broker would
+/// close the channel over it, failing the messages published with it.
+#[tokio::test]
+async fn a_message_too_large_for_the_broker_fails_alone_and_clearly() {
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Bulky {
+        payload: String,
+    }
+    impl Message for Bulky {
+        const NAME: &'static str = "tests.bulky";
+    }
+    let mut raw = Raw::connect().await;
+    let queue = unique("bulky");
+    raw.queue(&queue).await;
+    let bus = rhinobus::Bus::new(rabbit().max_message_bytes(1024), unique("sender"));
+    let small = Bulky {
+        payload: "x".repeat(500),
+    };
+    let large = Bulky {
+        payload: "x".repeat(2000),
+    };
+    let (sent, refused) = tokio::join!(bus.send(&queue, &small), bus.send(&queue, &large));
+    sent.expect("the small one is sent");
+    let err = refused.unwrap_err();
+    assert!(matches!(err, rhinobus::BusError::Invalid(_)), "{err}");
+    assert!(
+        err.to_string().contains("larger than the 1024 bytes"),
+        "{err}"
+    );
+    raw.wait_for_count(&queue, 1, WAIT).await;
+    assert_eq!(
+        raw.drain(&queue).await.len(),
+        1,
+        "only the small one arrived"
+    );
+    raw.cleanup().await;
+}
+
 #[tokio::test]
 async fn sending_to_a_missing_queue_is_an_error() {
     let bus = rhinobus::Bus::new(rabbit(), unique("sender"));

@@ -7,7 +7,7 @@ mod memory;
 pub(crate) mod rabbitmq;
 
 pub use memory::InMemory;
-pub use rabbitmq::{DEFAULT_URL as DEFAULT_AMQP_URL, RabbitMq};
+pub use rabbitmq::{DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_URL as DEFAULT_AMQP_URL, RabbitMq};
 
 use crate::error::BusError;
 use crate::headers::Headers;

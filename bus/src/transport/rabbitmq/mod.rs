@@ -29,6 +29,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
 use publisher::Publisher;
 use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{Mutex, Notify, mpsc, watch};
@@ -38,6 +39,9 @@ use tracing::{debug, info, warn};
 /// How long a stopping endpoint's last deliveries may take to be settled once its handlers
 /// are done (a delivery its consumer still held is given back as the consumer notices).
 const SETTLE_GRACE: Duration = Duration::from_secs(1);
+
+/// The largest message body sent by default: RabbitMQ 3's default `max_message_size`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
 
 /// The default RabbitMQ address, overridden by `RHINOBUS_AMQP_URL`.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -69,6 +73,7 @@ struct Inner {
     connection_name: StdMutex<Option<String>>,
     connect_timeout: Duration,
     confirm_timeout: Duration,
+    max_message_bytes: AtomicUsize,
     /// The live connection, if there is one.
     link: watch::Sender<Option<Arc<Link>>>,
     /// Consumers to restore after every reconnect.
@@ -116,6 +121,7 @@ impl RabbitMq {
                 connection_name: StdMutex::new(None),
                 connect_timeout: Duration::from_secs(10),
                 confirm_timeout: Duration::from_secs(30),
+                max_message_bytes: AtomicUsize::new(DEFAULT_MAX_MESSAGE_BYTES),
                 link,
                 consumers: Mutex::new(Vec::new()),
                 supervisor: std::sync::Once::new(),
@@ -135,6 +141,35 @@ impl RabbitMq {
     pub fn connection_name(self, name: impl Into<String>) -> Self {
         *self.inner.connection_name.lock().expect("not poisoned") = Some(name.into());
         self
+    }
+
+    /// The largest message body to send, to match the broker's `max_message_size`
+    /// ([`DEFAULT_MAX_MESSAGE_BYTES`], RabbitMQ 3's default, unless set; RabbitMQ 4 defaults
+    /// to 16 MiB). A bigger message fails at once with [`BusError::Invalid`]: the broker would
+    /// close the channel over it, failing the messages published with it, and retrying would
+    /// never get it through.
+    ///
+    /// ```no_run
+    /// use rhinobus::transport::RabbitMq;
+    ///
+    /// let transport = RabbitMq::from_env().max_message_bytes(16 * 1024 * 1024);
+    /// ```
+    pub fn max_message_bytes(self, bytes: usize) -> Self {
+        self.inner.max_message_bytes.store(bytes, Ordering::Relaxed);
+        self
+    }
+
+    /// A message body within [`RabbitMq::max_message_bytes`], or the error saying it is not.
+    fn check_size(&self, body: &[u8], destination: &str) -> Result<(), BusError> {
+        let max = self.inner.max_message_bytes.load(Ordering::Relaxed);
+        if body.len() <= max {
+            return Ok(());
+        }
+        Err(BusError::Invalid(format!(
+            "a message of {} bytes for {destination:?} is larger than the {max} bytes the broker \
+             accepts (RabbitMq::max_message_bytes, the broker's max_message_size)",
+            body.len()
+        )))
     }
 
     /// The envelope headers of a message received through some other AMQP client, read as
@@ -220,6 +255,7 @@ impl RabbitMq {
                         (self.inner.exchange.as_str(), t.as_str(), Routing::Optional)
                     }
                 };
+                self.check_size(&m.body, routing_key)?;
                 let properties = amqp::properties_for(&m.headers)?;
                 Publication::new(exchange, routing_key, m.body, properties, routing)
             })
@@ -233,6 +269,7 @@ impl RabbitMq {
         body: &[u8],
         props: lapin::BasicProperties,
     ) -> Result<(), BusError> {
+        // No size check: the broker took this body once already.
         let copy = Publication::new("", queue, body.to_vec(), props, Routing::Required)?;
         let link = self.link().await?;
         link.publisher
