@@ -53,6 +53,16 @@ pub struct Outcome {
     pub failed: Vec<MoveFailure>,
 }
 
+impl Outcome {
+    /// Records that message `id` stays where it is, and why.
+    fn stays(&mut self, id: String, error: impl std::fmt::Display) {
+        self.failed.push(MoveFailure {
+            id,
+            error: error.to_string(),
+        });
+    }
+}
+
 /// A message that could not be moved.
 #[derive(Debug, Clone, Serialize)]
 pub struct MoveFailure {
@@ -179,17 +189,20 @@ impl ErrorQueue {
             let copy = target.and_then(|(target, properties)| {
                 Publication::new("", &target, d.data, properties, Routing::Required)
             });
-            let published = match copy {
-                Ok(copy) => batch.publish([&copy]).await,
-                Err(e) => Err(e),
+            let copy = match copy {
+                Ok(copy) => copy,
+                Err(e) => {
+                    outcome.stays(failed.id, e);
+                    continue;
+                }
             };
-            match published {
-                Ok(()) => moving.push((failed.id, d.acker)),
-                Err(e) => outcome.failed.push(MoveFailure {
-                    id: failed.id,
-                    error: e.to_string(),
-                }),
+            if let Err(e) = batch.publish([&copy]).await {
+                // The publishing channel broke: the window's fate is unknown, and so would be
+                // that of every later move. Stop; what was not read stays in the queue.
+                outcome.stays(failed.id, e);
+                break;
             }
+            moving.push((failed.id, d.acker));
             if batch.len() >= CONFIRM_WINDOW {
                 let full = std::mem::replace(&mut batch, Batch::new(publisher.clone()));
                 if !settle_window(full, &mut moving, &mut outcome).await {
@@ -276,12 +289,9 @@ async fn settle_window(
         }
         Err(e) => {
             for (id, _) in moving.drain(..) {
-                outcome.failed.push(MoveFailure {
-                    id,
-                    error: format!(
-                        "{e}; it is still in the error queue (and may be in the target too)"
-                    ),
-                });
+                let why =
+                    format!("{e}; it is still in the error queue (and may be in the target too)");
+                outcome.stays(id, why);
             }
             false
         }
@@ -306,10 +316,7 @@ async fn settle(
     };
     match acked {
         Ok(()) => outcome.moved += 1,
-        Err(e) => outcome.failed.push(MoveFailure {
-            id,
-            error: e.to_string(),
-        }),
+        Err(e) => outcome.stays(id, e),
     }
 }
 
