@@ -6,9 +6,9 @@ use crate::frame::{self, Request, Response, ResponseFrame, WireError};
 use crate::routing::{RangeId, Topology};
 use crate::status::NodeStatus;
 use crate::storage::{
-    AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PageCursor, PutOutcome,
-    PutRequest, RangeDigest, RangePage, RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling,
-    check_key, check_parents, check_value,
+    AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Merged, Op, OpResult, PageCursor,
+    PutOutcome, PutRequest, RangeDigest, RangePage, RemoveItemRequest, RemoveOutcome,
+    RemoveRequest, Sibling, check_key, check_parents, check_value,
 };
 use crate::version::ItemId;
 use bytes::Bytes;
@@ -429,6 +429,22 @@ impl Client {
         };
         match self.send(addr, 0, &request, Reach::Always).await? {
             Response::RangePage(page) => Ok(page),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Merges `page` (of `range`, as some replica answered [`Client::range_page`]) into node
+    /// `addr`, as a rebuild merges it, and returns what that wrote there: for repairing
+    /// replicas that differ (see [`crate::verify::repair`]).
+    pub async fn merge_page(
+        &self,
+        addr: &str,
+        range: RangeId,
+        page: RangePage,
+    ) -> Result<Merged, ClientError> {
+        let request = Request::MergePage { range, page };
+        match self.send(addr, 0, &request, Reach::Always).await? {
+            Response::Merged(merged) => Ok(merged),
             other => Err(unexpected(&other)),
         }
     }

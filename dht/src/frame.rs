@@ -7,9 +7,9 @@
 use crate::routing::{RangeId, Topology};
 use crate::status::NodeStatus;
 use crate::storage::{
-    AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Op, OpResult, PageCursor, PutOutcome,
-    PutRequest, RangeDigest, RangePage, RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling,
-    StorageError,
+    AddItemRequest, Conflict, GetRequest, KeyDump, ListItem, Merged, Op, OpResult, PageCursor,
+    PutOutcome, PutRequest, RangeDigest, RangePage, RemoveItemRequest, RemoveOutcome,
+    RemoveRequest, Sibling, StorageError,
 };
 use crate::version::ItemId;
 use serde::{Deserialize, Serialize};
@@ -89,6 +89,16 @@ pub enum Request {
         #[serde(default)]
         max_bytes: Option<u64>,
     },
+    /// Merges a page another replica answered to [`Request::RangePage`] into this node, as a
+    /// rebuild merges it, for repairing replicas that differ
+    /// ([`verify::repair`](crate::verify::repair)); not replicated onward (answered whatever
+    /// the request's topology version).
+    MergePage {
+        /// The page's range.
+        range: RangeId,
+        /// The page.
+        page: RangePage,
+    },
 }
 
 impl Request {
@@ -102,6 +112,7 @@ impl Request {
                 | Request::Status
                 | Request::Digest { .. }
                 | Request::RangePage { .. }
+                | Request::MergePage { .. }
         )
     }
 
@@ -131,7 +142,8 @@ impl Request {
             | Request::Dump { .. }
             | Request::Status
             | Request::Digest { .. }
-            | Request::RangePage { .. } => false,
+            | Request::RangePage { .. }
+            | Request::MergePage { .. } => false,
         }
     }
 }
@@ -178,6 +190,8 @@ pub enum Response {
     Digest(RangeDigest),
     /// To [`Request::RangePage`].
     RangePage(RangePage),
+    /// To [`Request::MergePage`]: what merging the page wrote.
+    Merged(Merged),
 }
 
 /// Why a node refused or failed a request.

@@ -157,7 +157,13 @@ enum Command {
     /// Compare every range across its replicas by digest; fail, listing the ranges whose
     /// replicas differ, unless all agree (replication in flight differs too: run it again once
     /// writes have stopped).
-    Verify,
+    Verify {
+        /// First copy each range whose replicas differ from every replica into every other
+        /// (merged as replication merges: each ends with the union of what they held, minus
+        /// what any of them removed), then compare again.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,7 +219,7 @@ async fn run(cli: Cli) -> ExitCode {
             };
             run_node(data, listen.as_deref(), cluster, tuning, cli.secret.clone()).await
         }
-        Command::Verify => verify(&cli).await,
+        Command::Verify { repair } => verify(&cli, repair).await,
         _ => match client_command(cli).await {
             Ok(()) => Ok(()),
             Err(ClientError::Conflict(c)) => {
@@ -461,7 +467,7 @@ async fn client_command(cli: Cli) -> Result<(), ClientError> {
     let node = cli.node;
     let json = cli.json;
     match cli.command {
-        Command::Node { .. } | Command::Verify => {
+        Command::Node { .. } | Command::Verify { .. } => {
             Err(ClientError::Rejected(WireError::Malformed {
                 message: "not a plain client command".into(),
             }))
@@ -691,11 +697,20 @@ struct ReplicasDiffer {
 }
 
 /// `verify`: the ranges whose replicas differ, as a table or JSON; an error when there are any.
-async fn verify(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
+async fn verify(cli: &Cli, repair: bool) -> Result<(), Box<dyn std::error::Error>> {
+    use rhinobus_dht::verify::{compare_replicas, repair as repair_ranges};
     let client = connect(cli).await?;
     let json = cli.json;
     let topology = client.topology();
-    let reports = rhinobus_dht::verify::compare_replicas(&client, &topology).await;
+    let mut reports = compare_replicas(&client, &topology).await;
+    if repair && reports.iter().any(|r| !r.agrees()) {
+        let repaired = repair_ranges(&client, &reports).await?;
+        eprintln!(
+            "repaired {} ranges: {} pages copied, {} versions and items and {} tombstones merged",
+            repaired.ranges, repaired.pages, repaired.merged.changes, repaired.merged.tombstones
+        );
+        reports = compare_replicas(&client, &topology).await;
+    }
     let differing: Vec<_> = reports.iter().filter(|r| !r.agrees()).collect();
     if json {
         let list: Vec<_> = (differing.iter())

@@ -13,8 +13,8 @@
 //! leave it short of a write its peers hold, each needing a replica that is behind while the
 //! node is rebuilt: a write this node sent just before it lost its data and that a peer applies
 //! only after it was copied, and a write only a skipped (unreachable) replica and this node had
-//! applied. [`verify`](crate::verify) finds such ranges; rebuilding again (harmless) once the
-//! peers are caught up and reachable mends them.
+//! applied. [`verify`](crate::verify) finds such ranges; [`repair`](crate::verify::repair), or
+//! rebuilding again (harmless), once the peers are caught up and reachable, mends them.
 
 use crate::client::{Client, ClientError, ClientOptions};
 use crate::frame::WireError;

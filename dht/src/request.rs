@@ -45,6 +45,10 @@ pub fn execute_replicated(
             let budget = max_bytes.map_or(PAGE_BYTES, |m| PAGE_BYTES.min(m as usize));
             (storage.range_page_within(range, from.as_ref(), budget)).map(Response::RangePage)
         }
+        Request::MergePage { range, page } => page
+            .check(range)
+            .and_then(|()| storage.merge_range_page(&page))
+            .map(Response::Merged),
         Request::Get(r) => storage.get(&r.key).map(Response::Siblings),
         Request::GetItems(r) => storage.get_items(&r.key).map(Response::Items),
         Request::Put(r) => write(storage, outbox, |b| b.put(r)).map(Response::Put),
@@ -89,7 +93,8 @@ fn request_keys(request: &Request) -> Box<dyn Iterator<Item = &[u8]> + '_> {
         | Request::Dump { .. }
         | Request::Status
         | Request::Digest { .. }
-        | Request::RangePage { .. } => Box::new(std::iter::empty()),
+        | Request::RangePage { .. }
+        | Request::MergePage { .. } => Box::new(std::iter::empty()),
         Request::Get(r) | Request::GetItems(r) => Box::new(std::iter::once(&r.key[..])),
         Request::Put(r) => Box::new(std::iter::once(&r.key[..])),
         Request::Remove(r) => Box::new(std::iter::once(&r.key[..])),

@@ -301,7 +301,10 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
         let blocking = waits_for_sync
             || matches!(
                 frame.request,
-                Request::Dump { .. } | Request::Digest { .. } | Request::RangePage { .. }
+                Request::Dump { .. }
+                    | Request::Digest { .. }
+                    | Request::RangePage { .. }
+                    | Request::MergePage { .. }
             );
         if after_long_write || blocking {
             // On a task of its own; answers may overtake each other.

@@ -3,11 +3,12 @@
 //! sending the data itself.
 //!
 //! Replication in flight shows up as a difference: compare again once writes have stopped (or
-//! a moment later) before concluding that replicas diverged, then `--rebuild` the one behind.
+//! a moment later) before concluding that replicas diverged. Then [`repair`] them (`verify
+//! --repair`), or `--rebuild` a node that lost its data.
 
 use crate::client::{Client, ClientError};
 use crate::routing::{RangeId, Topology};
-use crate::storage::RangeDigest;
+use crate::storage::{Merged, PageCursor, RangeDigest};
 use std::collections::BTreeMap;
 
 /// One range as each of its replicas holds it.
@@ -67,6 +68,68 @@ pub async fn compare_replicas(client: &Client, topology: &Topology) -> Vec<Range
         reports.push(RangeReport { range, replicas });
     }
     reports
+}
+
+/// What a repair copied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Repaired {
+    /// Ranges copied between their replicas.
+    pub ranges: usize,
+    /// Pages copied, from every replica to every other.
+    pub pages: usize,
+    /// What merging the pages wrote, on all replicas.
+    pub merged: Merged,
+}
+
+/// Copies every range of `reports` whose replicas differ from each replica that answered into
+/// each other one, page by page, merged as a rebuild merges
+/// ([`Storage::merge_range_page`](crate::Storage::merge_range_page)). Merging only adds
+/// versions and tombstones, and a
+/// tombstone wins over the version it supersedes, so afterwards each of them holds the union
+/// of what they held minus what any of them superseded (what a replica purged past its
+/// tombstone grace may come back from one that never saw it removed: repair within the grace).
+/// A replica that did not answer the digest is left out. Stops at the first failure; what was
+/// merged until then stays merged.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), rhinobus_dht::ClientError> {
+/// use rhinobus_dht::Client;
+/// use rhinobus_dht::verify::{compare_replicas, repair};
+///
+/// let client = Client::connect("127.0.0.1:7481").await?;
+/// let reports = compare_replicas(&client, &client.topology()).await;
+/// let repaired = repair(&client, &reports).await?;
+/// println!("{} ranges repaired", repaired.ranges);
+/// # Ok(()) }
+/// ```
+pub async fn repair(client: &Client, reports: &[RangeReport]) -> Result<Repaired, ClientError> {
+    let mut repaired = Repaired::default();
+    for report in reports.iter().filter(|r| !r.agrees()) {
+        let answered: Vec<&str> = (report.replicas.iter())
+            .filter(|(_, d)| d.is_ok())
+            .map(|(addr, _)| addr.as_str())
+            .collect();
+        if answered.len() < 2 {
+            continue;
+        }
+        for from in &answered {
+            let mut cursor: Option<PageCursor> = None;
+            loop {
+                let mut page = client.range_page(from, report.range, cursor, None).await?;
+                cursor = page.next.take();
+                repaired.pages += 1;
+                for to in answered.iter().filter(|to| *to != from) {
+                    let merged = client.merge_page(to, report.range, page.clone()).await?;
+                    repaired.merged += merged;
+                }
+                if cursor.is_none() {
+                    break;
+                }
+            }
+        }
+        repaired.ranges += 1;
+    }
+    Ok(repaired)
 }
 
 #[cfg(test)]

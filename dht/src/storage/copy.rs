@@ -31,7 +31,7 @@ pub const PAGE_BYTES: usize = 1024 * 1024;
 /// Bytes counted for one tombstone against [`PAGE_BYTES`].
 const TOMBSTONE_BYTES: usize = 64;
 
-/// One page of a range's contents; see the [module](self) documentation.
+/// One page of a range's contents, tombstones included, as [`Storage::range_page`] reads it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangePage {
     /// Tombstones: what was superseded or removed, and when.
@@ -147,7 +147,7 @@ impl Section {
 }
 
 /// What merging pages changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Merged {
     /// Tombstones new here.
     pub tombstones: usize,
