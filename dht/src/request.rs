@@ -45,10 +45,17 @@ pub fn execute_replicated(
             let budget = max_bytes.map_or(PAGE_BYTES, |m| PAGE_BYTES.min(m as usize));
             (storage.range_page_within(range, from.as_ref(), budget)).map(Response::RangePage)
         }
-        Request::MergePage { range, page } => page
-            .check(range)
-            .and_then(|()| storage.merge_range_page(&page))
-            .map(Response::Merged),
+        Request::MergePage { range, page } => {
+            // A bad page is the sender's mistake, not this node's storage failing.
+            if let Err(e) = page.check(range) {
+                let message = match e {
+                    StorageError::Corrupt { detail, .. } => detail,
+                    other => other.to_string(),
+                };
+                return Err(WireError::Malformed { message });
+            }
+            storage.merge_range_page(&page).map(Response::Merged)
+        }
         Request::Get(r) => storage.get(&r.key).map(Response::Siblings),
         Request::GetItems(r) => storage.get_items(&r.key).map(Response::Items),
         Request::Put(r) => write(storage, outbox, |b| b.put(r)).map(Response::Put),

@@ -531,3 +531,41 @@ async fn a_client_reconnects_after_the_node_restarts() {
     let got = last.unwrap().unwrap();
     assert_eq!(got.len(), 1);
 }
+
+/// A page pushed to a node merges there as a rebuild merges it; a page that does not belong to
+/// the range it is sent for is refused with a clear error, and nothing of it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_pages_must_belong_to_their_range() {
+    use rhinobus_dht::RangeId;
+    let (_dirs, datas): (Vec<_>, Vec<_>) = (0..2).map(|_| temp_data()).unzip();
+    let from = NodeProcess::start(&datas[0], &[]);
+    let to = NodeProcess::start(&datas[1], &[]);
+    let client = Client::connect_with([&from.addr, &to.addr], ClientOptions::default())
+        .await
+        .unwrap();
+    let source = Client::connect(from.addr.clone()).await.unwrap();
+    source.put(PutRequest::new("copied", "v")).await.unwrap();
+    let range = RangeId::of(b"copied");
+    let page = client
+        .range_page(&from.addr, range, None, None)
+        .await
+        .unwrap();
+    let other = RangeId::all().find(|r| *r != range).unwrap();
+    let err = client
+        .merge_page(&to.addr, other, page.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("in a page of range"), "{err}");
+    assert!(
+        client
+            .get_from(&to.addr, "copied")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let merged = client.merge_page(&to.addr, range, page).await.unwrap();
+    assert_eq!(merged.changes, 1);
+    let siblings = client.get_from(&to.addr, "copied").await.unwrap();
+    assert_eq!(siblings.len(), 1);
+    assert_eq!(&siblings[0].value[..], b"v");
+}
