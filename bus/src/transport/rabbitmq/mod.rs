@@ -443,13 +443,13 @@ async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), BusEr
     Ok(())
 }
 
-/// Declares an endpoint's exchange, queues, delay queues and bindings.
+/// Declares an endpoint's queues, delay queues and bindings (the exchange is declared by every
+/// connection as it opens).
 async fn declare(channel: &Channel, exchange: &str, t: &EndpointTopology) -> Result<(), BusError> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    declare_exchange(channel, exchange).await?;
     for queue in [&t.queue, &t.error_queue] {
         channel
             .queue_declare(
