@@ -6,7 +6,7 @@ use crate::message::{CONTENT_TYPE, Message, encode};
 use crate::trace;
 use crate::transport::{Destination, OutgoingMessage, Transport};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
 /// Sends and publishes messages, each confirmed by the broker before the call returns.
@@ -48,11 +48,55 @@ impl std::fmt::Debug for Bus {
     }
 }
 
-/// Headers to add to one send, on top of those rhinobus writes.
+/// Headers to add to one send, on top of those rhinobus writes, and when to deliver it.
 #[derive(Debug, Clone, Default)]
 pub struct SendOptions {
     /// Extra headers; they cannot replace the message id, type or content type.
     pub headers: Headers,
+    /// Deliver the message no sooner than this long after it is sent (a timeout, a reminder,
+    /// a retry the application schedules itself). For sends to a queue only: a publication
+    /// with a delay is refused with [`BusError::Invalid`].
+    ///
+    /// The time is fixed when the message is built, in its `rhinobus-deliver-at` header, so a
+    /// message kept and sent again later (as sagas do) still arrives at the time first meant.
+    /// On RabbitMQ the message waits in durable delay queues, to the second (rounded up), for
+    /// up to [`MAX_DELAY`]; see the README's "Delayed delivery".
+    pub delay: Option<Duration>,
+}
+
+/// The longest delay a send can have: 2^28 - 1 seconds, about 8.5 years (RabbitMQ's delay
+/// queues hold one bit of the delay each).
+pub const MAX_DELAY: Duration = Duration::from_secs((1 << 28) - 1);
+
+impl SendOptions {
+    /// Options that deliver a send no sooner than `delay` after it leaves.
+    ///
+    /// ```
+    /// # use rhinobus::{Bus, Message, SendOptions, transport::InMemory};
+    /// # use serde::{Deserialize, Serialize};
+    /// # use std::time::Duration;
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Remind { order: u64 }
+    /// impl Message for Remind { const NAME: &'static str = "shop.remind"; }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), rhinobus::BusError> {
+    /// let broker = InMemory::new();
+    /// broker.declare_queue("shop");
+    /// let bus = Bus::new(broker.clone(), "shop");
+    /// let later = SendOptions::delayed_by(Duration::from_millis(50));
+    /// bus.send_with("shop", &Remind { order: 7 }, later).await?;
+    /// assert_eq!(broker.queue_len("shop"), 0);
+    /// tokio::time::sleep(Duration::from_millis(200)).await;
+    /// assert_eq!(broker.queue_len("shop"), 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn delayed_by(delay: Duration) -> Self {
+        Self {
+            delay: Some(delay),
+            ..Self::default()
+        }
+    }
 }
 
 impl Bus {
@@ -122,7 +166,7 @@ impl Bus {
         options: SendOptions,
     ) -> Result<Uuid, BusError> {
         let destination = Destination::Queue(queue.into());
-        let (id, m) = self.envelope_encoded(destination, message_type, body, None, options);
+        let (id, m) = self.envelope_encoded(destination, message_type, body, None, options)?;
         self.inner.transport.send(vec![m]).await?;
         Ok(id)
     }
@@ -137,7 +181,7 @@ impl Bus {
         options: SendOptions,
     ) -> Result<(Uuid, OutgoingMessage), BusError> {
         let body = encode(message)?;
-        Ok(self.envelope_encoded(destination, M::NAME, body, cause, options))
+        self.envelope_encoded(destination, M::NAME, body, cause, options)
     }
 
     fn envelope_encoded(
@@ -147,10 +191,17 @@ impl Bus {
         body: Vec<u8>,
         cause: Option<&Headers>,
         options: SendOptions,
-    ) -> (Uuid, OutgoingMessage) {
+    ) -> Result<(Uuid, OutgoingMessage), BusError> {
         let id = Uuid::now_v7();
         let id_text = id.to_string();
+        let now = SystemTime::now();
         let mut headers = options.headers;
+        if let Some(delay) = options.delay {
+            headers.insert(
+                names::DELIVER_AT.into(),
+                deliver_at(&destination, now, delay)?,
+            );
+        }
         let caused = |name: &str| cause.and_then(|h| h.get(name));
         let conversation = caused(names::CONVERSATION_ID)
             .or_else(|| caused(names::MESSAGE_ID))
@@ -171,17 +222,36 @@ impl Bus {
             .entry(names::REPLY_TO.into())
             .or_insert_with(|| self.inner.endpoint.clone());
         headers.insert(names::SOURCE_ENDPOINT.into(), self.inner.endpoint.clone());
-        headers.insert(names::SENT_AT.into(), format_time(SystemTime::now()));
+        headers.insert(names::SENT_AT.into(), format_time(now));
         headers.insert(names::MESSAGE_TYPE.into(), message_type.into());
         headers.insert(names::CONTENT_TYPE.into(), CONTENT_TYPE.into());
         headers.insert(names::MESSAGE_ID.into(), id_text);
-        (
+        Ok((
             id,
             OutgoingMessage {
                 destination,
                 headers,
                 body,
             },
-        )
+        ))
     }
+}
+
+/// The `rhinobus-deliver-at` header of a send delayed by `delay` from `now`.
+fn deliver_at(
+    destination: &Destination,
+    now: SystemTime,
+    delay: Duration,
+) -> Result<String, BusError> {
+    if let Destination::Topic(t) = destination {
+        return Err(BusError::Invalid(format!(
+            "a publication of {t:?} cannot be delayed: delay sends to a queue instead"
+        )));
+    }
+    if delay > MAX_DELAY {
+        return Err(BusError::Invalid(format!(
+            "a delay of {delay:?} is longer than the longest one, {MAX_DELAY:?}"
+        )));
+    }
+    Ok(format_time(now + delay))
 }

@@ -6,6 +6,7 @@ use crate::headers::{Headers, names};
 use crate::message::Message;
 use crate::transport::{Destination, OutgoingMessage};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 use uuid::Uuid;
 
 /// The handler's view of the bus while it handles one message.
@@ -86,6 +87,15 @@ impl Context {
         options: SendOptions,
     ) -> Result<Uuid, BusError> {
         self.stage_new(Destination::Queue(queue.into()), message, options)
+    }
+
+    /// Sends `message` back to this endpoint's own queue, to arrive no sooner than `delay`
+    /// from now: a timeout or reminder, as NServiceBus's `Defer` or a saga's timeout. Like
+    /// every send of a handler it leaves only if the handlers succeed. See
+    /// [`SendOptions::delay`].
+    pub fn defer<M: Message>(&self, message: &M, delay: Duration) -> Result<Uuid, BusError> {
+        let queue = self.bus.endpoint().to_owned();
+        self.send_with(&queue, message, SendOptions::delayed_by(delay))
     }
 
     /// Publishes `message` to its subscribers once the handlers succeeded.

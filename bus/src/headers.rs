@@ -28,6 +28,12 @@ pub mod names {
     pub const SOURCE_ENDPOINT: &str = "rhinobus-source-endpoint";
     /// How many delayed retries this message has been through.
     pub const DELAYED_RETRIES: &str = "rhinobus-delayed-retries";
+    /// When a delayed send is to be delivered, no sooner (RFC 3339, UTC); see
+    /// [`crate::SendOptions::delay`].
+    pub const DELIVER_AT: &str = "rhinobus-deliver-at";
+    /// The queue a delayed send goes to once its time comes: on RabbitMQ it waits in the delay
+    /// queues meanwhile, and this header is how it finds its queue.
+    pub const DELIVER_TO: &str = "rhinobus-deliver-to";
     /// Id of the saga instance that sent the message or that a reply goes back to.
     pub const SAGA_ID: &str = "rhinobus-saga-id";
     /// Type of that saga.

@@ -220,3 +220,46 @@ async fn a_publish_nobody_subscribes_to_is_not_an_error_but_a_send_to_nowhere_is
     let err = bus.send("nowhere", &Work { n: 1 }).await.unwrap_err();
     assert!(err.to_string().contains("nowhere"), "{err}");
 }
+
+#[tokio::test]
+async fn a_deferred_message_comes_back_after_its_delay_and_a_stored_one_keeps_its_time() {
+    let broker = InMemory::new();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let ep = Endpoint::builder("reminders", broker.clone())
+        .handle(move |w: Work, ctx: Context| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push((w.n, tokio::time::Instant::now()));
+                if w.n == 1 {
+                    ctx.defer(&Work { n: 2 }, Duration::from_millis(300))?;
+                }
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    ep.bus().send("reminders", &Work { n: 1 }).await.unwrap();
+    wait_until("the reminder", || seen.lock().unwrap().len() == 2).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!((seen[0].0, seen[1].0), (1, 2));
+    assert!(seen[1].1 - seen[0].1 >= Duration::from_millis(300));
+
+    // A message built with a delay and sent later keeps the time it was built for.
+    let ctx = Context::detached(ep.bus().clone(), Headers::new());
+    let built = ctx
+        .envelope(
+            Destination::Queue("held".into()),
+            &Work { n: 3 },
+            rhinobus::SendOptions::delayed_by(Duration::from_millis(200)),
+        )
+        .unwrap();
+    assert!(built.remaining_delay().unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(built.remaining_delay().unwrap(), None, "its time has come");
+    broker.declare_queue("held");
+    broker.send(vec![built]).await.unwrap();
+    assert_eq!(broker.queue_len("held"), 1, "sent at once");
+    ep.shutdown().await;
+}

@@ -124,9 +124,14 @@ impl<S: Saga> SagaContext<S> {
         message: &M,
         headers: Headers,
     ) -> Result<(), BusError> {
-        let envelope = self
-            .ctx
-            .envelope(destination, message, SendOptions { headers })?;
+        let envelope = self.ctx.envelope(
+            destination,
+            message,
+            SendOptions {
+                headers,
+                ..SendOptions::default()
+            },
+        )?;
         self.ctx.stage(envelope.clone());
         self.sent.push(envelope);
         Ok(())

@@ -39,6 +39,14 @@ impl Handler<Work> for ReportWork {
     }
 }
 
+/// The next thing a handler reported, or a panic when none came within 20 seconds.
+pub async fn recv<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("timed out waiting for a handler")
+        .expect("channel open")
+}
+
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     format!("test-{prefix}-{}", uuid::Uuid::now_v7().simple())

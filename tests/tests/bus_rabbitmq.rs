@@ -5,8 +5,8 @@ use rhinobus::headers::names;
 use rhinobus::transport::RabbitMq;
 use rhinobus::{Context, DelayedRetries, Endpoint, HandlerError, Message};
 use rhinobus_tests::{
-    Raw, ReportWork, Work, amqp_url, connections_named, init_tracing, rabbitmqctl, unacknowledged,
-    unique,
+    Raw, ReportWork, Work, amqp_url, connections_named, init_tracing, rabbitmqctl, recv,
+    unacknowledged, unique,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -41,13 +41,6 @@ fn rabbit() -> RabbitMq {
 }
 
 const WAIT: Duration = Duration::from_secs(20);
-
-async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("timed out waiting for a handler")
-        .expect("channel open")
-}
 
 #[tokio::test]
 async fn send_reaches_the_handler_and_reply_comes_back() {

@@ -44,6 +44,9 @@ enum Command {
         /// Extra headers, as NAME=VALUE.
         #[arg(long = "header", value_parser = parse_header)]
         headers: Vec<(String, String)>,
+        /// Deliver it no sooner than this from now, e.g. 30s, 15m, 2h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        delay: Option<Duration>,
     },
 }
 
@@ -179,6 +182,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             message_type,
             body,
             headers,
+            delay,
         } => {
             let json: serde_json::Value = serde_json::from_str(&body)
                 .map_err(|e| format!("--json is not valid JSON: {e}"))?;
@@ -186,6 +190,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let bus = Bus::new(RabbitMq::new(&cli.amqp), "rhinobus-cli");
             let options = SendOptions {
                 headers: headers.into_iter().collect(),
+                delay,
             };
             let id = bus
                 .send_encoded(&queue, &message_type, encoded, options)

@@ -12,7 +12,8 @@ pub struct FailedMessage {
     pub id: String,
     /// The message type, if the message had one.
     pub message_type: Option<String>,
-    /// The queue it failed in.
+    /// The queue it failed in; for a delayed send whose queue was gone when its time came
+    /// (in RabbitMQ's `rhinobus.delay.undeliverable`), the queue it was meant for.
     pub source_queue: Option<String>,
     /// When it failed.
     #[serde(serialize_with = "serialize_time")]
@@ -49,7 +50,7 @@ impl FailedMessage {
         Self {
             id,
             message_type: get(names::MESSAGE_TYPE),
-            source_queue: get(names::FAILURE_SOURCE_QUEUE),
+            source_queue: get(names::FAILURE_SOURCE_QUEUE).or_else(|| get(names::DELIVER_TO)),
             failed_at: headers.get(names::FAILURE_TIME).and_then(|t| parse_time(t)),
             attempts: get(names::FAILURE_ATTEMPTS).and_then(|n| n.parse().ok()),
             failed_times: get(names::FAILED_TIMES)

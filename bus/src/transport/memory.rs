@@ -118,26 +118,38 @@ impl InMemory {
 
     /// Puts a message in a queue, or in the queue a delay queue feeds after its delay.
     fn enqueue(&self, queue: &str, headers: Headers, body: Vec<u8>) -> Result<(), BusError> {
+        self.enqueue_after(queue, headers, body, None)
+    }
+
+    /// [`InMemory::enqueue`], once `delay` has passed (if any).
+    fn enqueue_after(
+        &self,
+        queue: &str,
+        headers: Headers,
+        body: Vec<u8>,
+        delay: Option<Duration>,
+    ) -> Result<(), BusError> {
         let stored = Stored {
             headers: Arc::new(headers),
             body,
             redelivered: false,
         };
-        let delayed = lock(&self.state).delays.get(queue).cloned();
-        if let Some((target, delay)) = delayed {
-            let target = self.existing(&target).ok_or_else(|| BusError::Unroutable {
-                queue: target.clone(),
-            })?;
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                target.push_back(stored);
-            });
-            return Ok(());
+        let (target, delay) = match lock(&self.state).delays.get(queue) {
+            Some((target, delay)) => (target.clone(), Some(*delay)),
+            None => (queue.to_owned(), delay),
+        };
+        let target = self
+            .existing(&target)
+            .ok_or(BusError::Unroutable { queue: target })?;
+        match delay {
+            Some(delay) => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    target.push_back(stored);
+                });
+            }
+            None => target.push_back(stored),
         }
-        let q = self.existing(queue).ok_or_else(|| BusError::Unroutable {
-            queue: queue.to_owned(),
-        })?;
-        q.push_back(stored);
         Ok(())
     }
 }
@@ -203,18 +215,19 @@ impl Transport for InMemory {
                     if !delayed && self.existing(q).is_none() {
                         return Err(BusError::Unroutable { queue: q.clone() });
                     }
-                    resolved.push((q.clone(), m.headers, m.body));
+                    let delay = m.remaining_delay()?;
+                    resolved.push((q.clone(), m.headers, m.body, delay));
                 }
                 Destination::Topic(t) => {
                     let queues = lock(&self.state).bindings.get(t).cloned();
                     for q in queues.into_iter().flatten() {
-                        resolved.push((q, m.headers.clone(), m.body.clone()));
+                        resolved.push((q, m.headers.clone(), m.body.clone(), None));
                     }
                 }
             }
         }
-        for (q, headers, body) in resolved {
-            self.enqueue(&q, headers, body)?;
+        for (q, headers, body, delay) in resolved {
+            self.enqueue_after(&q, headers, body, delay)?;
         }
         Ok(())
     }

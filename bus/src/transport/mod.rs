@@ -10,10 +10,10 @@ pub use memory::InMemory;
 pub use rabbitmq::{DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_URL as DEFAULT_AMQP_URL, RabbitMq};
 
 use crate::error::BusError;
-use crate::headers::Headers;
+use crate::headers::{Headers, names, parse_time};
 use async_trait::async_trait;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,30 @@ pub struct OutgoingMessage {
     pub headers: Headers,
     /// Its encoded body.
     pub body: Vec<u8>,
+}
+
+impl OutgoingMessage {
+    /// How long a send must still wait before it is delivered: the time in its
+    /// `rhinobus-deliver-at` header less now, or `None` when it has none, when that time has
+    /// come, or when it is a publication (which cannot be delayed).
+    pub fn remaining_delay(&self) -> Result<Option<Duration>, BusError> {
+        let Destination::Queue(_) = self.destination else {
+            return Ok(None);
+        };
+        let Some(at) = self.headers.get(names::DELIVER_AT) else {
+            return Ok(None);
+        };
+        let at = parse_time(at).ok_or_else(|| {
+            BusError::Invalid(format!(
+                "the {} header {at:?} is not an RFC 3339 time",
+                names::DELIVER_AT
+            ))
+        })?;
+        Ok(at
+            .duration_since(SystemTime::now())
+            .ok()
+            .filter(|d| !d.is_zero()))
+    }
 }
 
 /// A queue with messages delayed by a fixed time before they return to an endpoint queue.

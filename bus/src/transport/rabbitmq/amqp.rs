@@ -47,7 +47,8 @@ pub(crate) async fn first_missing(
     Ok(None)
 }
 
-fn is_not_found(e: &lapin::Error) -> bool {
+/// Whether the broker said that what was named does not exist.
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
     matches!(
         e.kind(),
         ErrorKind::ProtocolError(p) if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))

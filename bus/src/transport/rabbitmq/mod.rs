@@ -7,16 +7,20 @@
 //! - the endpoint's durable input queue, bound to the exchange once per subscribed type;
 //! - the durable error queue;
 //! - one durable delay queue per delayed-retry delay (`<queue>.delay.<ms>ms`), whose messages
-//!   expire after the level's delay and are dead-lettered back into the input queue.
+//!   expire after the level's delay and are dead-lettered back into the input queue;
+//! - on the first delayed send of a connection, the delay levels (see the `delay` module), and
+//!   each queue a delayed send goes to bound to their delivery exchange.
 
 mod acks;
 pub(crate) mod amqp;
 pub(crate) mod batch;
+mod delay;
 mod delivery;
 mod publisher;
 
 use super::{Deliveries, Destination, EndpointTopology, OutgoingMessage, Transport};
 use crate::error::BusError;
+use crate::headers::names;
 use async_trait::async_trait;
 use batch::{Publication, Routing};
 use delivery::RabbitDelivery;
@@ -28,6 +32,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
 use publisher::Publisher;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
@@ -91,6 +96,8 @@ pub(crate) struct Link {
     publisher: Publisher,
     /// Queues seen to exist on this connection (see [`RabbitMq::check_queues`]).
     known_queues: StdMutex<HashSet<String>>,
+    /// The delay infrastructure, as far as this connection declared it.
+    delays: delay::Delays,
 }
 
 struct ConsumerRegistration {
@@ -172,6 +179,14 @@ impl RabbitMq {
         )))
     }
 
+    /// The queue where a delayed send waits for an operator when its queue was deleted while
+    /// it waited (`rhinobus.delay.undeliverable`). `rhinobus errors --queue
+    /// rhinobus.delay.undeliverable replay --all` sends its messages to the queues they were
+    /// meant for, once those exist again.
+    pub fn undeliverable_queue(&self) -> String {
+        delay::undeliverable_queue(&self.inner.exchange)
+    }
+
     /// The envelope headers of a message received through some other AMQP client, read as
     /// rhinobus reads them: the headers table plus the envelope headers that travel as AMQP
     /// properties (message id, type, content type, correlation id, reply-to, app id).
@@ -244,22 +259,58 @@ impl RabbitMq {
         Ok(())
     }
 
-    /// The messages as AMQP publications, their names checked.
-    fn publications(&self, messages: Vec<OutgoingMessage>) -> Result<Arc<[Publication]>, BusError> {
-        messages
+    /// The messages as AMQP publications, their names checked, and the queues that those
+    /// delayed go to.
+    fn publications(
+        &self,
+        messages: Vec<OutgoingMessage>,
+    ) -> Result<(Arc<[Publication]>, Vec<String>), BusError> {
+        let mut delayed = Vec::new();
+        let publications = messages
             .into_iter()
-            .map(|m| {
-                let (exchange, routing_key, routing) = match &m.destination {
-                    Destination::Queue(q) => ("", q.as_str(), Routing::Required),
-                    Destination::Topic(t) => {
-                        (self.inner.exchange.as_str(), t.as_str(), Routing::Optional)
-                    }
-                };
-                self.check_size(&m.body, routing_key)?;
+            .map(|mut m| {
+                let delay = m.remaining_delay()?;
+                let exchange = self.inner.exchange.as_str();
+                let (exchange, routing_key, routing): (Cow<str>, Cow<str>, _) =
+                    match (&m.destination, delay) {
+                        (Destination::Queue(q), Some(delay)) => {
+                            m.headers.insert(names::DELIVER_TO.into(), q.clone());
+                            delayed.push(q.clone());
+                            let (exchange, key) = delay::route(exchange, delay);
+                            (exchange.into(), key.into(), Routing::Required)
+                        }
+                        (Destination::Queue(q), None) => {
+                            ("".into(), q.as_str().into(), Routing::Required)
+                        }
+                        (Destination::Topic(t), _) => {
+                            (exchange.into(), t.as_str().into(), Routing::Optional)
+                        }
+                    };
+                self.check_size(&m.body, &routing_key)?;
                 let properties = amqp::properties_for(&m.headers)?;
-                Publication::new(exchange, routing_key, m.body, properties, routing)
+                Publication::new(&exchange, &routing_key, m.body, properties, routing)
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((publications, delayed))
+    }
+
+    /// Everything a batch needs on `link` before it is published: its queues seen to exist
+    /// and, for delayed sends, the delay levels declared and their queues bound.
+    async fn prepare(
+        &self,
+        link: &Link,
+        publications: &[Publication],
+        delayed: &[String],
+    ) -> Result<(), BusError> {
+        self.check_queues(link, publications).await?;
+        if delayed.is_empty() {
+            return Ok(());
+        }
+        let queues: BTreeSet<&str> = delayed.iter().map(String::as_str).collect();
+        let queues: Vec<&str> = queues.into_iter().collect();
+        link.delays
+            .prepare(&link.connection, &self.inner.exchange, &queues)
+            .await
     }
 
     /// Publishes a copy of a received message into `queue` and waits for the confirm.
@@ -322,11 +373,11 @@ impl Transport for RabbitMq {
         if messages.is_empty() {
             return Ok(());
         }
-        let publications = self.publications(messages)?;
+        let (publications, delayed) = self.publications(messages)?;
         let deadline = tokio::time::Instant::now() + self.inner.confirm_timeout;
         loop {
             let link = self.link().await?;
-            let sent = match self.check_queues(&link, &publications).await {
+            let sent = match self.prepare(&link, &publications, &delayed).await {
                 Ok(()) => link.publisher.publish(publications.clone()).await,
                 Err(e) => Err(e),
             };
@@ -621,6 +672,7 @@ async fn open_link(inner: &Inner, generation: u64) -> Result<(Link, EventStream)
             publisher: Publisher::start(connection.clone(), inner.confirm_timeout),
             connection,
             known_queues: StdMutex::default(),
+            delays: delay::Delays::default(),
         },
         events,
     ))
