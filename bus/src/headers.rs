@@ -38,6 +38,9 @@ pub mod names {
     pub const SAGA_ID: &str = "rhinobus-saga-id";
     /// Type of that saga.
     pub const SAGA_TYPE: &str = "rhinobus-saga-type";
+    /// On a saga's timeout, the type of the saga that asked for it: a timeout that finds its
+    /// instance completed or gone is dropped, not failed.
+    pub const SAGA_TIMEOUT: &str = "rhinobus-saga-timeout";
 
     /// Prefix of the headers a failure adds; a replay moves them aside.
     pub const FAILURE_PREFIX: &str = "rhinobus-failure-";

@@ -6,6 +6,7 @@ use rhinobus::headers::names;
 use rhinobus::message::Message;
 use rhinobus::transport::{Destination, OutgoingMessage};
 use rhinobus::{BusError, Context, Headers, SendOptions};
+use std::time::Duration;
 
 /// The instance a message is handled by.
 ///
@@ -88,6 +89,27 @@ impl<S: Saga> SagaContext<S> {
         self.stage(Destination::Queue(queue.to_owned()), message, headers)
     }
 
+    /// Sends `message` back to this endpoint, to arrive no sooner than `delay` from now: the
+    /// saga's timeout (NServiceBus's `RequestTimeout`). The saga handles it as any message it
+    /// orchestrates, correlated by its content; one that finds its instance completed or gone
+    /// is dropped, whatever [`crate::MissingSaga`] says. Like every send of a saga it leaves
+    /// after the save and is kept with the state; a redelivery sends it again with the same
+    /// time. The crate's example asks for one.
+    pub fn request_timeout<M: Message>(
+        &mut self,
+        message: &M,
+        delay: Duration,
+    ) -> Result<(), BusError> {
+        let mut headers = self.saga_headers();
+        headers.insert(names::SAGA_TIMEOUT.into(), S::NAME.into());
+        let options = SendOptions {
+            headers,
+            delay: Some(delay),
+        };
+        let queue = self.ctx.endpoint().to_owned();
+        self.stage_with(Destination::Queue(queue), message, options)
+    }
+
     /// Publishes `message` once the state is saved; it carries this saga's id and type.
     pub fn publish<M: Message>(&mut self, message: &M) -> Result<(), BusError> {
         let headers = self.saga_headers();
@@ -124,14 +146,20 @@ impl<S: Saga> SagaContext<S> {
         message: &M,
         headers: Headers,
     ) -> Result<(), BusError> {
-        let envelope = self.ctx.envelope(
-            destination,
-            message,
-            SendOptions {
-                headers,
-                ..SendOptions::default()
-            },
-        )?;
+        let options = SendOptions {
+            headers,
+            ..SendOptions::default()
+        };
+        self.stage_with(destination, message, options)
+    }
+
+    fn stage_with<M: Message>(
+        &mut self,
+        destination: Destination,
+        message: &M,
+        options: SendOptions,
+    ) -> Result<(), BusError> {
+        let envelope = self.ctx.envelope(destination, message, options)?;
         self.ctx.stage(envelope.clone());
         self.sent.push(envelope);
         Ok(())

@@ -10,7 +10,8 @@
 //! - [`saga`]: the traits a saga implements — [`Saga`], [`InitiatedBy`], [`Orchestrates`],
 //!   and for merging, [`OrchestratesMerge`] and [`SagaStateMerger`].
 //! - [`routes`]: [`Routes`], the declared list of handled message types.
-//! - [`context`]: [`SagaContext`], a handler's view: state, send, publish, reply, complete.
+//! - [`context`]: [`SagaContext`], a handler's view: state, send, publish, reply, timeouts,
+//!   complete.
 //! - [`persister`]: [`Persister`] (optimistic or merging) and [`MissingSaga`].
 //! - `runtime`: handling one message — load, merge, skip redeliveries, run, save — and
 //!   [`SagaEndpointExt`], which registers a saga on an endpoint.
@@ -35,6 +36,7 @@
 //! use rhinobus_sagas::{InitiatedBy, Orchestrates, Persister, Routes, Saga, SagaContext};
 //! use rhinobus_sagas::{MemoryStore, SagaEndpointExt};
 //! use serde::{Deserialize, Serialize};
+//! use std::time::Duration;
 //!
 //! #[derive(Serialize, Deserialize)]
 //! struct OrderPlaced { order: u64, total: u64 }
@@ -43,6 +45,10 @@
 //! #[derive(Serialize, Deserialize)]
 //! struct PaymentReceived { order: u64, amount: u64 }
 //! impl Message for PaymentReceived { const NAME: &'static str = "shop.payment-received"; }
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct PaymentOverdue { order: u64 }
+//! impl Message for PaymentOverdue { const NAME: &'static str = "shop.payment-overdue"; }
 //!
 //! #[derive(Serialize, Deserialize)]
 //! struct ShipOrder { order: u64 }
@@ -59,7 +65,8 @@
 //!     type Key = u64;
 //!     fn routes(r: &mut Routes<Self>) {
 //!         r.initiated_by::<OrderPlaced>()
-//!             .orchestrates::<PaymentReceived>();
+//!             .orchestrates::<PaymentReceived>()
+//!             .orchestrates::<PaymentOverdue>();
 //!     }
 //! }
 //!
@@ -68,6 +75,17 @@
 //!     fn correlate(m: &OrderPlaced) -> u64 { m.order }
 //!     async fn handle(&self, m: OrderPlaced, saga: &mut SagaContext<Self>) -> Result<(), HandlerError> {
 //!         saga.state.due = m.total;
+//!         // A timeout: comes back in a day, dropped if the order was paid by then.
+//!         saga.request_timeout(&PaymentOverdue { order: m.order }, Duration::from_secs(86_400))?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! #[async_trait::async_trait]
+//! impl Orchestrates<PaymentOverdue> for Checkout {
+//!     fn correlate(m: &PaymentOverdue) -> u64 { m.order }
+//!     async fn handle(&self, _: PaymentOverdue, saga: &mut SagaContext<Self>) -> Result<(), HandlerError> {
+//!         saga.complete(); // an unpaid order is given up
 //!         Ok(())
 //!     }
 //! }

@@ -121,7 +121,14 @@ impl<S: Saga> Runtime<S> {
         }
     }
 
-    fn missing(&self, error: SagaError) -> Result<(), HandlerError> {
+    /// What becomes of a message whose instance is gone: a timeout the saga asked for is
+    /// dropped (the instance finished before its time came), anything else as the persister
+    /// says.
+    fn missing(&self, ctx: &Context, error: SagaError) -> Result<(), HandlerError> {
+        if ctx.header(names::SAGA_TIMEOUT) == Some(S::NAME) {
+            debug!(error = %error, "dropping a timeout of a saga that is gone");
+            return Ok(());
+        }
         match self.persister.missing {
             MissingSaga::ErrorQueue => Err(error.into_handler_error()),
             MissingSaga::Discard => {
@@ -194,21 +201,27 @@ impl<S: Saga> Runtime<S> {
                     self.save(dht_key, &marker, loaded.parents, true, false)
                         .await?;
                 }
-                return self.missing(SagaError::Completed {
-                    saga: S::NAME,
-                    key,
-                    message_type: M::NAME,
-                    message_id,
-                });
+                return self.missing(
+                    &ctx,
+                    SagaError::Completed {
+                        saga: S::NAME,
+                        key,
+                        message_type: M::NAME,
+                        message_id,
+                    },
+                );
             }
             None if route.initiates => (S::State::default(), Vec::new(), true),
             None => {
-                return self.missing(SagaError::NotFound {
-                    saga: S::NAME,
-                    key,
-                    message_type: M::NAME,
-                    message_id,
-                });
+                return self.missing(
+                    &ctx,
+                    SagaError::NotFound {
+                        saga: S::NAME,
+                        key,
+                        message_type: M::NAME,
+                        message_id,
+                    },
+                );
             }
         };
         let mut saga_ctx = SagaContext::<S>::new(state, key, ctx.clone(), is_new);

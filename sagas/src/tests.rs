@@ -484,3 +484,110 @@ async fn a_message_without_an_id_is_refused_not_taken_for_a_redelivery() {
     assert!(err.to_string().contains("no message id"), "{err}");
     assert_eq!(harness.state(&5).await.unwrap().unwrap().applied, 0);
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Expire {
+    id: u32,
+}
+impl Message for Expire {
+    const NAME: &'static str = "test.expire";
+}
+
+/// A saga that gives itself 200 ms: its timeout reports to `audit` and completes it.
+struct DeadlineSaga;
+
+impl Saga for DeadlineSaga {
+    const NAME: &'static str = "test.deadline";
+    type State = u32;
+    type Key = u32;
+    fn routes(r: &mut Routes<Self>) {
+        r.initiated_by::<Start>()
+            .orchestrates::<Expire>()
+            .orchestrates::<Finish>();
+    }
+}
+
+#[async_trait]
+impl InitiatedBy<Start> for DeadlineSaga {
+    fn correlate(m: &Start) -> u32 {
+        m.id
+    }
+    async fn handle(&self, m: Start, saga: &mut SagaContext<Self>) -> Result<(), HandlerError> {
+        let after = std::time::Duration::from_millis(200);
+        saga.request_timeout(&Expire { id: m.id }, after)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Orchestrates<Expire> for DeadlineSaga {
+    fn correlate(m: &Expire) -> u32 {
+        m.id
+    }
+    async fn handle(&self, m: Expire, saga: &mut SagaContext<Self>) -> Result<(), HandlerError> {
+        saga.send("audit", &Added { item: m.id })?;
+        saga.complete();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Orchestrates<Finish> for DeadlineSaga {
+    fn correlate(m: &Finish) -> u32 {
+        m.id
+    }
+    async fn handle(&self, _: Finish, saga: &mut SagaContext<Self>) -> Result<(), HandlerError> {
+        saga.complete();
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_timeout_comes_back_to_its_saga_and_one_for_a_finished_saga_is_dropped() {
+    use rhinobus::transport::InMemory;
+    use rhinobus::{Bus, Endpoint};
+    use std::time::Duration;
+    let broker = InMemory::new();
+    broker.declare_queue("audit");
+    let ep = Endpoint::builder("deadlines", broker.clone())
+        .immediate_retries(0)
+        .saga(DeadlineSaga, Persister::optimistic(MemoryStore::new()))
+        .start()
+        .await
+        .unwrap();
+    let bus = Bus::new(broker.clone(), "client");
+    let started = tokio::time::Instant::now();
+    bus.send("deadlines", &Start { id: 1 }).await.unwrap();
+    bus.send("deadlines", &Start { id: 2 }).await.unwrap();
+    bus.send("deadlines", &Finish { id: 2 }).await.unwrap();
+    while broker.queue_len("audit") == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no timeout came"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "not before its time"
+    );
+    // Saga 2's timeout left with saga 1's; give it time to be handled.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ep.shutdown().await;
+    let (_, body) = broker.take("audit").unwrap();
+    assert_eq!(
+        rhinobus::message::decode::<Added>(&body).unwrap(),
+        Added { item: 1 }
+    );
+    assert_eq!(
+        broker.queue_len("audit"),
+        0,
+        "saga 2 finished before its timeout"
+    );
+    assert_eq!(
+        broker.queue_len("error"),
+        0,
+        "its timeout was dropped, not failed"
+    );
+    assert_eq!(broker.queue_len("deadlines"), 0);
+}
