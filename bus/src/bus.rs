@@ -53,7 +53,7 @@ impl std::fmt::Debug for Bus {
 pub struct SendOptions {
     /// Extra headers; they cannot replace the message id, type or content type.
     pub headers: Headers,
-    /// Deliver the message no sooner than this long after it is sent (a timeout, a reminder,
+    /// Deliver the message no sooner than this long after it is built (a timeout, a reminder,
     /// a retry the application schedules itself). For sends to a queue only: a publication
     /// with a delay is refused with [`BusError::Invalid`].
     ///
@@ -69,7 +69,8 @@ pub struct SendOptions {
 pub const MAX_DELAY: Duration = Duration::from_secs((1 << 28) - 1);
 
 impl SendOptions {
-    /// Options that deliver a send no sooner than `delay` after it leaves.
+    /// Options that deliver a send no sooner than `delay` after the message is built (by the
+    /// send, or by a handler's context, whose sends leave when it succeeds).
     ///
     /// ```
     /// # use rhinobus::{Bus, Message, SendOptions, transport::InMemory};
@@ -253,5 +254,11 @@ fn deliver_at(
             "a delay of {delay:?} is longer than the longest one, {MAX_DELAY:?}"
         )));
     }
-    Ok(format_time(now + delay))
+    // Round up to the millisecond of the header, never down: not a moment early.
+    let at = now + delay;
+    let past_ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() % 1_000_000);
+    let up = Duration::from_nanos(u64::from((1_000_000 - past_ms) % 1_000_000));
+    Ok(format_time(at + up))
 }

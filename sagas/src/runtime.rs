@@ -46,6 +46,12 @@ fn store_error(e: StoreError) -> SagaError {
     }
 }
 
+/// Whether the message being handled is a timeout this saga asked for
+/// ([`SagaContext::request_timeout`]).
+fn is_timeout<S: Saga>(ctx: &Context) -> bool {
+    ctx.header(names::SAGA_TIMEOUT) == Some(S::NAME)
+}
+
 impl<S: Saga> Runtime<S> {
     pub(crate) fn new(saga: S, persister: Persister<S>) -> (Arc<Self>, Routes<S>) {
         (Arc::new(Self { saga, persister }), Routes::<S>::of())
@@ -125,7 +131,7 @@ impl<S: Saga> Runtime<S> {
     /// dropped (the instance finished before its time came), anything else as the persister
     /// says.
     fn missing(&self, ctx: &Context, error: SagaError) -> Result<(), HandlerError> {
-        if ctx.header(names::SAGA_TIMEOUT) == Some(S::NAME) {
+        if is_timeout::<S>(ctx) {
             debug!(error = %error, "dropping a timeout of a saga that is gone");
             return Ok(());
         }
@@ -211,7 +217,10 @@ impl<S: Saga> Runtime<S> {
                     },
                 );
             }
-            None if route.initiates => (S::State::default(), Vec::new(), true),
+            // A timeout never starts an instance: it was asked for by one that is gone.
+            None if route.initiates && !is_timeout::<S>(&ctx) => {
+                (S::State::default(), Vec::new(), true)
+            }
             None => {
                 return self.missing(
                     &ctx,

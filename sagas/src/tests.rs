@@ -493,7 +493,8 @@ impl Message for Expire {
     const NAME: &'static str = "test.expire";
 }
 
-/// A saga that gives itself 200 ms: its timeout reports to `audit` and completes it.
+/// A saga that gives itself 200 ms: its timeout reports to `audit` and completes it. The
+/// timeout's type also starts the saga, so that a timeout whose instance is gone could.
 struct DeadlineSaga;
 
 impl Saga for DeadlineSaga {
@@ -502,7 +503,7 @@ impl Saga for DeadlineSaga {
     type Key = u32;
     fn routes(r: &mut Routes<Self>) {
         r.initiated_by::<Start>()
-            .orchestrates::<Expire>()
+            .initiated_by::<Expire>()
             .orchestrates::<Finish>();
     }
 }
@@ -520,7 +521,7 @@ impl InitiatedBy<Start> for DeadlineSaga {
 }
 
 #[async_trait]
-impl Orchestrates<Expire> for DeadlineSaga {
+impl InitiatedBy<Expire> for DeadlineSaga {
     fn correlate(m: &Expire) -> u32 {
         m.id
     }
@@ -543,7 +544,7 @@ impl Orchestrates<Finish> for DeadlineSaga {
 }
 
 #[tokio::test]
-async fn a_timeout_comes_back_to_its_saga_and_one_for_a_finished_saga_is_dropped() {
+async fn a_timeout_comes_back_to_its_saga_and_one_for_a_finished_or_gone_saga_is_dropped() {
     use rhinobus::transport::InMemory;
     use rhinobus::{Bus, Endpoint};
     use std::time::Duration;
@@ -560,6 +561,16 @@ async fn a_timeout_comes_back_to_its_saga_and_one_for_a_finished_saga_is_dropped
     bus.send("deadlines", &Start { id: 1 }).await.unwrap();
     bus.send("deadlines", &Start { id: 2 }).await.unwrap();
     bus.send("deadlines", &Finish { id: 2 }).await.unwrap();
+    // A timeout of an instance whose record is gone altogether: it must not start one.
+    let mut gone = rhinobus::SendOptions::default();
+    let timeout = (
+        names::SAGA_TIMEOUT.to_owned(),
+        DeadlineSaga::NAME.to_owned(),
+    );
+    gone.headers.extend([timeout]);
+    bus.send_with("deadlines", &Expire { id: 3 }, gone)
+        .await
+        .unwrap();
     while broker.queue_len("audit") == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(10),

@@ -20,18 +20,24 @@ fn rabbit() -> RabbitMq {
     RabbitMq::new(amqp_url())
 }
 
+/// An endpoint on `queue` that reports the number of every [`Work`] it handles.
+async fn reporting(queue: &str, error: &str) -> (Endpoint, mpsc::UnboundedReceiver<u32>) {
+    let (tx, handled) = mpsc::unbounded_channel();
+    let endpoint = Endpoint::builder(queue, rabbit())
+        .error_queue(error)
+        .handle(ReportWork(tx))
+        .start()
+        .await
+        .expect("start");
+    (endpoint, handled)
+}
+
 #[tokio::test]
 async fn a_delayed_send_arrives_no_sooner_than_its_time_and_plain_sends_pass_it() {
     init_tracing();
     let mut raw = Raw::connect().await;
     let (queue, error) = raw.endpoint_queues("delayed-send").await;
-    let (tx, mut handled) = mpsc::unbounded_channel();
-    let endpoint = Endpoint::builder(&queue, rabbit())
-        .error_queue(&error)
-        .handle(ReportWork(tx))
-        .start()
-        .await
-        .expect("start");
+    let (endpoint, mut handled) = reporting(&queue, &error).await;
     let bus = Bus::new(rabbit(), unique("sender"));
     let sent = Instant::now();
     let delay = Duration::from_secs(3); // 11 in binary: two levels wait
@@ -163,5 +169,32 @@ async fn a_delayed_message_whose_queue_went_away_waits_to_be_replayed() {
         rhinobus::message::decode::<Work>(&replayed[0].1).expect("decode"),
         Work { n: 7 }
     );
+    raw.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_endpoint_that_declares_its_queue_again_binds_it_again_for_delayed_sends() {
+    init_tracing();
+    let mut raw = Raw::connect().await;
+    let (queue, error) = raw.endpoint_queues("redeclared").await;
+    let bus = Bus::new(rabbit(), unique("sender"));
+    let after = |s| SendOptions::delayed_by(Duration::from_secs(s));
+    // The sender binds the queue on its first delayed send to it, and remembers it did.
+    bus.send_with(&queue, &Work { n: 1 }, after(3))
+        .await
+        .expect("first delayed send");
+    raw.channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the queue, and its bindings with it");
+    // Starting declares the queue again.
+    let (endpoint, mut handled) = reporting(&queue, &error).await;
+    bus.send_with(&queue, &Work { n: 2 }, after(1))
+        .await
+        .expect("second delayed send");
+    // Both find the queue declared again, the one sent before it was deleted too.
+    assert_eq!(recv(&mut handled).await, 2);
+    assert_eq!(recv(&mut handled).await, 1);
+    endpoint.shutdown().await;
     raw.cleanup().await;
 }

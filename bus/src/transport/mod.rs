@@ -40,15 +40,18 @@ pub struct OutgoingMessage {
 
 impl OutgoingMessage {
     /// How long a send must still wait before it is delivered: the time in its
-    /// `rhinobus-deliver-at` header less now, or `None` when it has none, when that time has
-    /// come, or when it is a publication (which cannot be delayed).
+    /// `rhinobus-deliver-at` header less now, or `None` when it has none or that time has
+    /// come. A publication with the header is [`BusError::Invalid`]: it cannot be delayed.
     pub fn remaining_delay(&self) -> Result<Option<Duration>, BusError> {
-        let Destination::Queue(_) = self.destination else {
-            return Ok(None);
-        };
         let Some(at) = self.headers.get(names::DELIVER_AT) else {
             return Ok(None);
         };
+        if let Destination::Topic(t) = &self.destination {
+            return Err(BusError::Invalid(format!(
+                "a publication of {t:?} has a {} header: publications cannot be delayed",
+                names::DELIVER_AT
+            )));
+        }
         let at = parse_time(at).ok_or_else(|| {
             BusError::Invalid(format!(
                 "the {} header {at:?} is not an RFC 3339 time",

@@ -22,15 +22,16 @@ use crate::headers::names;
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::protocol::AMQPErrorKind;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::OnceCell;
 
-/// How many levels: delays up to 2^28 - 1 seconds ([`crate::MAX_DELAY`]).
-const LEVELS: u32 = 28;
+/// How many levels: one per bit of [`crate::MAX_DELAY`] in seconds.
+const LEVELS: u32 = crate::MAX_DELAY.as_secs().count_ones();
 
 /// The delay infrastructure as one connection knows it: declared once, and the queues it has
 /// bound to the delivery exchange.
@@ -42,7 +43,7 @@ pub(crate) struct Delays {
 
 impl Delays {
     /// Declares the delay levels (once per connection) and binds each of `queues` to the
-    /// delivery exchange (once per connection and queue). A queue that does not exist is
+    /// delivery exchange, once per connection and queue. A queue that does not exist is
     /// [`BusError::Unroutable`], before anything is sent.
     pub(crate) async fn prepare(
         &self,
@@ -50,14 +51,6 @@ impl Delays {
         exchange: &str,
         queues: &[&str],
     ) -> Result<(), BusError> {
-        self.declared
-            .get_or_try_init(|| async {
-                let channel = connection.create_channel().await?;
-                declare(&channel, exchange).await?;
-                let _ = channel.close(200, "declared".into()).await;
-                Ok::<(), BusError>(())
-            })
-            .await?;
         let unbound: Vec<&str> = {
             let bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
             queues
@@ -66,22 +59,47 @@ impl Delays {
                 .filter(|q| !bound.contains(*q))
                 .collect()
         };
-        if unbound.is_empty() {
+        self.bind(connection, exchange, &unbound).await
+    }
+
+    /// [`Delays::prepare`], binding every one of `queues` whether or not this connection bound
+    /// it before: for an endpoint's own queue as it starts, which may have been deleted and
+    /// declared again meanwhile (a deleted queue loses its bindings).
+    pub(crate) async fn bind(
+        &self,
+        connection: &Connection,
+        exchange: &str,
+        queues: &[&str],
+    ) -> Result<(), BusError> {
+        let infra = Names::new(exchange)?;
+        self.declared
+            .get_or_try_init(|| async {
+                let channel = connection.create_channel().await?;
+                declare(&channel, &infra).await.map_err(refusal)?;
+                let _ = channel.close(200, "declared".into()).await;
+                Ok::<(), BusError>(())
+            })
+            .await?;
+        if queues.is_empty() {
             return Ok(());
         }
+        let checked: Vec<ShortString> = queues
+            .iter()
+            .map(|q| amqp::short("queue name", q))
+            .collect::<Result<_, _>>()?;
         // A bind to a missing queue closes its channel: one of their own.
         let channel = connection.create_channel().await?;
-        for queue in &unbound {
+        for queue in &checked {
             let mut args = FieldTable::default();
             args.insert("x-match".into(), AMQPValue::LongString("all".into()));
             args.insert(
                 names::DELIVER_TO.into(),
-                AMQPValue::LongString((*queue).into()),
+                AMQPValue::LongString(queue.as_str().into()),
             );
             let bound = channel
                 .queue_bind(
-                    amqp::short("queue name", queue)?,
-                    amqp::short("exchange", &deliver_exchange(exchange))?,
+                    queue.clone(),
+                    infra.deliver.clone(),
                     "".into(),
                     QueueBindOptions::default(),
                     args,
@@ -91,30 +109,36 @@ impl Delays {
                 Ok(()) => {}
                 Err(e) if amqp::is_not_found(&e) => {
                     return Err(BusError::Unroutable {
-                        queue: (*queue).to_owned(),
+                        queue: queue.to_string(),
                     });
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(refusal(e)),
             }
         }
         let _ = channel.close(200, "bound".into()).await;
         self.bound
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .extend(unbound.into_iter().map(str::to_owned));
+            .extend(queues.iter().map(|q| (*q).to_owned()));
         Ok(())
     }
 }
 
 /// The exchange a delayed message is published to, and its routing key, for a delay rounded
-/// up to whole seconds.
-pub(crate) fn route(exchange: &str, delay: Duration) -> (String, String) {
+/// up to whole seconds; a delay beyond [`crate::MAX_DELAY`] is [`BusError::Invalid`].
+pub(crate) fn route(exchange: &str, delay: Duration) -> Result<(String, String), BusError> {
     let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    if seconds > crate::MAX_DELAY.as_secs() {
+        return Err(BusError::Invalid(format!(
+            "a delay of {delay:?} is longer than the longest one, {:?}",
+            crate::MAX_DELAY
+        )));
+    }
     let bits: Vec<&str> = (0..LEVELS)
         .rev()
         .map(|level| if seconds >> level & 1 == 1 { "1" } else { "0" })
         .collect();
-    (level_name(exchange, LEVELS - 1), bits.join("."))
+    Ok((level_name(exchange, LEVELS - 1), bits.join(".")))
 }
 
 /// The queue where delayed messages whose queue went away meanwhile wait for an operator.
@@ -126,39 +150,90 @@ fn level_name(exchange: &str, level: u32) -> String {
     format!("{exchange}.delay.level.{level:02}")
 }
 
-fn deliver_exchange(exchange: &str) -> String {
-    format!("{exchange}.delay.deliver")
-}
-
 /// A topic binding key that matches the routing keys whose bit for `level` is `bit`.
 fn bit_pattern(level: u32, bit: char) -> String {
     format!("{}{bit}.#", "*.".repeat((LEVELS - 1 - level) as usize))
 }
 
+/// A broker's refusal to declare or bind (no permission, an object declared before with other
+/// arguments, an exclusive queue) is a configuration to fix, not a broken connection to retry.
+fn refusal(e: lapin::Error) -> BusError {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(), AMQPErrorKind::Soft(_)) => {
+            BusError::Config(format!("the broker refused the delay queues: {e}"))
+        }
+        _ => e.into(),
+    }
+}
+
+/// Every name of the delay infrastructure, checked for AMQP.
+struct Names {
+    undeliverable: ShortString,
+    deliver: ShortString,
+    /// Level 0 first.
+    levels: Vec<Level>,
+}
+
+struct Level {
+    name: ShortString,
+    /// Where its messages go next: the level below, or the delivery exchange.
+    below: ShortString,
+    ttl_ms: i64,
+    waits: ShortString,
+    passes: ShortString,
+}
+
+impl Names {
+    fn new(exchange: &str) -> Result<Self, BusError> {
+        let short = |what: &str, name: &str| amqp::short(what, name);
+        let deliver = short("exchange", &format!("{exchange}.delay.deliver"))?;
+        let mut levels = Vec::new();
+        for level in 0..LEVELS {
+            let below = match level {
+                0 => deliver.clone(),
+                _ => short("exchange", &level_name(exchange, level - 1))?,
+            };
+            levels.push(Level {
+                name: short("exchange", &level_name(exchange, level))?,
+                below,
+                ttl_ms: 1000 << level,
+                waits: short("binding key", &bit_pattern(level, '1'))?,
+                passes: short("binding key", &bit_pattern(level, '0'))?,
+            });
+        }
+        Ok(Self {
+            undeliverable: short("exchange", &undeliverable_queue(exchange))?,
+            deliver,
+            levels,
+        })
+    }
+}
+
 /// Declares every level, the delivery exchange and the undeliverable queue (idempotent).
-async fn declare(channel: &Channel, exchange: &str) -> Result<(), BusError> {
+async fn declare(channel: &Channel, names: &Names) -> Result<(), lapin::Error> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    let undeliverable = undeliverable_queue(exchange);
-    let short = |name: &str| amqp::short("exchange", name);
+    let undeliverable = &names.undeliverable;
+    let no_args = FieldTable::default;
     channel
         .exchange_declare(
-            short(&undeliverable)?,
+            undeliverable.clone(),
             ExchangeKind::Fanout,
             durable,
-            FieldTable::default(),
+            no_args(),
         )
         .await?;
-    declare_queue(channel, &undeliverable, FieldTable::default()).await?;
+    declare_queue(channel, undeliverable, no_args()).await?;
+    let bind = QueueBindOptions::default();
     channel
         .queue_bind(
-            short(&undeliverable)?,
-            short(&undeliverable)?,
+            undeliverable.clone(),
+            undeliverable.clone(),
             "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
+            bind,
+            no_args(),
         )
         .await?;
     let mut args = FieldTable::default();
@@ -166,76 +241,55 @@ async fn declare(channel: &Channel, exchange: &str) -> Result<(), BusError> {
         "alternate-exchange".into(),
         AMQPValue::LongString(undeliverable.as_str().into()),
     );
-    let deliver = deliver_exchange(exchange);
     channel
-        .exchange_declare(short(&deliver)?, ExchangeKind::Headers, durable, args)
+        .exchange_declare(names.deliver.clone(), ExchangeKind::Headers, durable, args)
         .await?;
-    for level in 0..LEVELS {
-        let name = level_name(exchange, level);
-        let below = match level {
-            0 => deliver.clone(),
-            _ => level_name(exchange, level - 1),
-        };
+    for level in &names.levels {
+        let name = &level.name;
         channel
-            .exchange_declare(
-                short(&name)?,
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
+            .exchange_declare(name.clone(), ExchangeKind::Topic, durable, no_args())
             .await?;
+        let text = |s: &str| AMQPValue::LongString(s.into());
         let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(1000 << level),
-        );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(below.as_str().into()),
-        );
-        args.insert(
-            "x-dead-letter-strategy".into(),
-            AMQPValue::LongString("at-least-once".into()),
-        );
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
-        );
-        declare_queue(channel, &name, args).await?;
+        args.insert("x-queue-type".into(), text("quorum"));
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(level.ttl_ms));
+        args.insert("x-dead-letter-exchange".into(), text(level.below.as_str()));
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+        declare_queue(channel, name, args).await?;
         channel
             .queue_bind(
-                short(&name)?,
-                short(&name)?,
-                amqp::short("binding key", &bit_pattern(level, '1'))?,
-                QueueBindOptions::default(),
-                FieldTable::default(),
+                name.clone(),
+                name.clone(),
+                level.waits.clone(),
+                bind,
+                no_args(),
             )
             .await?;
+        let e2e = ExchangeBindOptions::default();
         channel
             .exchange_bind(
-                short(&below)?,
-                short(&name)?,
-                amqp::short("binding key", &bit_pattern(level, '0'))?,
-                ExchangeBindOptions::default(),
-                FieldTable::default(),
+                level.below.clone(),
+                name.clone(),
+                level.passes.clone(),
+                e2e,
+                no_args(),
             )
             .await?;
     }
     Ok(())
 }
 
-async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), BusError> {
+async fn declare_queue(
+    channel: &Channel,
+    name: &ShortString,
+    args: FieldTable,
+) -> Result<(), lapin::Error> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    channel
-        .queue_declare(amqp::short("queue name", name)?, durable, args)
-        .await?;
+    channel.queue_declare(name.clone(), durable, args).await?;
     Ok(())
 }
 
@@ -245,14 +299,19 @@ mod tests {
 
     #[test]
     fn a_delay_is_its_seconds_in_binary_rounded_up() {
-        let (exchange, key) = route("rhinobus", Duration::from_millis(5_001));
+        let (exchange, key) = route("rhinobus", Duration::from_millis(5_001)).unwrap();
         assert_eq!(exchange, "rhinobus.delay.level.27");
         let words: Vec<&str> = key.split('.').collect();
         assert_eq!(words.len(), 28);
         assert_eq!(words[25..], ["1", "1", "0"], "6 seconds: 110");
         assert!(words[..25].iter().all(|w| *w == "0"));
-        let (_, longest) = route("rhinobus", crate::MAX_DELAY);
+        let (_, longest) = route("rhinobus", crate::MAX_DELAY).unwrap();
         assert!(longest.split('.').all(|w| w == "1"));
+        let too_long = route("rhinobus", crate::MAX_DELAY + Duration::from_millis(1));
+        assert!(
+            matches!(too_long, Err(BusError::Invalid(_))),
+            "{too_long:?}"
+        );
     }
 
     #[test]

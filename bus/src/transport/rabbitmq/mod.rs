@@ -8,8 +8,8 @@
 //! - the durable error queue;
 //! - one durable delay queue per delayed-retry delay (`<queue>.delay.<ms>ms`), whose messages
 //!   expire after the level's delay and are dead-lettered back into the input queue;
-//! - on the first delayed send of a connection, the delay levels (see the `delay` module), and
-//!   each queue a delayed send goes to bound to their delivery exchange.
+//! - the delay levels of delayed sends (see the `delay` module), once per connection, with the
+//!   endpoint's queue and every queue a delayed send goes to bound to their delivery exchange.
 
 mod acks;
 pub(crate) mod amqp;
@@ -271,22 +271,21 @@ impl RabbitMq {
             .map(|mut m| {
                 let delay = m.remaining_delay()?;
                 let exchange = self.inner.exchange.as_str();
-                let (exchange, routing_key, routing): (Cow<str>, Cow<str>, _) =
-                    match (&m.destination, delay) {
-                        (Destination::Queue(q), Some(delay)) => {
-                            m.headers.insert(names::DELIVER_TO.into(), q.clone());
-                            delayed.push(q.clone());
-                            let (exchange, key) = delay::route(exchange, delay);
-                            (exchange.into(), key.into(), Routing::Required)
-                        }
-                        (Destination::Queue(q), None) => {
-                            ("".into(), q.as_str().into(), Routing::Required)
-                        }
-                        (Destination::Topic(t), _) => {
-                            (exchange.into(), t.as_str().into(), Routing::Optional)
-                        }
-                    };
-                self.check_size(&m.body, &routing_key)?;
+                let (destination, routing): (&str, _) = match &m.destination {
+                    Destination::Queue(q) => (q, Routing::Required),
+                    Destination::Topic(t) => (t, Routing::Optional),
+                };
+                self.check_size(&m.body, destination)?;
+                let (exchange, routing_key): (Cow<str>, Cow<str>) = match (&m.destination, delay) {
+                    (Destination::Queue(q), Some(delay)) => {
+                        let (exchange, key) = delay::route(exchange, delay)?;
+                        delayed.push(q.clone());
+                        m.headers.insert(names::DELIVER_TO.into(), q.clone());
+                        (exchange.into(), key.into())
+                    }
+                    (Destination::Queue(q), None) => ("".into(), q.as_str().into()),
+                    (Destination::Topic(t), _) => (exchange.into(), t.as_str().into()),
+                };
                 let properties = amqp::properties_for(&m.headers)?;
                 Publication::new(&exchange, &routing_key, m.body, properties, routing)
             })
@@ -447,6 +446,11 @@ impl RabbitMq {
             }
             let channel = link.connection.create_channel().await?;
             declare(&channel, &self.inner.exchange, &c.topology).await?;
+            // Delayed sends find the queue through its binding, which a queue deleted and
+            // declared again has lost: bound afresh at every start and reconnect.
+            let queue = [c.topology.queue.as_str()];
+            let exchange = &self.inner.exchange;
+            link.delays.bind(&link.connection, exchange, &queue).await?;
             channel
                 .basic_qos(c.topology.prefetch, BasicQosOptions::default())
                 .await?;
