@@ -238,6 +238,16 @@ impl Bus {
     }
 }
 
+/// A delay no longer than [`MAX_DELAY`], or the error saying it is too long.
+pub(crate) fn check_delay(delay: Duration) -> Result<(), BusError> {
+    if delay > MAX_DELAY {
+        return Err(BusError::Invalid(format!(
+            "a delay of {delay:?} is longer than the longest one, {MAX_DELAY:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// The `rhinobus-deliver-at` header of a send delayed by `delay` from `now`.
 fn deliver_at(
     destination: &Destination,
@@ -249,11 +259,7 @@ fn deliver_at(
             "a publication of {t:?} cannot be delayed: delay sends to a queue instead"
         )));
     }
-    if delay > MAX_DELAY {
-        return Err(BusError::Invalid(format!(
-            "a delay of {delay:?} is longer than the longest one, {MAX_DELAY:?}"
-        )));
-    }
+    check_delay(delay)?;
     // Round up to the millisecond of the header, never down: not a moment early.
     let at = now + delay;
     let past_ms = at

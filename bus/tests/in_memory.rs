@@ -261,5 +261,24 @@ async fn a_deferred_message_comes_back_after_its_delay_and_a_stored_one_keeps_it
     broker.declare_queue("held");
     broker.send(vec![built]).await.unwrap();
     assert_eq!(broker.queue_len("held"), 1, "sent at once");
+
+    // A time set by hand further off than the longest delay is refused, not cut short.
+    let mut far = ctx
+        .envelope(
+            Destination::Queue("held".into()),
+            &Work { n: 4 },
+            Default::default(),
+        )
+        .unwrap();
+    let beyond = std::time::SystemTime::now() + rhinobus::MAX_DELAY + Duration::from_secs(60);
+    let at = rhinobus::headers::format_time(beyond);
+    far.headers.insert(names::DELIVER_AT.into(), at);
+    let too_long = far.remaining_delay();
+    assert!(
+        matches!(too_long, Err(rhinobus::BusError::Invalid(_))),
+        "{too_long:?}"
+    );
+    assert!(broker.send(vec![far]).await.is_err());
+    assert_eq!(broker.queue_len("held"), 1);
     ep.shutdown().await;
 }

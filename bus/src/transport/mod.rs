@@ -41,7 +41,8 @@ pub struct OutgoingMessage {
 impl OutgoingMessage {
     /// How long a send must still wait before it is delivered: the time in its
     /// `rhinobus-deliver-at` header less now, or `None` when it has none or that time has
-    /// come. A publication with the header is [`BusError::Invalid`]: it cannot be delayed.
+    /// come. A publication with the header is [`BusError::Invalid`]: it cannot be delayed; so
+    /// is a time further off than [`crate::MAX_DELAY`] (a header set by hand).
     pub fn remaining_delay(&self) -> Result<Option<Duration>, BusError> {
         let Some(at) = self.headers.get(names::DELIVER_AT) else {
             return Ok(None);
@@ -58,10 +59,11 @@ impl OutgoingMessage {
                 names::DELIVER_AT
             ))
         })?;
-        Ok(at
-            .duration_since(SystemTime::now())
-            .ok()
-            .filter(|d| !d.is_zero()))
+        let Ok(remaining) = at.duration_since(SystemTime::now()) else {
+            return Ok(None);
+        };
+        crate::bus::check_delay(remaining)?;
+        Ok(Some(remaining).filter(|d| !d.is_zero()))
     }
 }
 

@@ -7,8 +7,8 @@
 //! significant first. At each level, a message whose bit is 1 waits in the level's queue and
 //! is then dead-lettered to the next level down; one whose bit is 0 passes straight on (an
 //! exchange-to-exchange binding). Below level 0 the `<exchange>.delay.deliver` headers exchange
-//! routes it by its `rhinobus-deliver-to` header to its queue, which a delayed send binds
-//! there first. A message that finds no queue there (its queue was deleted while it waited)
+//! routes it by its `rhinobus-deliver-to` header to its queue, which its endpoint binds there
+//! as it starts, and a delayed send before it sends. A message that finds no queue there (its queue was deleted while it waited)
 //! goes, through the alternate exchange, to the `<exchange>.delay.undeliverable` queue, where
 //! `rhinobus errors` can list it and replay it to its queue.
 //!
@@ -33,22 +33,30 @@ use tokio::sync::OnceCell;
 /// How many levels: one per bit of [`crate::MAX_DELAY`] in seconds.
 const LEVELS: u32 = crate::MAX_DELAY.as_secs().count_ones();
 
-/// The delay infrastructure as one connection knows it: declared once, and the queues it has
-/// bound to the delivery exchange.
-#[derive(Default)]
+/// The delay infrastructure as one connection knows it: its names, declared once, and the
+/// queues it has bound to the delivery exchange.
 pub(crate) struct Delays {
-    declared: OnceCell<()>,
+    exchange: String,
+    declared: OnceCell<Names>,
     bound: Mutex<HashSet<String>>,
 }
 
 impl Delays {
+    /// The delay levels of the topic exchange `exchange`, not declared yet.
+    pub(crate) fn new(exchange: &str) -> Self {
+        Self {
+            exchange: exchange.to_owned(),
+            declared: OnceCell::new(),
+            bound: Mutex::default(),
+        }
+    }
+
     /// Declares the delay levels (once per connection) and binds each of `queues` to the
     /// delivery exchange, once per connection and queue. A queue that does not exist is
     /// [`BusError::Unroutable`], before anything is sent.
     pub(crate) async fn prepare(
         &self,
         connection: &Connection,
-        exchange: &str,
         queues: &[&str],
     ) -> Result<(), BusError> {
         let unbound: Vec<&str> = {
@@ -59,7 +67,7 @@ impl Delays {
                 .filter(|q| !bound.contains(*q))
                 .collect()
         };
-        self.bind(connection, exchange, &unbound).await
+        self.bind(connection, &unbound).await
     }
 
     /// [`Delays::prepare`], binding every one of `queues` whether or not this connection bound
@@ -68,16 +76,16 @@ impl Delays {
     pub(crate) async fn bind(
         &self,
         connection: &Connection,
-        exchange: &str,
         queues: &[&str],
     ) -> Result<(), BusError> {
-        let infra = Names::new(exchange)?;
-        self.declared
+        let infra = self
+            .declared
             .get_or_try_init(|| async {
+                let infra = Names::new(&self.exchange)?;
                 let channel = connection.create_channel().await?;
                 declare(&channel, &infra).await.map_err(refusal)?;
                 let _ = channel.close(200, "declared".into()).await;
-                Ok::<(), BusError>(())
+                Ok::<_, BusError>(infra)
             })
             .await?;
         if queues.is_empty() {
@@ -124,21 +132,17 @@ impl Delays {
     }
 }
 
-/// The exchange a delayed message is published to, and its routing key, for a delay rounded
-/// up to whole seconds; a delay beyond [`crate::MAX_DELAY`] is [`BusError::Invalid`].
-pub(crate) fn route(exchange: &str, delay: Duration) -> Result<(String, String), BusError> {
+/// The exchange a delayed message is published to, and its routing key, for a delay (at most
+/// [`crate::MAX_DELAY`], as [`crate::transport::OutgoingMessage::remaining_delay`] sees to)
+/// rounded up to whole seconds.
+pub(crate) fn route(exchange: &str, delay: Duration) -> (String, String) {
     let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
-    if seconds > crate::MAX_DELAY.as_secs() {
-        return Err(BusError::Invalid(format!(
-            "a delay of {delay:?} is longer than the longest one, {:?}",
-            crate::MAX_DELAY
-        )));
-    }
+    debug_assert!(seconds <= crate::MAX_DELAY.as_secs(), "{delay:?} too long");
     let bits: Vec<&str> = (0..LEVELS)
         .rev()
         .map(|level| if seconds >> level & 1 == 1 { "1" } else { "0" })
         .collect();
-    Ok((level_name(exchange, LEVELS - 1), bits.join(".")))
+    (level_name(exchange, LEVELS - 1), bits.join("."))
 }
 
 /// The queue where delayed messages whose queue went away meanwhile wait for an operator.
@@ -299,19 +303,14 @@ mod tests {
 
     #[test]
     fn a_delay_is_its_seconds_in_binary_rounded_up() {
-        let (exchange, key) = route("rhinobus", Duration::from_millis(5_001)).unwrap();
+        let (exchange, key) = route("rhinobus", Duration::from_millis(5_001));
         assert_eq!(exchange, "rhinobus.delay.level.27");
         let words: Vec<&str> = key.split('.').collect();
         assert_eq!(words.len(), 28);
         assert_eq!(words[25..], ["1", "1", "0"], "6 seconds: 110");
         assert!(words[..25].iter().all(|w| *w == "0"));
-        let (_, longest) = route("rhinobus", crate::MAX_DELAY).unwrap();
+        let (_, longest) = route("rhinobus", crate::MAX_DELAY);
         assert!(longest.split('.').all(|w| w == "1"));
-        let too_long = route("rhinobus", crate::MAX_DELAY + Duration::from_millis(1));
-        assert!(
-            matches!(too_long, Err(BusError::Invalid(_))),
-            "{too_long:?}"
-        );
     }
 
     #[test]

@@ -264,8 +264,8 @@ impl RabbitMq {
     fn publications(
         &self,
         messages: Vec<OutgoingMessage>,
-    ) -> Result<(Arc<[Publication]>, Vec<String>), BusError> {
-        let mut delayed = Vec::new();
+    ) -> Result<(Arc<[Publication]>, BTreeSet<String>), BusError> {
+        let mut delayed = BTreeSet::new();
         let publications = messages
             .into_iter()
             .map(|mut m| {
@@ -278,8 +278,8 @@ impl RabbitMq {
                 self.check_size(&m.body, destination)?;
                 let (exchange, routing_key): (Cow<str>, Cow<str>) = match (&m.destination, delay) {
                     (Destination::Queue(q), Some(delay)) => {
-                        let (exchange, key) = delay::route(exchange, delay)?;
-                        delayed.push(q.clone());
+                        let (exchange, key) = delay::route(exchange, delay);
+                        delayed.insert(q.clone());
                         m.headers.insert(names::DELIVER_TO.into(), q.clone());
                         (exchange.into(), key.into())
                     }
@@ -299,17 +299,14 @@ impl RabbitMq {
         &self,
         link: &Link,
         publications: &[Publication],
-        delayed: &[String],
+        delayed: &BTreeSet<String>,
     ) -> Result<(), BusError> {
         self.check_queues(link, publications).await?;
         if delayed.is_empty() {
             return Ok(());
         }
-        let queues: BTreeSet<&str> = delayed.iter().map(String::as_str).collect();
-        let queues: Vec<&str> = queues.into_iter().collect();
-        link.delays
-            .prepare(&link.connection, &self.inner.exchange, &queues)
-            .await
+        let queues: Vec<&str> = delayed.iter().map(String::as_str).collect();
+        link.delays.prepare(&link.connection, &queues).await
     }
 
     /// Publishes a copy of a received message into `queue` and waits for the confirm.
@@ -449,8 +446,7 @@ impl RabbitMq {
             // Delayed sends find the queue through its binding, which a queue deleted and
             // declared again has lost: bound afresh at every start and reconnect.
             let queue = [c.topology.queue.as_str()];
-            let exchange = &self.inner.exchange;
-            link.delays.bind(&link.connection, exchange, &queue).await?;
+            link.delays.bind(&link.connection, &queue).await?;
             channel
                 .basic_qos(c.topology.prefetch, BasicQosOptions::default())
                 .await?;
@@ -676,7 +672,7 @@ async fn open_link(inner: &Inner, generation: u64) -> Result<(Link, EventStream)
             publisher: Publisher::start(connection.clone(), inner.confirm_timeout),
             connection,
             known_queues: StdMutex::default(),
-            delays: delay::Delays::default(),
+            delays: delay::Delays::new(&inner.exchange),
         },
         events,
     ))
