@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`billing`]: the phone-billing saga (merging persister) of the `billing` sample.
+//! - [`cpu`]: the CPU a bench run used, in this process and in the local broker.
 //! - [`node`]: a DHT node served in-process on a temporary directory.
 //! - [`race`]: a store wrapper that makes handlings race on one version, for the samples.
 //! - [`sample`]: the broker choice and waiting helper the samples share.
@@ -11,6 +12,7 @@
 //! - [`tally`]: the tally saga the saga tests, the crash-test worker and the saga bench use.
 
 pub mod billing;
+pub mod cpu;
 pub mod node;
 pub mod race;
 pub mod report;

@@ -73,7 +73,25 @@ impl Report {
     pub fn with_baseline(mut self, baseline: &Report) -> Self {
         self.baseline_ops_per_sec = Some(baseline.ops_per_sec);
         self.ratio = Some(self.ops_per_sec / baseline.ops_per_sec.max(f64::EPSILON));
-        self
+        match baseline.extra.get("cpu_us_per_op") {
+            Some(cpu) => self.with("baseline_cpu_us_per_op", cpu.clone()),
+            None => self,
+        }
+    }
+
+    /// Adds the CPU the run used per operation, where it could be read: `cpu_us_per_op` for
+    /// this process, `broker_cpu_us_per_op` for the local RabbitMQ broker.
+    pub fn with_cpu(self, used: &crate::cpu::CpuUse) -> Self {
+        let (process, broker) = used.per_op_us(self.ops);
+        let round = |us: f64| (us * 100.0).round() / 100.0;
+        let mut report = self;
+        if let Some(us) = process {
+            report = report.with("cpu_us_per_op", round(us));
+        }
+        if let Some(us) = broker {
+            report = report.with("broker_cpu_us_per_op", round(us));
+        }
+        report
     }
 
     /// Adds a scenario-specific figure.

@@ -2,6 +2,7 @@
 //! sent with confirms and consumed with manual acks, through plain lapin (the ceiling of the
 //! machine), through rhinobus on RabbitMQ, and through rhinobus in memory.
 
+use crate::cpu::CpuClock;
 use crate::report::{Latencies, Report};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -162,6 +163,7 @@ pub async fn raw_amqp(load: &Load, metadata: Metadata) -> Result<Report, BenchEr
         )
         .await?;
     let receipts = Receipts::new(load.messages);
+    let clock = CpuClock::start();
     let consuming = tokio::spawn({
         let receipts = receipts.clone();
         async move {
@@ -197,6 +199,7 @@ pub async fn raw_amqp(load: &Load, metadata: Metadata) -> Result<Report, BenchEr
         c?;
     }
     let (elapsed, latencies) = receipts.wait().await;
+    let cpu = clock.stop();
     consuming.abort();
     pub_channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -205,6 +208,7 @@ pub async fn raw_amqp(load: &Load, metadata: Metadata) -> Result<Report, BenchEr
     let _ = consumer_conn.close(200, "bench done".into()).await;
     Ok(
         Report::new(metadata.scenario(), load.messages, elapsed, latencies)
+            .with_cpu(&cpu)
             .with("concurrency", load.concurrency),
     )
 }
@@ -249,6 +253,7 @@ async fn bus_scenario(
     sending: impl Transport,
 ) -> Result<Report, BenchError> {
     let receipts = Receipts::new(load.messages);
+    let clock = CpuClock::start();
     let handled = receipts.clone();
     let ep = Endpoint::builder(endpoint, receiving)
         .concurrency(load.concurrency)
@@ -278,8 +283,10 @@ async fn bus_scenario(
         s?;
     }
     let (elapsed, latencies) = receipts.wait().await;
+    let cpu = clock.stop();
     ep.shutdown().await;
     Ok(Report::new(scenario, load.messages, elapsed, latencies)
+        .with_cpu(&cpu)
         .with("concurrency", load.concurrency))
 }
 

@@ -2,6 +2,7 @@
 //! loopback TCP by concurrent client tasks, each waiting for its answer before the next request
 //! (as `redis-benchmark -c N` does), sharing a few pipelined connections.
 
+use crate::cpu::{CpuClock, CpuUse};
 use crate::node::InProcessNode;
 use crate::report::{Latencies, Report};
 use rhinobus_dht::{Client, ClientOptions, Durability, PutRequest};
@@ -27,13 +28,16 @@ async fn connect(addr: &str) -> Result<Client, BoxError> {
     .await?)
 }
 
+/// What [`drive`] measured.
+pub(crate) struct Driven {
+    pub elapsed: Duration,
+    pub latencies: Latencies,
+    pub cpu: CpuUse,
+}
+
 /// Runs `ops` operations spread over `clients` tasks; each task runs `op(n)` for its share of
 /// operation numbers `n` and records every latency.
-pub(crate) async fn drive<F, Fut>(
-    ops: u64,
-    clients: usize,
-    op: F,
-) -> Result<(Duration, Latencies), BoxError>
+pub(crate) async fn drive<F, Fut>(ops: u64, clients: usize, op: F) -> Result<Driven, BoxError>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), BoxError>> + Send,
@@ -41,6 +45,7 @@ where
     let op = Arc::new(op);
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let clock = CpuClock::start();
     let tasks: Vec<_> = (0..clients.max(1))
         .map(|_| {
             let op = op.clone();
@@ -64,7 +69,11 @@ where
     for t in tasks {
         all.extend(t.await??);
     }
-    Ok((start.elapsed(), all))
+    Ok(Driven {
+        elapsed: start.elapsed(),
+        latencies: all,
+        cpu: clock.stop(),
+    })
 }
 
 fn value() -> bytes::Bytes {
@@ -90,7 +99,7 @@ async fn run_get(ops: u64, clients: usize) -> Result<Report, BoxError> {
     })
     .await?;
     let c = client.clone();
-    let (elapsed, latencies) = drive(ops, clients, move |n| {
+    let run = drive(ops, clients, move |n| {
         let c = c.clone();
         async move {
             let siblings = c.get(format!("key:{}", n % GET_KEYS)).await?;
@@ -103,7 +112,8 @@ async fn run_get(ops: u64, clients: usize) -> Result<Report, BoxError> {
     .await?;
     drop(client);
     node.stop().await?;
-    Ok(Report::new("dht-get", ops, elapsed, latencies)
+    Ok(Report::new("dht-get", ops, run.elapsed, run.latencies)
+        .with_cpu(&run.cpu)
         .with("clients", clients)
         .with("connections", CONNECTIONS)
         .with("value_bytes", VALUE_BYTES))
@@ -129,7 +139,7 @@ async fn run_put(ops: u64, clients: usize, durability: Durability) -> Result<Rep
     let node = InProcessNode::start(durability).await?;
     let client = connect(&node.addr).await?;
     let c = client.clone();
-    let (elapsed, latencies) = drive(ops, clients, move |n| {
+    let run = drive(ops, clients, move |n| {
         let c = c.clone();
         async move {
             c.put(PutRequest::new(format!("key:{n}"), value())).await?;
@@ -143,7 +153,8 @@ async fn run_put(ops: u64, clients: usize, durability: Durability) -> Result<Rep
         Durability::Buffered => ("dht-put", "buffered"),
         Durability::Fsync => ("dht-put-fsync", "fsync"),
     };
-    Ok(Report::new(scenario, ops, elapsed, latencies)
+    Ok(Report::new(scenario, ops, run.elapsed, run.latencies)
+        .with_cpu(&run.cpu)
         .with("clients", clients)
         .with("connections", CONNECTIONS)
         .with("value_bytes", VALUE_BYTES)

@@ -146,7 +146,7 @@ async fn run(ops: u64, clients: usize, amqp: &str, linger: Duration) -> Result<R
     ));
     let value = Bytes::from(vec![b'x'; VALUE_BYTES]);
     let writer = (client.clone(), latest.clone());
-    let (elapsed, all) = super::dht::drive(ops, clients, move |n| {
+    let run = super::dht::drive(ops, clients, move |n| {
         let (client, latest) = writer.clone();
         let value = value.clone();
         async move {
@@ -164,17 +164,20 @@ async fn run(ops: u64, clients: usize, amqp: &str, linger: Duration) -> Result<R
     let mut lone = lone_write_lag(&client, &cluster.addrs, linger).await?;
     drop(client);
     cluster.stop(amqp).await?;
-    Ok(Report::new("dht-put-replicated", ops, elapsed, all)
-        .with("clients", clients)
-        .with("nodes", 3)
-        .with("replicas", 3)
-        .with("value_bytes", VALUE_BYTES)
-        .with("linger_ms", linger.as_millis() as u64)
-        .with("lag_p50_ms", lag.quantile_ms(0.50))
-        .with("lag_p99_ms", lag.quantile_ms(0.99))
-        .with("lag_samples", samples)
-        .with("lone_write_lag_p50_ms", lone.quantile_ms(0.50))
-        .with("lone_write_lag_max_ms", lone.quantile_ms(1.0)))
+    Ok(
+        Report::new("dht-put-replicated", ops, run.elapsed, run.latencies)
+            .with_cpu(&run.cpu)
+            .with("clients", clients)
+            .with("nodes", 3)
+            .with("replicas", 3)
+            .with("value_bytes", VALUE_BYTES)
+            .with("linger_ms", linger.as_millis() as u64)
+            .with("lag_p50_ms", lag.quantile_ms(0.50))
+            .with("lag_p99_ms", lag.quantile_ms(0.99))
+            .with("lag_samples", samples)
+            .with("lone_write_lag_p50_ms", lone.quantile_ms(0.50))
+            .with("lone_write_lag_max_ms", lone.quantile_ms(1.0)),
+    )
 }
 
 /// The lag of [`LONE_WRITES`] writes made one at a time on an idle cluster, each after a
