@@ -84,13 +84,28 @@ async fn write_loop(
     mut sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
     mut rx: mpsc::Receiver<Bytes>,
 ) -> io::Result<()> {
+    let mut pipelined = false;
     while let Some(frame) = rx.recv().await {
         sink.feed(frame).await?;
         // Everything already queued goes out with this flush: pipelined traffic costs one
         // syscall per burst, not one per frame.
+        let mut frames = 1;
         while let Ok(frame) = rx.try_recv() {
             sink.feed(frame).await?;
+            frames += 1;
         }
+        if pipelined {
+            // The last write carried several frames: the tasks that are ready to run have
+            // more coming. Letting them run first puts their frames in this write too (a
+            // sender wakes this task, which otherwise runs, and writes, as soon as that one
+            // sender yields). A lone request never waits for this.
+            tokio::task::yield_now().await;
+            while let Ok(frame) = rx.try_recv() {
+                sink.feed(frame).await?;
+                frames += 1;
+            }
+        }
+        pipelined = frames > 1;
         SinkExt::<Bytes>::flush(&mut sink).await?;
     }
     SinkExt::<Bytes>::flush(&mut sink).await?;
