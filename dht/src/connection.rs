@@ -80,11 +80,18 @@ pub fn split(
     (reader, tx, writer)
 }
 
+/// How many writes of a single frame in a row end pipelined mode: with a few requests in
+/// flight on a connection some writes catch one frame only, and ending it on the first of
+/// them nearly doubled the writes of `bench dht-put-replicated` (83,800 writev calls against
+/// 45,200).
+const STAY_PIPELINED: u32 = 8;
+
 async fn write_loop(
     mut sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
     mut rx: mpsc::Receiver<Bytes>,
 ) -> io::Result<()> {
-    let mut pipelined = false;
+    // Writes in a row that carried a single frame.
+    let mut single = STAY_PIPELINED;
     while let Some(frame) = rx.recv().await {
         sink.feed(frame).await?;
         // Everything already queued goes out with this flush: pipelined traffic costs one
@@ -94,18 +101,18 @@ async fn write_loop(
             sink.feed(frame).await?;
             frames += 1;
         }
-        if pipelined {
-            // The last write carried several frames: the tasks that are ready to run have
-            // more coming. Letting them run first puts their frames in this write too (a
-            // sender wakes this task, which otherwise runs, and writes, as soon as that one
-            // sender yields). A lone request never waits for this.
+        if single < STAY_PIPELINED {
+            // One of the last few writes carried several frames: the tasks that are ready to
+            // run have more coming. Letting them run first puts their frames in this write
+            // too (a sender wakes this task, which otherwise runs, and writes, as soon as that
+            // one sender yields). A lone request never waits for this.
             tokio::task::yield_now().await;
             while let Ok(frame) = rx.try_recv() {
                 sink.feed(frame).await?;
                 frames += 1;
             }
         }
-        pipelined = frames > 1;
+        single = if frames > 1 { 0 } else { single + 1 };
         SinkExt::<Bytes>::flush(&mut sink).await?;
     }
     SinkExt::<Bytes>::flush(&mut sink).await?;
