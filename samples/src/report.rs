@@ -79,6 +79,35 @@ impl Report {
         }
     }
 
+    /// One report for several rounds of a scenario, each `(run, baseline)` measured one after
+    /// the other: the median run against the median baseline (by throughput), and, with more
+    /// than one round, every round's own ratio as `round_ratios`. On a shared machine one
+    /// round's ratio can be off by a third either way; the median of several is the figure to
+    /// quote.
+    ///
+    /// # Panics
+    /// If `rounds` is empty.
+    pub fn median_of_rounds(rounds: Vec<(Report, Report)>) -> Report {
+        assert!(!rounds.is_empty(), "median of no rounds");
+        let n = rounds.len();
+        let round_ratios: Vec<f64> = (rounds.iter())
+            .map(|(run, base)| {
+                let ratio = run.ops_per_sec / base.ops_per_sec.max(f64::EPSILON);
+                (ratio * 1000.0).round() / 1000.0
+            })
+            .collect();
+        let (mut runs, mut baselines): (Vec<_>, Vec<_>) = rounds.into_iter().unzip();
+        let median = |reports: &mut Vec<Report>| {
+            reports.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+            reports.swap_remove(reports.len() / 2)
+        };
+        let report = median(&mut runs).with_baseline(&median(&mut baselines));
+        if n == 1 {
+            return report;
+        }
+        report.with("rounds", n).with("round_ratios", round_ratios)
+    }
+
     /// Adds the CPU the run used per operation, where it could be read: `cpu_us_per_op` for
     /// this process, `broker_cpu_us_per_op` for the local RabbitMQ broker.
     pub fn with_cpu(self, used: &crate::cpu::CpuUse) -> Self {
@@ -110,5 +139,37 @@ impl Report {
             s.push_str(&format!("  baseline {b:.0} ops/s  ratio {r:.2}"));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(ops_per_sec: u64) -> Report {
+        Report::new(
+            "s",
+            ops_per_sec,
+            Duration::from_secs(1),
+            Latencies::default(),
+        )
+    }
+
+    #[test]
+    fn rounds_report_the_median_run_against_the_median_baseline() {
+        let rounds = vec![
+            (report(10), report(100)),
+            (report(30), report(50)),
+            (report(20), report(80)),
+        ];
+        let r = Report::median_of_rounds(rounds);
+        assert_eq!(r.ops_per_sec, 20.0);
+        assert_eq!(r.baseline_ops_per_sec, Some(80.0));
+        assert_eq!(r.ratio, Some(0.25));
+        assert_eq!(r.extra["rounds"], 3);
+        assert_eq!(r.extra["round_ratios"], serde_json::json!([0.1, 0.6, 0.25]));
+        let one = Report::median_of_rounds(vec![(report(10), report(40))]);
+        assert_eq!(one.ratio, Some(0.25));
+        assert!(!one.extra.contains_key("rounds"));
     }
 }

@@ -73,6 +73,10 @@ struct Args {
     /// (default: the nodes' own default).
     #[arg(long)]
     replication_linger_ms: Option<u64>,
+    /// Rounds of `dht-put-replicated` and its baseline, one after the other: the report gives
+    /// the median of each, their ratio, and every round's ratio (`round_ratios`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Port of the local Redis used as the DHT baseline.
     #[arg(long, default_value_t = 6379)]
     redis_port: u16,
@@ -151,13 +155,17 @@ async fn run(args: &Args) -> Result<(), BenchError> {
         print(&dht::dht_put_fsync(args.ops / 5, args.clients).await?);
     }
     if wants(Scenario::DhtPutReplicated) {
-        let single = dht::dht_put(args.ops, args.clients).await?;
         let linger = args
             .replication_linger_ms
             .map_or(DEFAULT_LINGER, std::time::Duration::from_millis);
-        let replicated =
-            dht_cluster::dht_put_replicated(args.ops, args.clients, &args.amqp, linger).await?;
-        print(&replicated.with_baseline(&single));
+        let mut rounds = Vec::new();
+        for _ in 0..args.rounds {
+            let single = dht::dht_put(args.ops, args.clients).await?;
+            let replicated =
+                dht_cluster::dht_put_replicated(args.ops, args.clients, &args.amqp, linger).await?;
+            rounds.push((replicated, single));
+        }
+        print(&Report::median_of_rounds(rounds));
     }
     if wants(Scenario::SagaOptimistic) || wants(Scenario::SagaMerging) {
         let baseline = match bus_report {
