@@ -23,6 +23,7 @@ pub struct EndpointBuilder {
     handlers: Handlers,
     subscriptions: BTreeSet<String>,
     recoverability: Recoverability,
+    audit_queue: Option<String>,
 }
 
 impl std::fmt::Debug for EndpointBuilder {
@@ -32,6 +33,7 @@ impl std::fmt::Debug for EndpointBuilder {
             .field("concurrency", &self.concurrency)
             .field("subscriptions", &self.subscriptions)
             .field("recoverability", &self.recoverability)
+            .field("audit_queue", &self.audit_queue)
             .finish_non_exhaustive()
     }
 }
@@ -88,6 +90,50 @@ impl EndpointBuilder {
         self
     }
 
+    /// Copies every message this endpoint handles into `queue` (declared, durable, as the
+    /// endpoint starts), as Rhino Service Bus's message logging and NServiceBus's audit queue
+    /// do: a record of what was processed, where and when, that `rhinobus errors --queue
+    /// QUEUE` lists, shows and replays (to the queue that handled it) like an error queue.
+    ///
+    /// The copy is the message byte for byte plus the `rhinobus-processing-*` headers
+    /// ([`names::PROCESSING_ENDPOINT`](crate::headers::names::PROCESSING_ENDPOINT) and the
+    /// others). It is made once the handlers succeeded and what they sent was confirmed, and
+    /// the message leaves its queue only once the broker confirmed the copy. If the audit
+    /// queue has gone (deleted by hand), the message goes to the error queue instead, with the
+    /// failure reason `audit`, rather than being handled again and again.
+    ///
+    /// ```
+    /// use rhinobus::{Context, Endpoint, HandlerError, Message, headers::names, transport::InMemory};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Ping;
+    /// impl Message for Ping { const NAME: &'static str = "demo.ping"; }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), rhinobus::BusError> {
+    /// let broker = InMemory::new();
+    /// let endpoint = Endpoint::builder("pinged", broker.clone())
+    ///     .audit_queue("audit")
+    ///     .handle(|_: Ping, _: Context| async { Ok::<_, HandlerError>(()) })
+    ///     .start()
+    ///     .await?;
+    /// endpoint.bus().send("pinged", &Ping).await?;
+    /// let (headers, _body) = loop {
+    ///     match broker.take("audit") {
+    ///         Some(copy) => break copy,
+    ///         None => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+    ///     }
+    /// };
+    /// assert_eq!(headers[names::PROCESSING_ENDPOINT], "pinged");
+    /// endpoint.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn audit_queue(mut self, queue: impl Into<String>) -> Self {
+        self.audit_queue = Some(queue.into());
+        self
+    }
+
     /// Declares the topology and starts consuming.
     pub async fn start(self) -> Result<Endpoint, BusError> {
         if self.name.is_empty() {
@@ -101,6 +147,13 @@ impl EndpointBuilder {
                 "the error queue cannot be the endpoint's own queue".into(),
             ));
         }
+        if let Some(audit) = &self.audit_queue
+            && (*audit == self.name || *audit == self.recoverability.error_queue)
+        {
+            return Err(BusError::Config(format!(
+                "the audit queue {audit:?} cannot be the endpoint's own queue or its error queue"
+            )));
+        }
         let queue = self.name.clone();
         let delay_queues = self.recoverability.delay_queues(&queue);
         let topology = EndpointTopology {
@@ -108,6 +161,7 @@ impl EndpointBuilder {
             queue: queue.clone(),
             subscriptions: self.subscriptions.into_iter().collect(),
             error_queue: self.recoverability.error_queue.clone(),
+            audit_queue: self.audit_queue.clone(),
             delay_queues: delay_queues.clone(),
             prefetch: self.concurrency,
         };
@@ -127,6 +181,7 @@ impl EndpointBuilder {
             policy: self.recoverability,
             queue,
             delay_queues,
+            audit_queue: self.audit_queue,
         });
         let done = tokio::spawn(receive(
             pipeline,
@@ -210,6 +265,7 @@ impl Endpoint {
             handlers: Handlers::default(),
             subscriptions: BTreeSet::new(),
             recoverability: Recoverability::default(),
+            audit_queue: None,
         }
     }
 

@@ -42,6 +42,20 @@ pub mod names {
     /// instance completed or gone is dropped, not failed.
     pub const SAGA_TIMEOUT: &str = "rhinobus-saga-timeout";
 
+    /// On an audit copy ([`crate::EndpointBuilder::audit_queue`]): the endpoint that handled
+    /// the message.
+    pub const PROCESSING_ENDPOINT: &str = "rhinobus-processing-endpoint";
+    /// On an audit copy: the queue the message was handled from.
+    pub const PROCESSING_QUEUE: &str = "rhinobus-processing-queue";
+    /// On an audit copy: when the endpoint took the message (RFC 3339, UTC).
+    pub const PROCESSING_STARTED: &str = "rhinobus-processing-started";
+    /// On an audit copy: when its handlers had all succeeded and everything they sent was
+    /// confirmed (RFC 3339, UTC).
+    pub const PROCESSING_ENDED: &str = "rhinobus-processing-ended";
+    /// On an audit copy: how many times the handlers ran (failed attempts and conflict re-runs
+    /// included).
+    pub const PROCESSING_ATTEMPTS: &str = "rhinobus-processing-attempts";
+
     /// Prefix of the headers a failure adds; a replay moves them aside.
     pub const FAILURE_PREFIX: &str = "rhinobus-failure-";
     /// Queue the message failed in.

@@ -3,7 +3,9 @@
 //! Endpoints exchange typed messages through RabbitMQ (or an in-memory broker for tests and
 //! embedded use). A message is acknowledged only after its handlers succeeded and everything
 //! they sent was confirmed by the broker; a message that keeps failing lands in an error
-//! queue with the reason, from where the `rhinobus` CLI (or [`ops`]) replays it.
+//! queue with the reason, from where the `rhinobus` CLI (or [`ops`]) replays it. An endpoint
+//! can also copy every message it handled into an audit queue
+//! ([`EndpointBuilder::audit_queue`]).
 //!
 //! # Layout
 //! - [`message`]: the [`Message`] trait (stable wire names) and the MessagePack codec.
@@ -12,7 +14,8 @@
 //! - [`context`]: [`Context`], a handler's view of the message and its staged sends.
 //! - [`handler`]: the [`Handler`] trait and per-type dispatch.
 //! - [`endpoint`]: [`Endpoint`] and its builder: topology, receive loop, graceful shutdown.
-//! - `pipeline`: one message's way through handlers, retries and settlement.
+//! - `pipeline`: one message's way through handlers, retries and settlement (and the audit
+//!   copy).
 //! - [`recoverability`]: immediate and delayed retries, conflicts, the error queue.
 //! - [`transport`]: the [`transport::Transport`] trait, [`transport::RabbitMq`] and
 //!   [`transport::InMemory`].

@@ -3,9 +3,9 @@
 
 use crate::bus::Bus;
 use crate::context::Context;
-use crate::error::{ErrorKind, HandlerError};
+use crate::error::{BusError, ErrorKind, HandlerError};
 use crate::handler::Handlers;
-use crate::headers::{Headers, names};
+use crate::headers::{Headers, format_time, names};
 use crate::recoverability::{Failure, Recoverability};
 use crate::trace;
 use crate::transport::{DelayQueue, Delivery};
@@ -13,6 +13,7 @@ use futures_util::FutureExt;
 use rand::Rng;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::SystemTime;
 use tracing::{Instrument, debug, error, field, info_span, warn};
 
 /// How long a delivery that could not be settled is held before it goes back to its queue.
@@ -24,12 +25,14 @@ pub(crate) struct Pipeline {
     pub(crate) policy: Recoverability,
     pub(crate) queue: String,
     pub(crate) delay_queues: Vec<DelayQueue>,
+    pub(crate) audit_queue: Option<String>,
 }
 
 /// How a delivery is to be settled.
 enum Outcome {
-    /// Handled and everything it sent is confirmed: remove it.
-    Handled,
+    /// Handled and everything it sent is confirmed: remove it (after copying it to the audit
+    /// queue, if there is one).
+    Handled { attempts: u32 },
     /// Every immediate retry failed: wait in a delay queue, then come back.
     Delay { queue: String, round: u32 },
     /// Give up: to the error queue.
@@ -56,8 +59,9 @@ impl Pipeline {
             attempt = field::Empty,
         );
         async {
+            let started = SystemTime::now();
             let outcome = self.handle(delivery.body(), &headers).await;
-            self.settle(delivery, &headers, outcome).await;
+            self.settle(delivery, &headers, outcome, started).await;
         }
         .instrument(span)
         .await
@@ -86,7 +90,7 @@ impl Pipeline {
             let ctx = Context::new(self.bus.clone(), headers.clone(), attempt);
             let error = match run(handlers, body, &ctx).await {
                 Ok(()) => match self.bus.transport().send(ctx.take_outgoing()).await {
-                    Ok(()) => return Outcome::Handled,
+                    Ok(()) => return Outcome::Handled { attempts: attempt },
                     Err(e) => HandlerError::from(e),
                 },
                 Err(RunError::Decode(e)) => {
@@ -147,9 +151,21 @@ impl Pipeline {
         }
     }
 
-    async fn settle(&self, mut delivery: Box<dyn Delivery>, headers: &Headers, outcome: Outcome) {
+    async fn settle(
+        &self,
+        mut delivery: Box<dyn Delivery>,
+        headers: &Headers,
+        outcome: Outcome,
+        started: SystemTime,
+    ) {
         let result = match outcome {
-            Outcome::Handled => delivery.ack().await,
+            Outcome::Handled { attempts } => match &self.audit_queue {
+                None => delivery.ack().await,
+                Some(audit) => {
+                    self.audit(delivery.as_mut(), audit, headers, attempts, started)
+                        .await
+                }
+            },
             Outcome::Delay { queue, round } => {
                 let mut extra = Headers::new();
                 extra.insert(names::DELAYED_RETRIES.into(), round.to_string());
@@ -168,6 +184,52 @@ impl Pipeline {
             tokio::time::sleep(SETTLE_FAILURE_PAUSE).await;
         }
         drop(delivery);
+    }
+}
+
+impl Pipeline {
+    /// Moves a handled message to the audit queue with its processing headers. A missing
+    /// audit queue sends it to the error queue instead: handling it again would not bring the
+    /// queue back, and would repeat what the handlers did.
+    async fn audit(
+        &self,
+        delivery: &mut dyn Delivery,
+        audit: &str,
+        headers: &Headers,
+        attempts: u32,
+        started: SystemTime,
+    ) -> Result<(), BusError> {
+        let mut extra = Headers::new();
+        extra.insert(
+            names::PROCESSING_ENDPOINT.into(),
+            self.bus.endpoint().into(),
+        );
+        extra.insert(names::PROCESSING_QUEUE.into(), self.queue.clone());
+        extra.insert(names::PROCESSING_STARTED.into(), format_time(started));
+        extra.insert(
+            names::PROCESSING_ENDED.into(),
+            format_time(SystemTime::now()),
+        );
+        extra.insert(names::PROCESSING_ATTEMPTS.into(), attempts.to_string());
+        match delivery.forward(audit, extra).await {
+            Err(BusError::Unroutable { queue }) => {
+                let failure = Failure {
+                    reason: "audit",
+                    error_type: "rhinobus::AuditQueueMissing".into(),
+                    message: format!(
+                        "handled, but the audit queue {queue:?} does not exist; replay this \
+                         message --to the audit queue once it is back (replaying it to its \
+                         source queue handles it again)"
+                    ),
+                    causes: Vec::new(),
+                    attempts,
+                };
+                error!(audit_queue = %queue, "audit queue missing; moving the handled message to the error queue");
+                let extra = failure.headers(headers, self.bus.endpoint(), &self.queue);
+                delivery.forward(&self.policy.error_queue, extra).await
+            }
+            other => other,
+        }
     }
 }
 

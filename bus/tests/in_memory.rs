@@ -282,3 +282,76 @@ async fn a_deferred_message_comes_back_after_its_delay_and_a_stored_one_keeps_it
     assert_eq!(broker.queue_len("held"), 1);
     ep.shutdown().await;
 }
+
+#[tokio::test]
+async fn handled_messages_are_copied_to_the_audit_queue_and_failed_ones_are_not() {
+    let broker = InMemory::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let ep = Endpoint::builder("audited", broker.clone())
+        .immediate_retries(1)
+        .audit_queue("audit")
+        .handle(move |w: Work, _: Context| {
+            // n = 1 fails once then succeeds; n = 2 always fails.
+            let call = counted.fetch_add(1, Ordering::SeqCst);
+            futures_util::future::ready(if w.n == 2 || call == 0 {
+                Err(HandlerError::msg("not now"))
+            } else {
+                Ok(())
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let before = std::time::SystemTime::now();
+    ep.bus().send("audited", &Work { n: 1 }).await.unwrap();
+    wait_until("the audit copy", || broker.queue_len("audit") == 1).await;
+    ep.bus().send("audited", &Work { n: 2 }).await.unwrap();
+    wait_until("the failure", || broker.queue_len("error") == 1).await;
+    ep.shutdown().await;
+    assert_eq!(
+        broker.queue_len("audit"),
+        1,
+        "the failed message is not audited"
+    );
+    assert_eq!(broker.queue_len("audited"), 0);
+    let (headers, body) = broker.take("audit").unwrap();
+    assert_eq!(rhinobus::message::decode::<Work>(&body).unwrap().n, 1);
+    assert_eq!(headers[names::PROCESSING_ENDPOINT], "audited");
+    assert_eq!(headers[names::PROCESSING_QUEUE], "audited");
+    assert_eq!(
+        headers[names::PROCESSING_ATTEMPTS],
+        "2",
+        "one failure, then success"
+    );
+    assert_eq!(
+        headers[names::MESSAGE_TYPE],
+        Work::NAME,
+        "the envelope is kept"
+    );
+    let time = |name: &str| rhinobus::headers::parse_time(&headers[name]).unwrap();
+    let (started, ended) = (
+        time(names::PROCESSING_STARTED),
+        time(names::PROCESSING_ENDED),
+    );
+    let ms = Duration::from_millis(1);
+    assert!(
+        started + ms >= before && ended >= started,
+        "{started:?} {ended:?}"
+    );
+    let (failed, _) = broker.take("error").unwrap();
+    assert!(!failed.contains_key(names::PROCESSING_ENDPOINT));
+}
+
+#[tokio::test]
+async fn an_audit_queue_that_is_the_input_or_error_queue_is_refused() {
+    for audit in ["worker", "error"] {
+        let err = Endpoint::builder("worker", InMemory::new())
+            .audit_queue(audit)
+            .handle(|_: Work, _: Context| async { Ok::<_, HandlerError>(()) })
+            .start()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, rhinobus::BusError::Config(_)), "{err}");
+    }
+}

@@ -13,7 +13,8 @@ pub struct FailedMessage {
     /// The message type, if the message had one.
     pub message_type: Option<String>,
     /// The queue it failed in; for a delayed send whose queue was gone when its time came
-    /// (in RabbitMQ's `rhinobus.delay.undeliverable`), the queue it was meant for.
+    /// (in RabbitMQ's `rhinobus.delay.undeliverable`), the queue it was meant for; for a copy
+    /// in an audit queue, the queue that handled it.
     pub source_queue: Option<String>,
     /// When it failed.
     #[serde(serialize_with = "serialize_time")]
@@ -50,7 +51,9 @@ impl FailedMessage {
         Self {
             id,
             message_type: get(names::MESSAGE_TYPE),
-            source_queue: get(names::FAILURE_SOURCE_QUEUE).or_else(|| get(names::DELIVER_TO)),
+            source_queue: get(names::FAILURE_SOURCE_QUEUE)
+                .or_else(|| get(names::DELIVER_TO))
+                .or_else(|| get(names::PROCESSING_QUEUE)),
             failed_at: headers.get(names::FAILURE_TIME).and_then(|t| parse_time(t)),
             attempts: get(names::FAILURE_ATTEMPTS).and_then(|n| n.parse().ok()),
             failed_times: get(names::FAILED_TIMES)

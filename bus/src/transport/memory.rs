@@ -163,6 +163,9 @@ impl Transport for InMemory {
     ) -> Result<Deliveries, BusError> {
         let queue = self.queue(&topology.queue);
         self.declare_queue(&topology.error_queue);
+        if let Some(audit) = &topology.audit_queue {
+            self.declare_queue(audit);
+        }
         {
             let mut state = lock(&self.state);
             for t in &topology.subscriptions {

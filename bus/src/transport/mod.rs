@@ -87,6 +87,8 @@ pub struct EndpointTopology {
     pub subscriptions: Vec<String>,
     /// The error queue.
     pub error_queue: String,
+    /// Where a copy of every handled message goes, if anywhere.
+    pub audit_queue: Option<String>,
     /// Delay queues for delayed retries, shortest first; they feed back into `queue`.
     pub delay_queues: Vec<DelayQueue>,
     /// How many unacknowledged deliveries the endpoint takes at once.

@@ -21,6 +21,8 @@ enum Scenario {
     RawAmqpEnvelope,
     /// rhinobus on RabbitMQ to a no-op handler (baseline: raw-amqp).
     Bus,
+    /// `bus` with an audit queue: every handled message is copied there (baseline: bus).
+    BusAudit,
     /// rhinobus on the in-memory transport.
     BusInmemory,
     /// rhinobus-dht GET against one in-process node (baseline: redis-benchmark GET).
@@ -167,15 +169,22 @@ async fn run(args: &Args) -> Result<(), BenchError> {
         }
         print(&Report::median_of_rounds(rounds));
     }
-    if wants(Scenario::SagaOptimistic) || wants(Scenario::SagaMerging) {
-        let baseline = match bus_report {
-            Some(bus) => bus,
-            None => {
-                let bus = amqp::bus_rabbitmq(&load).await?;
-                print(&bus);
-                bus
-            }
-        };
+    // The bus figure, measured (and printed) once, whoever needs it first.
+    let wants_bus_baseline = wants(Scenario::BusAudit)
+        || wants(Scenario::SagaOptimistic)
+        || wants(Scenario::SagaMerging);
+    if wants_bus_baseline && bus_report.is_none() {
+        let bus = amqp::bus_rabbitmq(&load).await?;
+        print(&bus);
+        bus_report = Some(bus);
+    }
+    if let (true, Some(baseline)) = (wants(Scenario::BusAudit), &bus_report) {
+        print(&amqp::bus_audit(&load).await?.with_baseline(baseline));
+    }
+    if let (true, Some(baseline)) = (
+        wants(Scenario::SagaOptimistic) || wants(Scenario::SagaMerging),
+        &bus_report,
+    ) {
         for (scenario, kind) in [
             (Scenario::SagaOptimistic, sagas::PersisterKind::Optimistic),
             (Scenario::SagaMerging, sagas::PersisterKind::Merging),
@@ -184,7 +193,7 @@ async fn run(args: &Args) -> Result<(), BenchError> {
                 print(
                     &sagas::saga_rabbitmq(&load, kind)
                         .await?
-                        .with_baseline(&baseline),
+                        .with_baseline(baseline),
                 );
             }
         }

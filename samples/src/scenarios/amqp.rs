@@ -226,44 +226,69 @@ impl Message for BenchMessage {
 
 /// rhinobus on RabbitMQ: a sender bus on its own connection, a no-op handler endpoint.
 pub async fn bus_rabbitmq(load: &Load) -> Result<Report, BenchError> {
-    let endpoint = format!("bench-bus-{}", uuid::Uuid::now_v7().simple());
+    bus_on_rabbitmq("bus", load, false).await
+}
+
+/// `bus` with an audit queue: every handled message is also copied there.
+pub async fn bus_audit(load: &Load) -> Result<Report, BenchError> {
+    bus_on_rabbitmq("bus-audit", load, true).await
+}
+
+async fn bus_on_rabbitmq(scenario: &str, load: &Load, audit: bool) -> Result<Report, BenchError> {
+    let endpoint = format!("bench-{scenario}-{}", uuid::Uuid::now_v7().simple());
+    let audit = audit.then(|| format!("{endpoint}-audit"));
     let report = bus_scenario(
-        "bus",
+        scenario,
         load,
         &endpoint,
+        audit.as_deref(),
         RabbitMq::new(&load.amqp_url),
         RabbitMq::new(&load.amqp_url).connection_name(format!("{endpoint}-sender")),
     )
     .await;
-    delete_queues(&load.amqp_url, &[&endpoint, &format!("{endpoint}-error")]).await?;
+    let error = format!("{endpoint}-error");
+    let queues = [Some(&endpoint), Some(&error), audit.as_ref()];
+    let queues: Vec<&str> = queues.into_iter().flatten().map(String::as_str).collect();
+    delete_queues(&load.amqp_url, &queues).await?;
     report
 }
 
 /// rhinobus on the in-memory transport.
 pub async fn bus_inmemory(load: &Load) -> Result<Report, BenchError> {
     let broker = InMemory::new();
-    bus_scenario("bus-inmemory", load, "bench-bus", broker.clone(), broker).await
+    bus_scenario(
+        "bus-inmemory",
+        load,
+        "bench-bus",
+        None,
+        broker.clone(),
+        broker,
+    )
+    .await
 }
 
 async fn bus_scenario(
     scenario: &str,
     load: &Load,
     endpoint: &str,
+    audit: Option<&str>,
     receiving: impl Transport,
     sending: impl Transport,
 ) -> Result<Report, BenchError> {
     let receipts = Receipts::new(load.messages);
     let clock = CpuClock::start();
     let handled = receipts.clone();
-    let ep = Endpoint::builder(endpoint, receiving)
+    let mut builder = Endpoint::builder(endpoint, receiving)
         .concurrency(load.concurrency)
         .error_queue(format!("{endpoint}-error"))
         .handle(move |m: BenchMessage, _: Context| {
             handled.received(m.sent_at_micros);
             async { Ok::<_, HandlerError>(()) }
-        })
-        .start()
-        .await?;
+        });
+    if let Some(audit) = audit {
+        builder = builder.audit_queue(audit);
+    }
+    let ep = builder.start().await?;
     let sender = Bus::new(sending, format!("{endpoint}-sender"));
     let filler = "x".repeat(BODY_BYTES - 48);
     // Like raw-amqp: one task keeps a window of sends waiting for their confirms.

@@ -501,7 +501,7 @@ async fn declare(channel: &Channel, exchange: &str, t: &EndpointTopology) -> Res
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    for queue in [&t.queue, &t.error_queue] {
+    for queue in [&t.queue, &t.error_queue].into_iter().chain(&t.audit_queue) {
         channel
             .queue_declare(
                 amqp::short("queue name", queue)?,

@@ -1,0 +1,106 @@
+//! The audit queue against a real RabbitMQ: copies of handled messages, read and replayed with
+//! the `rhinobus` CLI as a real process, and a deleted audit queue.
+
+use lapin::options::QueueDeleteOptions;
+use rhinobus::headers::names;
+use rhinobus::transport::RabbitMq;
+use rhinobus::{Context, Endpoint, HandlerError, Message};
+use rhinobus_tests::{Raw, Work, amqp_url, recv, rhinobus_cli, unique};
+use std::time::Duration;
+
+/// An endpoint on `queue` auditing to `audit` whose handler reports every `n` it handles.
+async fn audited_endpoint(
+    queue: &str,
+    error: &str,
+    audit: &str,
+) -> (Endpoint, tokio::sync::mpsc::UnboundedReceiver<u32>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let endpoint = Endpoint::builder(queue, RabbitMq::new(amqp_url()))
+        .error_queue(error)
+        .audit_queue(audit)
+        .handle(move |w: Work, _: Context| {
+            let _ = tx.send(w.n);
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .start()
+        .await
+        .expect("start the endpoint");
+    (endpoint, rx)
+}
+
+#[tokio::test]
+async fn handled_messages_are_audited_and_a_replay_from_the_audit_queue_handles_them_again() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = raw.endpoint_queues("audited").await;
+    let audit = unique("audit");
+    raw.forget_later(&audit);
+    let (endpoint, mut handled) = audited_endpoint(&queue, &error, &audit).await;
+    endpoint.bus().send(&queue, &Work { n: 7 }).await.unwrap();
+    assert_eq!(recv(&mut handled).await, 7);
+    raw.wait_for_count(&audit, 1, Duration::from_secs(10)).await;
+    assert_eq!(raw.count(&queue).await, 0);
+
+    let (ok, out, err) = rhinobus_cli(&["errors", "--queue", &audit, "list", "--json"]);
+    assert!(ok, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    let copy = &listed[0];
+    assert_eq!(copy["message_type"], Work::NAME);
+    assert_eq!(
+        copy["source_queue"],
+        queue.as_str(),
+        "the queue that handled it"
+    );
+    let headers = &copy["headers"];
+    assert_eq!(headers[names::PROCESSING_ENDPOINT], queue.as_str());
+    assert_eq!(headers[names::PROCESSING_ATTEMPTS], "1");
+    for time in [names::PROCESSING_STARTED, names::PROCESSING_ENDED] {
+        let t = headers[time].as_str().unwrap_or_default();
+        assert!(rhinobus::headers::parse_time(t).is_some(), "{time}: {t:?}");
+    }
+
+    // Replaying from the audit queue is how an operator has a message handled again.
+    let (ok, _, err) = rhinobus_cli(&["errors", "--queue", &audit, "replay", "--all"]);
+    assert!(ok, "{err}");
+    assert_eq!(recv(&mut handled).await, 7);
+    raw.wait_for_count(&audit, 1, Duration::from_secs(10)).await;
+    let copies = raw.drain(&audit).await;
+    assert_eq!(copies.len(), 1);
+    let (headers, body) = &copies[0];
+    assert_eq!(headers[names::REPLAY_COUNT], "1");
+    assert_eq!(rhinobus::message::decode::<Work>(body).unwrap().n, 7);
+    endpoint.shutdown().await;
+    assert_eq!(raw.count(&error).await, 0);
+    raw.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_handled_message_whose_audit_queue_was_deleted_goes_to_the_error_queue_once() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = raw.endpoint_queues("audited").await;
+    let audit = unique("audit");
+    let (endpoint, mut handled) = audited_endpoint(&queue, &error, &audit).await;
+    raw.channel
+        .queue_delete(audit.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the audit queue");
+    endpoint.bus().send(&queue, &Work { n: 3 }).await.unwrap();
+    assert_eq!(recv(&mut handled).await, 3);
+    raw.wait_for_count(&error, 1, Duration::from_secs(10)).await;
+    // Not handled again: it left its queue for the error queue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(handled.try_recv().is_err(), "handled a second time");
+    assert_eq!(raw.count(&queue).await, 0);
+    endpoint.shutdown().await;
+    let failed = raw.drain(&error).await;
+    assert_eq!(failed.len(), 1);
+    let (headers, body) = &failed[0];
+    assert_eq!(headers[names::FAILURE_REASON], "audit");
+    assert_eq!(headers[names::FAILURE_SOURCE_QUEUE], queue);
+    assert!(
+        headers[names::FAILURE_ERROR_MESSAGE].contains(&audit),
+        "{headers:?}"
+    );
+    assert_eq!(rhinobus::message::decode::<Work>(body).unwrap().n, 3);
+    raw.cleanup().await;
+}
