@@ -189,8 +189,9 @@ impl Pipeline {
 
 impl Pipeline {
     /// Moves a handled message to the audit queue with its processing headers. A missing
-    /// audit queue sends it to the error queue instead: handling it again would not bring the
-    /// queue back, and would repeat what the handlers did.
+    /// audit queue sends it to the error queue instead, processing headers included, so that
+    /// replayed `--to` the audit queue it is a whole audit copy: handling it again would not
+    /// bring the queue back, and would repeat what the handlers did.
     async fn audit(
         &self,
         delivery: &mut dyn Delivery,
@@ -211,7 +212,7 @@ impl Pipeline {
             format_time(SystemTime::now()),
         );
         extra.insert(names::PROCESSING_ATTEMPTS.into(), attempts.to_string());
-        match delivery.forward(audit, extra).await {
+        match delivery.forward(audit, extra.clone()).await {
             Err(BusError::Unroutable { queue }) => {
                 let failure = Failure {
                     reason: "audit",
@@ -225,7 +226,7 @@ impl Pipeline {
                     attempts,
                 };
                 error!(audit_queue = %queue, "audit queue missing; moving the handled message to the error queue");
-                let extra = failure.headers(headers, self.bus.endpoint(), &self.queue);
+                extra.extend(failure.headers(headers, self.bus.endpoint(), &self.queue));
                 delivery.forward(&self.policy.error_queue, extra).await
             }
             other => other,

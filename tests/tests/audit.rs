@@ -102,5 +102,10 @@ async fn a_handled_message_whose_audit_queue_was_deleted_goes_to_the_error_queue
         "{headers:?}"
     );
     assert_eq!(rhinobus::message::decode::<Work>(body).unwrap().n, 3);
+    assert_eq!(
+        headers[names::PROCESSING_ENDPOINT],
+        queue,
+        "a whole audit copy once replayed --to the audit queue"
+    );
     raw.cleanup().await;
 }
