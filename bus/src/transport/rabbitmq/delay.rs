@@ -33,11 +33,16 @@ use tokio::sync::OnceCell;
 /// How many levels: one per bit of [`crate::MAX_DELAY`] in seconds.
 const LEVELS: u32 = crate::MAX_DELAY.as_secs().count_ones();
 
-/// The delay infrastructure as one connection knows it: its names, declared once, and the
-/// queues it has bound to the delivery exchange.
+/// The delay infrastructure as one connection knows it: its names, what it has declared, and
+/// the queues it has bound to the delivery exchange.
 pub(crate) struct Delays {
     exchange: String,
-    declared: OnceCell<Names>,
+    /// The delivery exchange and the undeliverable queue, declared once, as an endpoint starts
+    /// or before the first delayed send.
+    delivery: OnceCell<Names>,
+    /// The levels, declared once, before the first delayed send: an endpoint that never sends
+    /// one does not wait for them as it starts (about 35 ms, in a release build here).
+    levels: OnceCell<()>,
     bound: Mutex<HashSet<String>>,
 }
 
@@ -46,19 +51,30 @@ impl Delays {
     pub(crate) fn new(exchange: &str) -> Self {
         Self {
             exchange: exchange.to_owned(),
-            declared: OnceCell::new(),
+            delivery: OnceCell::new(),
+            levels: OnceCell::new(),
             bound: Mutex::default(),
         }
     }
 
-    /// Declares the delay levels (once per connection) and binds each of `queues` to the
-    /// delivery exchange, once per connection and queue. A queue that does not exist is
-    /// [`BusError::Unroutable`], before anything is sent.
+    /// Readies this connection for delayed sends to `queues`: declares the delay levels (once
+    /// per connection) and binds each of `queues` to the delivery exchange, once per
+    /// connection and queue. A queue that does not exist is [`BusError::Unroutable`], before
+    /// anything is sent.
     pub(crate) async fn prepare(
         &self,
         connection: &Connection,
         queues: &[&str],
     ) -> Result<(), BusError> {
+        let names = self.delivery(connection).await?;
+        self.levels
+            .get_or_try_init(|| async {
+                let channel = connection.create_channel().await?;
+                declare_levels(&channel, names).await.map_err(refusal)?;
+                let _ = channel.close(200, "declared".into()).await;
+                Ok::<_, BusError>(())
+            })
+            .await?;
         let unbound: Vec<&str> = {
             let bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
             queues
@@ -70,24 +86,16 @@ impl Delays {
         self.bind(connection, &unbound).await
     }
 
-    /// [`Delays::prepare`], binding every one of `queues` whether or not this connection bound
-    /// it before: for an endpoint's own queue as it starts, which may have been deleted and
-    /// declared again meanwhile (a deleted queue loses its bindings).
+    /// Binds every one of `queues` to the delivery exchange, whether or not this connection
+    /// bound it before: for an endpoint's own queue as it starts, which may have been deleted
+    /// and declared again meanwhile (a deleted queue loses its bindings). Declares the delivery
+    /// exchange first (once per connection), not the levels.
     pub(crate) async fn bind(
         &self,
         connection: &Connection,
         queues: &[&str],
     ) -> Result<(), BusError> {
-        let infra = self
-            .declared
-            .get_or_try_init(|| async {
-                let infra = Names::new(&self.exchange)?;
-                let channel = connection.create_channel().await?;
-                declare(&channel, &infra).await.map_err(refusal)?;
-                let _ = channel.close(200, "declared".into()).await;
-                Ok::<_, BusError>(infra)
-            })
-            .await?;
+        let infra = self.delivery(connection).await?;
         if queues.is_empty() {
             return Ok(());
         }
@@ -129,6 +137,19 @@ impl Delays {
             .unwrap_or_else(PoisonError::into_inner)
             .extend(queues.iter().map(|q| (*q).to_owned()));
         Ok(())
+    }
+
+    /// The names, with the delivery exchange and the undeliverable queue declared.
+    async fn delivery(&self, connection: &Connection) -> Result<&Names, BusError> {
+        self.delivery
+            .get_or_try_init(|| async {
+                let names = Names::new(&self.exchange)?;
+                let channel = connection.create_channel().await?;
+                declare_delivery(&channel, &names).await.map_err(refusal)?;
+                let _ = channel.close(200, "declared".into()).await;
+                Ok::<_, BusError>(names)
+            })
+            .await
     }
 }
 
@@ -213,12 +234,16 @@ impl Names {
     }
 }
 
-/// Declares every level, the delivery exchange and the undeliverable queue (idempotent).
-async fn declare(channel: &Channel, names: &Names) -> Result<(), lapin::Error> {
-    let durable = ExchangeDeclareOptions {
+fn durable() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
-    };
+    }
+}
+
+/// Declares the delivery exchange and the undeliverable queue behind it (idempotent).
+async fn declare_delivery(channel: &Channel, names: &Names) -> Result<(), lapin::Error> {
+    let durable = durable();
     let undeliverable = &names.undeliverable;
     let no_args = FieldTable::default;
     channel
@@ -248,6 +273,13 @@ async fn declare(channel: &Channel, names: &Names) -> Result<(), lapin::Error> {
     channel
         .exchange_declare(names.deliver.clone(), ExchangeKind::Headers, durable, args)
         .await?;
+    Ok(())
+}
+
+/// Declares every level, each feeding the one below and level 0 the delivery exchange, which
+/// must exist (idempotent).
+async fn declare_levels(channel: &Channel, names: &Names) -> Result<(), lapin::Error> {
+    let (durable, bind, no_args) = (durable(), QueueBindOptions::default(), FieldTable::default);
     for level in &names.levels {
         let name = &level.name;
         channel
