@@ -98,9 +98,10 @@ impl EndpointBuilder {
     /// The copy is the message byte for byte plus the `rhinobus-processing-*` headers
     /// ([`names::PROCESSING_ENDPOINT`](crate::headers::names::PROCESSING_ENDPOINT) and the
     /// others). It is made once the handlers succeeded and what they sent was confirmed, and
-    /// the message leaves its queue only once the broker confirmed the copy. If the audit
-    /// queue has gone (deleted by hand), the message goes to the error queue instead, with the
-    /// failure reason `audit`, rather than being handled again and again.
+    /// the message leaves its queue only once the broker confirmed the copy. If the broker does
+    /// not take the copy (the queue was deleted, a length limit refuses it), the message goes
+    /// to the error queue instead, with the failure reason `audit`, rather than being handled
+    /// again and again.
     ///
     /// ```
     /// use rhinobus::{Context, Endpoint, HandlerError, Message, headers::names, transport::InMemory};
@@ -119,12 +120,13 @@ impl EndpointBuilder {
     ///     .start()
     ///     .await?;
     /// endpoint.bus().send("pinged", &Ping).await?;
-    /// let (headers, _body) = loop {
-    ///     match broker.take("audit") {
-    ///         Some(copy) => break copy,
-    ///         None => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-    ///     }
-    /// };
+    /// let mut copy = None;
+    /// for _ in 0..1_000 {
+    ///     copy = broker.take("audit");
+    ///     if copy.is_some() { break; }
+    ///     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    /// }
+    /// let (headers, _body) = copy.expect("audited within 5 s");
     /// assert_eq!(headers[names::PROCESSING_ENDPOINT], "pinged");
     /// endpoint.shutdown().await;
     /// # Ok(()) }
@@ -147,15 +149,19 @@ impl EndpointBuilder {
                 "the error queue cannot be the endpoint's own queue".into(),
             ));
         }
-        if let Some(audit) = &self.audit_queue
-            && (*audit == self.name || *audit == self.recoverability.error_queue)
-        {
-            return Err(BusError::Config(format!(
-                "the audit queue {audit:?} cannot be the endpoint's own queue or its error queue"
-            )));
-        }
         let queue = self.name.clone();
         let delay_queues = self.recoverability.delay_queues(&queue);
+        if let Some(audit) = &self.audit_queue
+            && (audit.is_empty()
+                || *audit == queue
+                || *audit == self.recoverability.error_queue
+                || delay_queues.iter().any(|d| d.name == *audit))
+        {
+            return Err(BusError::Config(format!(
+                "the audit queue {audit:?} must have a name, and not that of the endpoint's own \
+                 queue, its error queue or one of its delay queues"
+            )));
+        }
         let topology = EndpointTopology {
             endpoint: self.name.clone(),
             queue: queue.clone(),

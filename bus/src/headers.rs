@@ -52,8 +52,9 @@ pub mod names {
     /// On an audit copy: when its handlers had all succeeded and everything they sent was
     /// confirmed (RFC 3339, UTC).
     pub const PROCESSING_ENDED: &str = "rhinobus-processing-ended";
-    /// On an audit copy: how many times the handlers ran (failed attempts and conflict re-runs
-    /// included).
+    /// On an audit copy: how many times the handlers ran in the delivery that succeeded (its
+    /// failed attempts and conflict re-runs included; earlier delayed-retry rounds are counted
+    /// in [`DELAYED_RETRIES`], earlier deliveries not at all).
     pub const PROCESSING_ATTEMPTS: &str = "rhinobus-processing-attempts";
 
     /// Prefix of the headers a failure adds; a replay moves them aside.
@@ -67,7 +68,8 @@ pub mod names {
     /// How many times the handlers ran before it was given up, in its last round of
     /// immediate retries (the delayed rounds before it are counted in [`DELAYED_RETRIES`]).
     pub const FAILURE_ATTEMPTS: &str = "rhinobus-failure-attempts";
-    /// Why it failed, in one word: `handler`, `decode`, `unknown-type`, `no-handler`, ...
+    /// Why it failed, in one word: `handler`, `decode`, `missing-type`, `no-handler`, or
+    /// `audit` (handled, but its audit copy was refused).
     pub const FAILURE_REASON: &str = "rhinobus-failure-reason";
     /// Rust type of the error.
     pub const FAILURE_ERROR_TYPE: &str = "rhinobus-failure-error-type";

@@ -188,10 +188,12 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// Moves a handled message to the audit queue with its processing headers. A missing
-    /// audit queue sends it to the error queue instead, processing headers included, so that
-    /// replayed `--to` the audit queue it is a whole audit copy: handling it again would not
-    /// bring the queue back, and would repeat what the handlers did.
+    /// Moves a handled message to the audit queue with its processing headers. When the broker
+    /// does not take the copy (the queue is gone, a length limit refuses it, no confirm came
+    /// in time) the message goes to the error queue instead, processing headers included, so
+    /// that replayed `--to` the audit queue it is a whole audit copy: handling it again would
+    /// not get the copy taken, and would repeat what the handlers did. Only a broken
+    /// connection leaves it to be redelivered, which its broker does whatever happens here.
     async fn audit(
         &self,
         delivery: &mut dyn Delivery,
@@ -213,19 +215,20 @@ impl Pipeline {
         );
         extra.insert(names::PROCESSING_ATTEMPTS.into(), attempts.to_string());
         match delivery.forward(audit, extra.clone()).await {
-            Err(BusError::Unroutable { queue }) => {
+            Err(e @ BusError::Transport(_)) => Err(e),
+            Err(e) => {
                 let failure = Failure {
                     reason: "audit",
-                    error_type: "rhinobus::AuditQueueMissing".into(),
+                    error_type: "rhinobus::AuditCopyFailed".into(),
                     message: format!(
-                        "handled, but the audit queue {queue:?} does not exist; replay this \
-                         message --to the audit queue once it is back (replaying it to its \
-                         source queue handles it again)"
+                        "handled, but its copy was not taken by the audit queue {audit:?}: {e}; \
+                         replay it --to the audit queue once that can take it (replayed to \
+                         its source queue it is handled again)"
                     ),
                     causes: Vec::new(),
                     attempts,
                 };
-                error!(audit_queue = %queue, "audit queue missing; moving the handled message to the error queue");
+                error!(audit_queue = %audit, error = %e, "audit copy failed; moving the handled message to the error queue");
                 extra.extend(failure.headers(headers, self.bus.endpoint(), &self.queue));
                 delivery.forward(&self.policy.error_queue, extra).await
             }

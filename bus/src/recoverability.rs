@@ -82,7 +82,7 @@ impl Recoverability {
 /// Why a message went to the error queue.
 #[derive(Debug, Clone)]
 pub(crate) struct Failure {
-    /// One word: `handler`, `decode`, `no-handler`, `missing-type`, `send`.
+    /// One word: `handler`, `decode`, `no-handler`, `missing-type`, `audit`.
     pub reason: &'static str,
     pub error_type: String,
     pub message: String,

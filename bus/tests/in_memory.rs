@@ -344,14 +344,22 @@ async fn handled_messages_are_copied_to_the_audit_queue_and_failed_ones_are_not(
 }
 
 #[tokio::test]
-async fn an_audit_queue_that_is_the_input_or_error_queue_is_refused() {
-    for audit in ["worker", "error"] {
+async fn an_audit_queue_without_a_name_or_named_as_another_of_the_endpoint_s_queues_is_refused() {
+    for audit in ["", "worker", "error", "worker.delay.1000ms"] {
         let err = Endpoint::builder("worker", InMemory::new())
+            .delayed_retries(DelayedRetries {
+                max: 1,
+                delay: Duration::from_secs(1),
+                multiplier: 1,
+            })
             .audit_queue(audit)
             .handle(|_: Work, _: Context| async { Ok::<_, HandlerError>(()) })
             .start()
             .await
             .unwrap_err();
-        assert!(matches!(err, rhinobus::BusError::Config(_)), "{err}");
+        assert!(
+            matches!(err, rhinobus::BusError::Config(_)),
+            "{audit:?}: {err}"
+        );
     }
 }

@@ -16,14 +16,16 @@ pub struct FailedMessage {
     /// (in RabbitMQ's `rhinobus.delay.undeliverable`), the queue it was meant for; for a copy
     /// in an audit queue, the queue that handled it.
     pub source_queue: Option<String>,
-    /// When it failed.
+    /// When it failed; for an audit copy, when its handling ended.
     #[serde(serialize_with = "serialize_time")]
     pub failed_at: Option<SystemTime>,
-    /// How many times the handlers ran.
+    /// How many times the handlers ran (in the last round, for an audit copy in its last
+    /// delivery).
     pub attempts: Option<u32>,
-    /// How many times this message has landed in an error queue.
+    /// How many times this message has landed in an error queue (taken as 1 for a message
+    /// without the header, 0 for an audit copy without it).
     pub failed_times: u32,
-    /// Why, in one word (`handler`, `decode`, `no-handler`, ...).
+    /// Why, in one word (`handler`, `decode`, `missing-type`, `no-handler`, `audit`).
     pub reason: Option<String>,
     /// The Rust type of the error.
     pub error_type: Option<String>,
@@ -48,17 +50,33 @@ impl FailedMessage {
     pub fn new(headers: Headers, body: Vec<u8>) -> Self {
         let get = |name: &str| headers.get(name).cloned();
         let id = get(names::MESSAGE_ID).unwrap_or_else(|| short_digest(&[&body]));
+        // A copy in an audit queue: the times and attempts of its handling stand in for those
+        // of a failure.
+        let audit_copy = !headers.contains_key(names::FAILURE_TIME)
+            && headers.contains_key(names::PROCESSING_ENDED);
         Self {
             id,
             message_type: get(names::MESSAGE_TYPE),
             source_queue: get(names::FAILURE_SOURCE_QUEUE)
-                .or_else(|| get(names::DELIVER_TO))
-                .or_else(|| get(names::PROCESSING_QUEUE)),
-            failed_at: headers.get(names::FAILURE_TIME).and_then(|t| parse_time(t)),
-            attempts: get(names::FAILURE_ATTEMPTS).and_then(|n| n.parse().ok()),
+                .or_else(|| get(names::PROCESSING_QUEUE))
+                .or_else(|| get(names::DELIVER_TO)),
+            failed_at: (headers.get(names::FAILURE_TIME))
+                .or_else(|| {
+                    audit_copy
+                        .then(|| headers.get(names::PROCESSING_ENDED))
+                        .flatten()
+                })
+                .and_then(|t| parse_time(t)),
+            attempts: get(names::FAILURE_ATTEMPTS)
+                .or_else(|| {
+                    audit_copy
+                        .then(|| get(names::PROCESSING_ATTEMPTS))
+                        .flatten()
+                })
+                .and_then(|n| n.parse().ok()),
             failed_times: get(names::FAILED_TIMES)
                 .and_then(|n| n.parse().ok())
-                .unwrap_or(1),
+                .unwrap_or(u32::from(!audit_copy)),
             reason: get(names::FAILURE_REASON),
             error_type: get(names::FAILURE_ERROR_TYPE),
             error_message: get(names::FAILURE_ERROR_MESSAGE),
@@ -196,6 +214,33 @@ mod tests {
         assert_eq!(gs[0].last, parse_time("2026-01-01T00:00:02Z"));
         assert_eq!(gs[0].example_error, "E1");
         assert_ne!(gs[0].id, gs[1].id);
+    }
+
+    #[test]
+    fn an_audit_copy_reads_its_handling_where_a_failure_would_be() {
+        let mut h = Headers::new();
+        h.insert(names::PROCESSING_QUEUE.into(), "billing".into());
+        h.insert(
+            names::PROCESSING_ENDED.into(),
+            "2026-01-01T00:00:05Z".into(),
+        );
+        h.insert(names::PROCESSING_ATTEMPTS.into(), "2".into());
+        // A delayed send replayed to another queue once keeps its first destination.
+        h.insert(names::DELIVER_TO.into(), "old".into());
+        let copy = FailedMessage::new(h.clone(), vec![0x80]);
+        assert_eq!(copy.source_queue.as_deref(), Some("billing"));
+        assert_eq!(copy.failed_at, parse_time("2026-01-01T00:00:05Z"));
+        assert_eq!(copy.attempts, Some(2));
+        assert_eq!(copy.failed_times, 0);
+        // Failed since (its failure headers are there): read as a failure.
+        h.insert(names::FAILURE_SOURCE_QUEUE.into(), "shipping".into());
+        h.insert(names::FAILURE_TIME.into(), "2026-01-01T00:00:09Z".into());
+        h.insert(names::FAILURE_ATTEMPTS.into(), "6".into());
+        h.insert(names::FAILED_TIMES.into(), "1".into());
+        let failed = FailedMessage::new(h, vec![0x80]);
+        assert_eq!(failed.source_queue.as_deref(), Some("shipping"));
+        assert_eq!(failed.failed_at, parse_time("2026-01-01T00:00:09Z"));
+        assert_eq!((failed.attempts, failed.failed_times), (Some(6), 1));
     }
 
     #[test]
