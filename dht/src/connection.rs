@@ -105,14 +105,19 @@ async fn write_loop(
             // One of the last few writes carried several frames: the tasks that are ready to
             // run have more coming. Letting them run first puts their frames in this write
             // too (a sender wakes this task, which otherwise runs, and writes, as soon as that
-            // one sender yields). A lone request never waits for this.
+            // one sender yields). A lone request after a quiet spell never waits for this;
+            // the first few after a burst wait one pass of the scheduler each.
             tokio::task::yield_now().await;
             while let Ok(frame) = rx.try_recv() {
                 sink.feed(frame).await?;
                 frames += 1;
             }
         }
-        single = if frames > 1 { 0 } else { single + 1 };
+        single = if frames > 1 {
+            0
+        } else {
+            single.saturating_add(1)
+        };
         SinkExt::<Bytes>::flush(&mut sink).await?;
     }
     SinkExt::<Bytes>::flush(&mut sink).await?;
