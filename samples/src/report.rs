@@ -73,35 +73,34 @@ impl Report {
     pub fn with_baseline(mut self, baseline: &Report) -> Self {
         self.baseline_ops_per_sec = Some(baseline.ops_per_sec);
         self.ratio = Some(self.ops_per_sec / baseline.ops_per_sec.max(f64::EPSILON));
-        match baseline.extra.get("cpu_us_per_op") {
-            Some(cpu) => self.with("baseline_cpu_us_per_op", cpu.clone()),
-            None => self,
+        for key in ["cpu_us_per_op", "broker_cpu_us_per_op"] {
+            if let Some(cpu) = baseline.extra.get(key) {
+                self = self.with(&format!("baseline_{key}"), cpu.clone());
+            }
         }
+        self
     }
 
     /// One report for several rounds of a scenario, each `(run, baseline)` measured one after
-    /// the other: the median run against the median baseline (by throughput), and, with more
-    /// than one round, every round's own ratio as `round_ratios`. On a shared machine one
-    /// round's ratio can be off by a third either way; the median of several is the figure to
-    /// quote.
+    /// the other: the round whose ratio is the median (the lower middle one of an even
+    /// number), every figure its own, and, with more than one round, every round's ratio as
+    /// `round_ratios`, in the order they ran. On a shared machine one round's ratio can be off
+    /// by a third either way; the median of several is the figure to quote.
     ///
     /// # Panics
     /// If `rounds` is empty.
     pub fn median_of_rounds(rounds: Vec<(Report, Report)>) -> Report {
         assert!(!rounds.is_empty(), "median of no rounds");
         let n = rounds.len();
-        let round_ratios: Vec<f64> = (rounds.iter())
-            .map(|(run, base)| {
-                let ratio = run.ops_per_sec / base.ops_per_sec.max(f64::EPSILON);
-                (ratio * 1000.0).round() / 1000.0
-            })
+        let mut rounds: Vec<Report> = (rounds.into_iter())
+            .map(|(run, base)| run.with_baseline(&base))
             .collect();
-        let (mut runs, mut baselines): (Vec<_>, Vec<_>) = rounds.into_iter().unzip();
-        let median = |reports: &mut Vec<Report>| {
-            reports.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
-            reports.swap_remove(reports.len() / 2)
-        };
-        let report = median(&mut runs).with_baseline(&median(&mut baselines));
+        let ratio = |r: &Report| r.ratio.unwrap_or_default();
+        let round_ratios: Vec<f64> = (rounds.iter())
+            .map(|r| (ratio(r) * 1000.0).round() / 1000.0)
+            .collect();
+        rounds.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+        let report = rounds.swap_remove((n - 1) / 2);
         if n == 1 {
             return report;
         }
@@ -156,18 +155,25 @@ mod tests {
     }
 
     #[test]
-    fn rounds_report_the_median_run_against_the_median_baseline() {
+    fn rounds_report_the_round_of_the_median_ratio() {
         let rounds = vec![
             (report(10), report(100)),
             (report(30), report(50)),
             (report(20), report(80)),
+            (report(40), report(50)),
         ];
         let r = Report::median_of_rounds(rounds);
-        assert_eq!(r.ops_per_sec, 20.0);
+        assert_eq!(
+            r.ops_per_sec, 20.0,
+            "ratios 0.1, 0.25, 0.6, 0.8: the lower middle"
+        );
         assert_eq!(r.baseline_ops_per_sec, Some(80.0));
         assert_eq!(r.ratio, Some(0.25));
-        assert_eq!(r.extra["rounds"], 3);
-        assert_eq!(r.extra["round_ratios"], serde_json::json!([0.1, 0.6, 0.25]));
+        assert_eq!(r.extra["rounds"], 4);
+        assert_eq!(
+            r.extra["round_ratios"],
+            serde_json::json!([0.1, 0.6, 0.25, 0.8])
+        );
         let one = Report::median_of_rounds(vec![(report(10), report(40))]);
         assert_eq!(one.ratio, Some(0.25));
         assert!(!one.extra.contains_key("rounds"));

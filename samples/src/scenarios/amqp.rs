@@ -163,7 +163,7 @@ pub async fn raw_amqp(load: &Load, metadata: Metadata) -> Result<Report, BenchEr
         )
         .await?;
     let receipts = Receipts::new(load.messages);
-    let clock = CpuClock::start();
+    let clock = CpuClock::start_with_broker(&load.amqp_url);
     let consuming = tokio::spawn({
         let receipts = receipts.clone();
         async move {
@@ -244,6 +244,7 @@ async fn bus_on_rabbitmq(scenario: &str, load: &Load, audit: bool) -> Result<Rep
         audit.as_deref(),
         RabbitMq::new(&load.amqp_url),
         RabbitMq::new(&load.amqp_url).connection_name(format!("{endpoint}-sender")),
+        Some(&load.amqp_url),
     )
     .await;
     let error = format!("{endpoint}-error");
@@ -263,6 +264,7 @@ pub async fn bus_inmemory(load: &Load) -> Result<Report, BenchError> {
         None,
         broker.clone(),
         broker,
+        None,
     )
     .await
 }
@@ -274,9 +276,9 @@ async fn bus_scenario(
     audit: Option<&str>,
     receiving: impl Transport,
     sending: impl Transport,
+    broker: Option<&str>,
 ) -> Result<Report, BenchError> {
     let receipts = Receipts::new(load.messages);
-    let clock = CpuClock::start();
     let handled = receipts.clone();
     let mut builder = Endpoint::builder(endpoint, receiving)
         .concurrency(load.concurrency)
@@ -290,6 +292,7 @@ async fn bus_scenario(
     }
     let ep = builder.start().await?;
     let sender = Bus::new(sending, format!("{endpoint}-sender"));
+    let clock = broker.map_or_else(CpuClock::start, CpuClock::start_with_broker);
     let filler = "x".repeat(BODY_BYTES - 48);
     // Like raw-amqp: one task keeps a window of sends waiting for their confirms.
     let mut sends = FuturesUnordered::new();

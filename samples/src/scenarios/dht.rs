@@ -36,8 +36,14 @@ pub(crate) struct Driven {
 }
 
 /// Runs `ops` operations spread over `clients` tasks; each task runs `op(n)` for its share of
-/// operation numbers `n` and records every latency.
-pub(crate) async fn drive<F, Fut>(ops: u64, clients: usize, op: F) -> Result<Driven, BoxError>
+/// operation numbers `n` and records every latency, and the CPU used meanwhile (the broker's
+/// too, given the address of the one the operations use).
+pub(crate) async fn drive<F, Fut>(
+    ops: u64,
+    clients: usize,
+    broker: Option<&str>,
+    op: F,
+) -> Result<Driven, BoxError>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), BoxError>> + Send,
@@ -45,7 +51,7 @@ where
     let op = Arc::new(op);
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let clock = CpuClock::start();
+    let clock = broker.map_or_else(CpuClock::start, CpuClock::start_with_broker);
     let tasks: Vec<_> = (0..clients.max(1))
         .map(|_| {
             let op = op.clone();
@@ -90,7 +96,7 @@ async fn run_get(ops: u64, clients: usize) -> Result<Report, BoxError> {
     let node = InProcessNode::start(Durability::Buffered).await?;
     let client = connect(&node.addr).await?;
     let c = client.clone();
-    drive(GET_KEYS, clients, move |n| {
+    drive(GET_KEYS, clients, None, move |n| {
         let c = c.clone();
         async move {
             c.put(PutRequest::new(format!("key:{n}"), value())).await?;
@@ -99,7 +105,7 @@ async fn run_get(ops: u64, clients: usize) -> Result<Report, BoxError> {
     })
     .await?;
     let c = client.clone();
-    let run = drive(ops, clients, move |n| {
+    let run = drive(ops, clients, None, move |n| {
         let c = c.clone();
         async move {
             let siblings = c.get(format!("key:{}", n % GET_KEYS)).await?;
@@ -139,7 +145,7 @@ async fn run_put(ops: u64, clients: usize, durability: Durability) -> Result<Rep
     let node = InProcessNode::start(durability).await?;
     let client = connect(&node.addr).await?;
     let c = client.clone();
-    let run = drive(ops, clients, move |n| {
+    let run = drive(ops, clients, None, move |n| {
         let c = c.clone();
         async move {
             c.put(PutRequest::new(format!("key:{n}"), value())).await?;

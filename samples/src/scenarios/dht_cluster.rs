@@ -146,7 +146,7 @@ async fn run(ops: u64, clients: usize, amqp: &str, linger: Duration) -> Result<R
     ));
     let value = Bytes::from(vec![b'x'; VALUE_BYTES]);
     let writer = (client.clone(), latest.clone());
-    let run = super::dht::drive(ops, clients, move |n| {
+    let run = super::dht::drive(ops, clients, Some(amqp), move |n| {
         let (client, latest) = writer.clone();
         let value = value.clone();
         async move {
