@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`storage`]: the persistent hash table — versions and siblings, optimistic writes, lists,
 //!   expiry, atomic batches, durability. Everything else is a way to reach it.
-//! - [`verify`]: whether the replicas of every range hold the same data, by digest.
+//! - [`verify`]: whether the replicas of every range hold the same data, by digest, and
+//!   repairing those that differ.
+//! - [`anti_entropy`]: a node comparing and repairing, in the background, the ranges it is
+//!   the primary of.
 //! - [`version`]: version and list-item ids, unique across nodes and restarts.
 //! - [`routing`]: the 1024 hash ranges and the versioned [`Topology`] that maps them to nodes
 //!   (contiguous blocks, the previous nodes as secondary and tertiary: [`Topology::blocks`]).
@@ -34,6 +37,7 @@
 
 #![warn(missing_docs)]
 
+pub mod anti_entropy;
 pub mod client;
 pub mod cluster;
 pub mod connection;

@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use rhinobus::endpoint::wait_for_signal;
+use rhinobus_dht::anti_entropy;
 use rhinobus_dht::replication::outbox::DEFAULT_LINGER;
 use rhinobus_dht::{
     AddItemRequest, Client, ClientError, ClientOptions, ClusterSpec, Durability, ItemId,
@@ -90,6 +91,12 @@ enum Command {
         /// reads every range of every other replica.
         #[arg(long, requires = "cluster")]
         rebuild: bool,
+        /// Compare, in the background, every range this node is the primary of with its other
+        /// replicas, once per this long ("10m", "1h"), and repair those that differ (off when
+        /// not given). Each comparison reads the range on every replica: a pass reads this
+        /// node's share of the whole table once.
+        #[arg(long, requires = "cluster", value_parser = parse_pass)]
+        anti_entropy_pass: Option<Duration>,
     },
     /// Print every current sibling of a key.
     Get {
@@ -205,6 +212,7 @@ async fn run(cli: Cli) -> ExitCode {
             replication_linger_ms,
             tombstone_grace,
             rebuild,
+            anti_entropy_pass,
         } => {
             let cluster = match (cluster, name) {
                 (Some(file), Some(name)) => Some((file.as_path(), name.as_str(), amqp.as_str())),
@@ -216,6 +224,7 @@ async fn run(cli: Cli) -> ExitCode {
                 replication_linger: Duration::from_millis(replication_linger_ms),
                 tombstone_grace: tombstone_grace.0,
                 rebuild,
+                anti_entropy_pass,
             };
             run_node(data, listen.as_deref(), cluster, tuning, cli.secret.clone()).await
         }
@@ -259,6 +268,14 @@ fn parse_grace(s: &str) -> Result<Grace, String> {
     Ok(Grace(Some(grace)))
 }
 
+fn parse_pass(s: &str) -> Result<Duration, String> {
+    let pass = humantime::parse_duration(s).map_err(|e| format!("{e} (try \"10m\")"))?;
+    if pass.is_zero() {
+        return Err("a pass takes some time (try \"10m\")".into());
+    }
+    Ok(pass)
+}
+
 /// How a node runs, from its flags.
 struct NodeTuning {
     durability: DurabilityArg,
@@ -268,6 +285,8 @@ struct NodeTuning {
     tombstone_grace: Option<Duration>,
     /// Copy this node's ranges from the other replicas before serving.
     rebuild: bool,
+    /// How long one pass of anti-entropy takes; none when `None`.
+    anti_entropy_pass: Option<Duration>,
 }
 
 async fn run_node(
@@ -283,6 +302,7 @@ async fn run_node(
         replication_linger,
         tombstone_grace,
         rebuild,
+        anti_entropy_pass,
     } = tuning;
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -317,6 +337,7 @@ async fn run_node(
         .secret(secret.clone())
         .max_frame(max_frame);
     let mut replication = None;
+    let mut anti_entropy_task = None;
     if let (Some((spec, _)), Some((_, name, amqp))) = (&spec, cluster) {
         let s = storage.clone();
         let file_topology = spec.topology();
@@ -349,6 +370,11 @@ async fn run_node(
             },
         )
         .await?;
+        if let Some(pass) = anti_entropy_pass {
+            let client = ClientOptions::default().secret(secret.clone());
+            let task = anti_entropy::run(topology.clone(), name.to_owned(), client, pass);
+            anti_entropy_task = Some(tokio::spawn(task));
+        }
         options = options.topology(topology).outbox(r.outbox().clone());
         replication = Some(r);
     }
@@ -360,6 +386,9 @@ async fn run_node(
     let purger = tokio::spawn(purge(storage.clone(), tombstone_grace));
     let served = serve(listener, storage, options, wait_for_signal()).await;
     purger.abort();
+    if let Some(task) = anti_entropy_task {
+        task.abort();
+    }
     if let Some(r) = replication {
         r.shutdown().await;
     }

@@ -49,25 +49,41 @@ pub async fn compare_replicas(client: &Client, topology: &Topology) -> Vec<Range
     let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
     let mut reports = Vec::new();
     for range in RangeId::all() {
-        let mut replicas = Vec::new();
-        for addr in topology.replicas(range) {
-            let digest = match unreachable.get(addr) {
-                Some(e) => Err(e.clone()),
-                None => match client.digest(addr, range).await {
-                    Ok(d) => Ok(d),
-                    Err(e) => {
-                        if matches!(e, ClientError::Connect { .. } | ClientError::Timeout { .. }) {
-                            unreachable.insert(addr.to_owned(), e.to_string());
-                        }
-                        Err(e.to_string())
-                    }
-                },
-            };
-            replicas.push((addr.to_owned(), digest));
-        }
-        reports.push(RangeReport { range, replicas });
+        reports.push(compare(client, topology, range, &mut unreachable).await);
     }
     reports
+}
+
+/// [`compare_replicas`] for one range.
+pub async fn compare_range(client: &Client, topology: &Topology, range: RangeId) -> RangeReport {
+    compare(client, topology, range, &mut BTreeMap::new()).await
+}
+
+/// Asks each replica of `range` for its digest, except those in `unreachable` (by address,
+/// with the error), to which a replica that cannot be reached is added.
+async fn compare(
+    client: &Client,
+    topology: &Topology,
+    range: RangeId,
+    unreachable: &mut BTreeMap<String, String>,
+) -> RangeReport {
+    let mut replicas = Vec::new();
+    for addr in topology.replicas(range) {
+        let digest = match unreachable.get(addr) {
+            Some(e) => Err(e.clone()),
+            None => match client.digest(addr, range).await {
+                Ok(d) => Ok(d),
+                Err(e) => {
+                    if matches!(e, ClientError::Connect { .. } | ClientError::Timeout { .. }) {
+                        unreachable.insert(addr.to_owned(), e.to_string());
+                    }
+                    Err(e.to_string())
+                }
+            },
+        };
+        replicas.push((addr.to_owned(), digest));
+    }
+    RangeReport { range, replicas }
 }
 
 /// What a repair copied.
