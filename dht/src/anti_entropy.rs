@@ -1,20 +1,27 @@
 //! Anti-entropy: a node compares, in the background, each range it is the primary of with the
-//! range's other replicas, by digest ([`compare_range`]), and repairs a range that still
-//! differs a moment later ([`repair`]), as Dynamo's replicas reconcile what replication
+//! range's other replicas, by digest ([`compare_range`]), and repairs a range whose replicas
+//! still differ a moment later ([`repair`]), as Dynamo's replicas reconcile what replication
 //! missed: a replication message parked in the `rhinobus-dht.error` queue and never replayed, a
 //! node queue purged by hand, a rebuild that ran while a peer lagged.
 //!
-//! One pass compares every such range once, spread evenly over the pass. A difference can be
+//! One pass compares every such range once, spread evenly over the pass (a pass takes
+//! longer when the comparisons take longer than their share of it). A difference can be
 //! replication in flight, so the ranges that differed are compared again [`SETTLE`] after the
-//! pass and repaired only if they still differ: under a steady stream of writes to a range
-//! that second look can differ too, and the repair then copies what replication would have
-//! brought anyway (merging is idempotent). A replica that does not answer is left out of that
-//! range's repair until a later pass.
+//! pass and repaired only if two replicas that answered still differ: under a steady stream of
+//! writes to a range that second look can differ too, and the repair then copies what
+//! replication would have brought anyway (merging is idempotent). A replica that does not
+//! answer is asked nothing more in that pass, and left out of repairs until a later one.
+//!
+//! Only the primary looks after a range: ranges whose primary is down, or runs without
+//! anti-entropy, are not compared. Repairs copy versions without their purged tombstones, so a
+//! divergence must be repaired within the tombstone grace, or a version removed since comes
+//! back: [`max_pass`] is the longest pass a grace allows.
 
 use crate::client::{Client, ClientOptions};
 use crate::routing::{RangeId, Topology};
-use crate::verify::{compare_range, repair};
+use crate::verify::{Unreachable, compare_range, repair};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long the ranges that differed in a pass are given to agree before they are repaired:
 /// far longer than replication takes under load (tens of milliseconds).
@@ -22,6 +29,15 @@ pub const SETTLE: Duration = Duration::from_secs(5);
 
 /// The shortest pause between two ranges, however short the pass.
 const MIN_PAUSE: Duration = Duration::from_millis(10);
+
+/// The longest pass that repairs a divergence within `grace` of its start: it can arise just
+/// after its range was compared, be seen a pass later and repaired [`SETTLE`] after that, so
+/// two passes and the settle must fit, with room to spare for passes that overrun (a quarter
+/// of the grace). `None` when the grace is too short for any pass.
+pub fn max_pass(grace: Duration) -> Option<Duration> {
+    let budget = grace.checked_sub(grace / 4)?.checked_sub(SETTLE)?;
+    Some(budget / 2).filter(|p| !p.is_zero())
+}
 
 /// Compares and repairs, forever, the ranges node `node` of `topology` is the primary of, one
 /// pass every `pass`, reaching the other replicas as `options` says (their secret, timeouts).
@@ -58,14 +74,17 @@ pub async fn run(topology: Topology, node: String, options: ClientOptions, pass:
     if ranges.is_empty() {
         return;
     }
-    let pause = (pass / ranges.len() as u32).max(MIN_PAUSE);
+    let step = pass / ranges.len() as u32;
     tracing::info!(ranges = ranges.len(), ?pass, "anti-entropy started");
     // Connected when some node first answers: the whole cluster may be starting.
     let mut client = None;
     loop {
+        let start = Instant::now();
+        let mut unreachable = Unreachable::new();
         let mut differing = Vec::new();
-        for &range in &ranges {
-            tokio::time::sleep(pause).await;
+        for (i, &range) in ranges.iter().enumerate() {
+            let due = start + step * i as u32;
+            tokio::time::sleep_until(due.max(Instant::now() + MIN_PAUSE)).await;
             if client.is_none() {
                 match Client::connect_with(topology.nodes.clone(), options.clone()).await {
                     Ok(c) => client = Some(c),
@@ -75,42 +94,62 @@ pub async fn run(topology: Topology, node: String, options: ClientOptions, pass:
                     }
                 }
             }
-            if let Some(client) = &client
-                && !compare_range(client, &topology, range).await.agrees()
-            {
-                differing.push(range);
+            if let Some(client) = &client {
+                let report = compare_range(client, &topology, range, &mut unreachable).await;
+                if report.needs_repair() {
+                    differing.push(range);
+                }
             }
         }
-        if let (Some(client), false) = (&client, differing.is_empty()) {
+        if !differing.is_empty()
+            && let Some(client) = &client
+        {
             tracing::debug!(
                 ranges = differing.len(),
                 "ranges differ; looking again shortly"
             );
             tokio::time::sleep(SETTLE).await;
+            let mut unreachable = Unreachable::new();
             for &range in &differing {
-                repair_if_still_differs(client, &topology, range).await;
+                repair_if_still_differs(client, &topology, range, &mut unreachable).await;
             }
         }
+        tokio::time::sleep_until(start + pass).await;
     }
 }
 
-/// Compares `range` again, and repairs it if its replicas still differ.
-async fn repair_if_still_differs(client: &Client, topology: &Topology, range: RangeId) {
-    let report = compare_range(client, topology, range).await;
-    if report.agrees() {
+/// Compares `range` again, and repairs it if two of its replicas that answered still differ.
+async fn repair_if_still_differs(
+    client: &Client,
+    topology: &Topology,
+    range: RangeId,
+    unreachable: &mut Unreachable,
+) {
+    let report = compare_range(client, topology, range, unreachable).await;
+    if !report.needs_repair() {
         return;
     }
     match repair(client, std::slice::from_ref(&report)).await {
-        Ok(repaired) if repaired.ranges > 0 => tracing::info!(
+        Ok(repaired) => tracing::info!(
             range = range.get(),
             pages = repaired.pages,
             changes = repaired.merged.changes,
             "anti-entropy repaired a range whose replicas differed"
         ),
-        Ok(_) => tracing::debug!(
-            range = range.get(),
-            "replicas differ but fewer than two answered; not repaired"
-        ),
         Err(e) => tracing::warn!(range = range.get(), error = %e, "anti-entropy repair failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_fits_twice_in_three_quarters_of_the_grace_after_the_settle() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(max_pass(day * 10), Some((day * 10 * 3 / 4 - SETTLE) / 2));
+        assert!(max_pass(Duration::from_secs(60)).is_some_and(|p| p < Duration::from_secs(21)));
+        assert_eq!(max_pass(SETTLE), None);
+        assert_eq!(max_pass(Duration::ZERO), None);
     }
 }

@@ -270,8 +270,8 @@ fn parse_grace(s: &str) -> Result<Grace, String> {
 
 fn parse_pass(s: &str) -> Result<Duration, String> {
     let pass = humantime::parse_duration(s).map_err(|e| format!("{e} (try \"10m\")"))?;
-    if pass.is_zero() {
-        return Err("a pass takes some time (try \"10m\")".into());
+    if pass.is_zero() || pass > Duration::from_secs(366 * 86_400) {
+        return Err("a pass takes some time, and at most a year (try \"10m\")".into());
     }
     Ok(pass)
 }
@@ -304,6 +304,23 @@ async fn run_node(
         rebuild,
         anti_entropy_pass,
     } = tuning;
+    // A divergence repaired after the peers purged the tombstones would bring removed versions
+    // back: the passes must fit in the grace.
+    if let (Some(pass), Some(grace)) = (anti_entropy_pass, tombstone_grace) {
+        let longest = anti_entropy::max_pass(grace);
+        if longest.is_none_or(|longest| pass > longest) {
+            let longest = longest.map_or("none".into(), |d| {
+                humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+            });
+            return Err(format!(
+                "--anti-entropy-pass {} is too long for --tombstone-grace {}: repairs must \
+                 come within the grace, or removed versions come back (longest pass: {longest})",
+                humantime::format_duration(pass),
+                humantime::format_duration(grace),
+            )
+            .into());
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -337,7 +354,7 @@ async fn run_node(
         .secret(secret.clone())
         .max_frame(max_frame);
     let mut replication = None;
-    let mut anti_entropy_task = None;
+    let mut anti_entropy = None;
     if let (Some((spec, _)), Some((_, name, amqp))) = (&spec, cluster) {
         let s = storage.clone();
         let file_topology = spec.topology();
@@ -372,8 +389,12 @@ async fn run_node(
         .await?;
         if let Some(pass) = anti_entropy_pass {
             let client = ClientOptions::default().secret(secret.clone());
-            let task = anti_entropy::run(topology.clone(), name.to_owned(), client, pass);
-            anti_entropy_task = Some(tokio::spawn(task));
+            anti_entropy = Some(anti_entropy::run(
+                topology.clone(),
+                name.to_owned(),
+                client,
+                pass,
+            ));
         }
         options = options.topology(topology).outbox(r.outbox().clone());
         replication = Some(r);
@@ -384,11 +405,16 @@ async fn run_node(
     println!("listening on {addr}");
     tracing::info!(%addr, data = %data.display(), ?durability, "node started");
     let purger = tokio::spawn(purge(storage.clone(), tombstone_grace));
-    let served = serve(listener, storage, options, wait_for_signal()).await;
+    // Started once this node's port is open, stopped as soon as the node starts to stop.
+    let anti_entropy = anti_entropy.map(|run| tokio::spawn(run).abort_handle());
+    let stopping = async {
+        wait_for_signal().await;
+        if let Some(task) = &anti_entropy {
+            task.abort();
+        }
+    };
+    let served = serve(listener, storage, options, stopping).await;
     purger.abort();
-    if let Some(task) = anti_entropy_task {
-        task.abort();
-    }
     if let Some(r) = replication {
         r.shutdown().await;
     }

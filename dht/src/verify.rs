@@ -29,7 +29,20 @@ impl RangeReport {
             _ => false,
         }
     }
+
+    /// Whether a repair would change anything: at least two replicas answered, with
+    /// different digests. (Replicas that did not answer cannot take part in a repair.)
+    pub fn needs_repair(&self) -> bool {
+        let mut answered = self.replicas.iter().filter_map(|(_, d)| d.as_ref().ok());
+        match answered.next() {
+            Some(first) => answered.any(|d| d != first),
+            None => false,
+        }
+    }
 }
+
+/// Replicas that could not be reached, by address, with the error: asked nothing more.
+pub type Unreachable = BTreeMap<String, String>;
 
 /// Asks every replica of every range of `topology` for its digest of the range. A node that
 /// cannot be reached is asked nothing more (its ranges report the connection error).
@@ -46,26 +59,21 @@ impl RangeReport {
 /// # Ok(()) }
 /// ```
 pub async fn compare_replicas(client: &Client, topology: &Topology) -> Vec<RangeReport> {
-    let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
+    let mut unreachable = Unreachable::new();
     let mut reports = Vec::new();
     for range in RangeId::all() {
-        reports.push(compare(client, topology, range, &mut unreachable).await);
+        reports.push(compare_range(client, topology, range, &mut unreachable).await);
     }
     reports
 }
 
-/// [`compare_replicas`] for one range.
-pub async fn compare_range(client: &Client, topology: &Topology, range: RangeId) -> RangeReport {
-    compare(client, topology, range, &mut BTreeMap::new()).await
-}
-
-/// Asks each replica of `range` for its digest, except those in `unreachable` (by address,
-/// with the error), to which a replica that cannot be reached is added.
-async fn compare(
+/// [`compare_replicas`] for one range: asks each replica of `range` for its digest, except
+/// those in `unreachable`, to which a replica that cannot be reached is added.
+pub async fn compare_range(
     client: &Client,
     topology: &Topology,
     range: RangeId,
-    unreachable: &mut BTreeMap<String, String>,
+    unreachable: &mut Unreachable,
 ) -> RangeReport {
     let mut replicas = Vec::new();
     for addr in topology.replicas(range) {
@@ -97,15 +105,15 @@ pub struct Repaired {
     pub merged: Merged,
 }
 
-/// Copies every range of `reports` whose replicas differ from each replica that answered into
-/// each other one, page by page, merged as a rebuild merges
+/// Copies every range of `reports` that [needs repair](RangeReport::needs_repair) from each
+/// replica that answered into each other one, page by page, merged as a rebuild merges
 /// ([`Storage::merge_range_page`](crate::Storage::merge_range_page)). Merging only adds
 /// versions and tombstones, and a
 /// tombstone wins over the version it supersedes, so afterwards each of them holds the union
 /// of what they held minus what any of them superseded (what a replica purged past its
 /// tombstone grace may come back from one that never saw it removed: repair within the grace).
-/// A replica that did not answer the digest is left out. Stops at the first failure; what was
-/// merged until then stays merged.
+/// A replica that did not answer the digest is left out (and replicas that answered alike are
+/// left alone). Stops at the first failure; what was merged until then stays merged.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), rhinobus_dht::ClientError> {
@@ -120,14 +128,11 @@ pub struct Repaired {
 /// ```
 pub async fn repair(client: &Client, reports: &[RangeReport]) -> Result<Repaired, ClientError> {
     let mut repaired = Repaired::default();
-    for report in reports.iter().filter(|r| !r.agrees()) {
+    for report in reports.iter().filter(|r| r.needs_repair()) {
         let answered: Vec<&str> = (report.replicas.iter())
             .filter(|(_, d)| d.is_ok())
             .map(|(addr, _)| addr.as_str())
             .collect();
-        if answered.len() < 2 {
-            continue;
-        }
         for from in &answered {
             let mut cursor: Option<PageCursor> = None;
             loop {
@@ -173,5 +178,10 @@ mod tests {
         assert!(!report(vec![digest(1, "a"), Err("down".into())]).agrees());
         assert!(!report(vec![Err("down".into()), digest(1, "a")]).agrees());
         assert!(!report(vec![]).agrees());
+        // Repair needs two replicas that answered differently.
+        assert!(report(vec![digest(1, "a"), Err("down".into()), digest(2, "b")]).needs_repair());
+        assert!(!report(vec![digest(1, "a"), Err("down".into()), digest(1, "a")]).needs_repair());
+        assert!(!report(vec![digest(1, "a"), Err("down".into())]).needs_repair());
+        assert!(!report(vec![digest(1, "a"), digest(1, "a"), digest(1, "a")]).needs_repair());
     }
 }

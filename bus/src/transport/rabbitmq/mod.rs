@@ -5,11 +5,13 @@
 //! - a durable topic exchange (`rhinobus` by default) that publications go through, with the
 //!   message type's wire name as the routing key;
 //! - the endpoint's durable input queue, bound to the exchange once per subscribed type;
-//! - the durable error queue;
+//! - the durable error queue, and the audit queue if there is one;
 //! - one durable delay queue per delayed-retry delay (`<queue>.delay.<ms>ms`), whose messages
 //!   expire after the level's delay and are dead-lettered back into the input queue;
-//! - the delay levels of delayed sends (see the `delay` module), once per connection, with the
-//!   endpoint's queue and every queue a delayed send goes to bound to their delivery exchange.
+//! - for delayed sends (see the `delay` module), once per connection: the delivery exchange
+//!   and the undeliverable queue, with the endpoint's queue bound to the delivery exchange.
+//!   The delay levels themselves are declared before a connection's first delayed send, which
+//!   binds the queues it goes to as well.
 
 mod acks;
 pub(crate) mod amqp;
