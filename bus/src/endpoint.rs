@@ -188,6 +188,7 @@ impl EndpointBuilder {
             queue,
             delay_queues,
             audit_queue: self.audit_queue,
+            host: crate::pipeline::this_process(),
         });
         let done = tokio::spawn(receive(
             pipeline,

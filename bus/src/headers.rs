@@ -45,6 +45,9 @@ pub mod names {
     /// On an audit copy ([`crate::EndpointBuilder::audit_queue`]): the endpoint that handled
     /// the message.
     pub const PROCESSING_ENDPOINT: &str = "rhinobus-processing-endpoint";
+    /// On an audit copy: the machine and process that handled the message, as
+    /// `<host name> (pid <pid>)`, to tell the instances of a scaled-out endpoint apart.
+    pub const PROCESSING_HOST: &str = "rhinobus-processing-host";
     /// On an audit copy: the queue the message was handled from.
     pub const PROCESSING_QUEUE: &str = "rhinobus-processing-queue";
     /// On an audit copy: when the endpoint took the message (RFC 3339, UTC).

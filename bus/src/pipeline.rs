@@ -26,6 +26,8 @@ pub(crate) struct Pipeline {
     pub(crate) queue: String,
     pub(crate) delay_queues: Vec<DelayQueue>,
     pub(crate) audit_queue: Option<String>,
+    /// This process, as audit copies name it ([`names::PROCESSING_HOST`]).
+    pub(crate) host: String,
 }
 
 /// How a delivery is to be settled.
@@ -208,6 +210,7 @@ impl Pipeline {
             self.bus.endpoint().into(),
         );
         extra.insert(names::PROCESSING_QUEUE.into(), self.queue.clone());
+        extra.insert(names::PROCESSING_HOST.into(), self.host.clone());
         extra.insert(names::PROCESSING_STARTED.into(), format_time(started));
         extra.insert(
             names::PROCESSING_ENDED.into(),
@@ -235,6 +238,19 @@ impl Pipeline {
             other => other,
         }
     }
+}
+
+/// This machine's name and this process's id: `<host name> (pid <pid>)`. The name comes from
+/// the kernel on Linux, else from `HOSTNAME` or `COMPUTERNAME`.
+pub(crate) fn this_process() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "unknown host".into());
+    format!("{name} (pid {})", std::process::id())
 }
 
 /// Runs every handler of the message once, in registration order, sharing one context.

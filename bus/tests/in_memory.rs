@@ -319,6 +319,11 @@ async fn handled_messages_are_copied_to_the_audit_queue_and_failed_ones_are_not(
     assert_eq!(rhinobus::message::decode::<Work>(&body).unwrap().n, 1);
     assert_eq!(headers[names::PROCESSING_ENDPOINT], "audited");
     assert_eq!(headers[names::PROCESSING_QUEUE], "audited");
+    let host = &headers[names::PROCESSING_HOST];
+    assert!(
+        host.ends_with(&format!("(pid {})", std::process::id())),
+        "{host}"
+    );
     assert_eq!(
         headers[names::PROCESSING_ATTEMPTS],
         "2",

@@ -54,6 +54,13 @@ async fn handled_messages_are_audited_and_a_replay_from_the_audit_queue_handles_
     let headers = &copy["headers"];
     assert_eq!(headers[names::PROCESSING_ENDPOINT], queue.as_str());
     assert_eq!(headers[names::PROCESSING_ATTEMPTS], "1");
+    let pid = format!("(pid {})", std::process::id());
+    assert!(
+        headers[names::PROCESSING_HOST]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with(&pid)
+    );
     for time in [names::PROCESSING_STARTED, names::PROCESSING_ENDED] {
         let t = headers[time].as_str().unwrap_or_default();
         assert!(rhinobus::headers::parse_time(t).is_some(), "{time}: {t:?}");
