@@ -198,3 +198,87 @@ async fn an_endpoint_that_declares_its_queue_again_binds_it_again_for_delayed_se
     endpoint.shutdown().await;
     raw.cleanup().await;
 }
+
+/// A virtual host of its own, deleted (with everything in it) when dropped.
+struct Vhost(String);
+
+impl Vhost {
+    fn create() -> Self {
+        let name = unique("vhost");
+        rhinobus_tests::rabbitmqctl(&["add_vhost", &name]);
+        let vhost = Self(name);
+        rhinobus_tests::rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.0,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        vhost
+    }
+
+    /// The test broker's URL, in this virtual host.
+    fn url(&self) -> String {
+        let base = amqp_url();
+        let base = base.strip_suffix("/%2f").unwrap_or(&base);
+        format!("{base}/{}", self.0)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn a_broker_refusing_the_delay_levels_fails_only_delayed_sends_and_with_a_config_error() {
+    // In a virtual host of its own, a level queue declared before with other arguments: the
+    // broker refuses to declare it as a delay level.
+    let vhost = Vhost::create();
+    let url = vhost.url();
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("these tests need RabbitMQ at {url}: {e}"));
+    let channel = conn.create_channel().await.expect("channel");
+    let durable = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let level = "rhinobus.delay.level.03";
+    let no_args = lapin::types::FieldTable::default();
+    (channel.queue_declare(level.into(), durable, no_args.clone()))
+        .await
+        .expect("declare a classic queue where a level goes");
+    channel
+        .queue_declare("worker".into(), durable, no_args)
+        .await
+        .expect("declare the endpoint queue");
+    let (tx, mut handled) = mpsc::unbounded_channel();
+    let endpoint = Endpoint::builder("worker", RabbitMq::new(&url))
+        .handle(ReportWork(tx))
+        .start()
+        .await
+        .expect("an endpoint starts: it does not declare the levels");
+    let bus = endpoint.bus();
+    bus.send("worker", &Work { n: 1 })
+        .await
+        .expect("a plain send");
+    assert_eq!(recv(&mut handled).await, 1);
+    let later = SendOptions::delayed_by(Duration::from_secs(1));
+    match bus.send_with("worker", &Work { n: 2 }, later).await {
+        Err(BusError::Config(m)) => assert!(m.contains("delay queues"), "{m}"),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    // The refusal closed a channel of its own, not the connection.
+    bus.send("worker", &Work { n: 3 })
+        .await
+        .expect("a plain send after it");
+    assert_eq!(recv(&mut handled).await, 3);
+    endpoint.shutdown().await;
+    let _ = conn.close(200, "done".into()).await;
+}
