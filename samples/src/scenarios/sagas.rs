@@ -3,6 +3,7 @@
 //! rhinobus-dht served from this process over loopback TCP. Per message: a DHT get, the
 //! handler, a DHT put (optimistic, or listing every sibling), then the bus's ack.
 
+use crate::cpu::CpuClock;
 use crate::node::InProcessNode;
 use crate::report::{Latencies, Report};
 use crate::scenarios::amqp::{Load, delete_queues};
@@ -101,6 +102,7 @@ pub async fn saga_rabbitmq(load: &Load, kind: PersisterKind) -> Result<Report, B
         RabbitMq::new(&load.amqp_url).connection_name(format!("{endpoint}-sender")),
         format!("{endpoint}-sender"),
     );
+    let clock = CpuClock::start_with_broker(&load.amqp_url);
     let mut sends = FuturesUnordered::new();
     for n in 0..load.messages {
         if sends.len() >= PUBLISH_WINDOW {
@@ -119,11 +121,13 @@ pub async fn saga_rabbitmq(load: &Load, kind: PersisterKind) -> Result<Report, B
     }
     receipts.all_in.notified().await;
     let elapsed = receipts.start.elapsed();
+    let cpu = clock.stop();
     let latencies = std::mem::take(&mut receipts.seen.lock().unwrap_or_else(|p| p.into_inner()).1);
     ep.shutdown().await;
     node.stop().await.map_err(|e| e as BenchError)?;
     delete_queues(&load.amqp_url, &[&endpoint, &format!("{endpoint}-error")]).await?;
     Ok(Report::new(scenario, load.messages, elapsed, latencies)
+        .with_cpu(&cpu)
         .with("concurrency", load.concurrency)
         .with("dht_nodes", 1))
 }
