@@ -42,6 +42,10 @@ pub mod names {
     /// instance completed or gone is dropped, not failed.
     pub const SAGA_TIMEOUT: &str = "rhinobus-saga-timeout";
 
+    /// Prefix of the headers an audit copy carries about its handling. A replay to the queue a
+    /// message came from drops them (it is to be handled afresh); one `--to` another queue
+    /// keeps them.
+    pub const PROCESSING_PREFIX: &str = "rhinobus-processing-";
     /// On an audit copy ([`crate::EndpointBuilder::audit_queue`]): the endpoint that handled
     /// the message.
     pub const PROCESSING_ENDPOINT: &str = "rhinobus-processing-endpoint";

@@ -8,18 +8,20 @@ use rhinobus::{Context, Endpoint, HandlerError, Message};
 use rhinobus_tests::{Raw, Work, amqp_url, rabbitmqctl, recv, rhinobus_cli, unique};
 use std::time::Duration;
 
-/// An endpoint on `queue` auditing to `audit` whose handler reports every `n` it handles.
+/// An endpoint on `queue` auditing to `audit` whose handler reports every `n` it handles,
+/// with whether the message came with the processing headers of an earlier handling.
 async fn audited_endpoint(
     queue: &str,
     error: &str,
     audit: &str,
-) -> (Endpoint, tokio::sync::mpsc::UnboundedReceiver<u32>) {
+) -> (Endpoint, tokio::sync::mpsc::UnboundedReceiver<(u32, bool)>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let endpoint = Endpoint::builder(queue, RabbitMq::new(amqp_url()))
         .error_queue(error)
         .audit_queue(audit)
-        .handle(move |w: Work, _: Context| {
-            let _ = tx.send(w.n);
+        .handle(move |w: Work, ctx: Context| {
+            let stale = ctx.header(names::PROCESSING_ENDPOINT).is_some();
+            let _ = tx.send((w.n, stale));
             async { Ok::<_, HandlerError>(()) }
         })
         .start()
@@ -36,7 +38,7 @@ async fn handled_messages_are_audited_and_a_replay_from_the_audit_queue_handles_
     raw.forget_later(&audit);
     let (endpoint, mut handled) = audited_endpoint(&queue, &error, &audit).await;
     endpoint.bus().send(&queue, &Work { n: 7 }).await.unwrap();
-    assert_eq!(recv(&mut handled).await, 7);
+    assert_eq!(recv(&mut handled).await, (7, false));
     raw.wait_for_count(&audit, 1, Duration::from_secs(10)).await;
     assert_eq!(raw.count(&queue).await, 0);
 
@@ -66,10 +68,11 @@ async fn handled_messages_are_audited_and_a_replay_from_the_audit_queue_handles_
         assert!(rhinobus::headers::parse_time(t).is_some(), "{time}: {t:?}");
     }
 
-    // Replaying from the audit queue is how an operator has a message handled again.
+    // Replaying from the audit queue is how an operator has a message handled again: afresh,
+    // without the processing headers of the first handling.
     let (ok, _, err) = rhinobus_cli(&["errors", "--queue", &audit, "replay", "--all"]);
     assert!(ok, "{err}");
-    assert_eq!(recv(&mut handled).await, 7);
+    assert_eq!(recv(&mut handled).await, (7, false));
     raw.wait_for_count(&audit, 1, Duration::from_secs(10)).await;
     let copies = raw.drain(&audit).await;
     assert_eq!(copies.len(), 1);
@@ -92,7 +95,7 @@ async fn a_handled_message_whose_audit_queue_was_deleted_goes_to_the_error_queue
         .await
         .expect("delete the audit queue");
     endpoint.bus().send(&queue, &Work { n: 3 }).await.unwrap();
-    assert_eq!(recv(&mut handled).await, 3);
+    assert_eq!(recv(&mut handled).await, (3, false));
     raw.wait_for_count(&error, 1, Duration::from_secs(10)).await;
     endpoint.shutdown().await;
     handled_once_and_in_the_error_queue(&raw, &queue, &error, &mut handled).await;
@@ -117,7 +120,7 @@ async fn a_handled_message_whose_audit_copy_a_length_limit_refuses_goes_to_the_e
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     endpoint.bus().send(&queue, &Work { n: 3 }).await.unwrap();
-    assert_eq!(recv(&mut handled).await, 3);
+    assert_eq!(recv(&mut handled).await, (3, false));
     raw.wait_for_count(&error, 1, Duration::from_secs(10)).await;
     endpoint.shutdown().await;
     drop(policy);
@@ -160,7 +163,7 @@ async fn handled_once_and_in_the_error_queue(
     raw: &Raw,
     queue: &str,
     error: &str,
-    handled: &mut tokio::sync::mpsc::UnboundedReceiver<u32>,
+    handled: &mut tokio::sync::mpsc::UnboundedReceiver<(u32, bool)>,
 ) {
     // A message left to be redelivered would be back in its queue once the endpoint stopped.
     assert!(handled.try_recv().is_err(), "handled a second time");

@@ -181,7 +181,9 @@ impl ErrorQueue {
                         BusError::Invalid("no source queue header; name a queue with --to".into())
                     })
                     .and_then(|target| {
-                        Ok((target, replay_properties(&d.properties, &failed.headers)?))
+                        let props =
+                            replay_properties(&d.properties, &failed.headers, to.is_none())?;
+                        Ok((target, props))
                     }),
             };
             // A message that cannot be moved stays where it is (unacked, it goes back when the
@@ -321,10 +323,13 @@ async fn settle(
 }
 
 /// The properties of a replayed message: failure headers moved aside under
-/// `rhinobus-previous-failure-*`, delayed retries reset, and the replay recorded.
+/// `rhinobus-previous-failure-*`, delayed retries reset, and the replay recorded. A message
+/// going back to be handled (`to_source`) also loses the processing headers of a handling
+/// before (an audit copy's); one moved `--to` another queue keeps them.
 fn replay_properties(
     props: &lapin::BasicProperties,
     headers: &Headers,
+    to_source: bool,
 ) -> Result<lapin::BasicProperties, BusError> {
     let mut extra = Headers::new();
     for (k, v) in headers {
@@ -345,7 +350,9 @@ fn replay_properties(
     );
     extra.insert(names::REPLAYED_AT.into(), format_time(SystemTime::now()));
     amqp::with_headers_changed(props, &extra, |k| {
-        k.starts_with(names::FAILURE_PREFIX) || k == names::DELAYED_RETRIES
+        k.starts_with(names::FAILURE_PREFIX)
+            || k == names::DELAYED_RETRIES
+            || (to_source && k.starts_with(names::PROCESSING_PREFIX))
     })
 }
 
