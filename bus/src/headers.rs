@@ -64,6 +64,14 @@ pub mod names {
     /// in [`DELAYED_RETRIES`], earlier deliveries not at all).
     pub const PROCESSING_ATTEMPTS: &str = "rhinobus-processing-attempts";
 
+    /// On a message an endpoint moved (to its error queue, a delay queue, its audit queue): the
+    /// per-message TTL (AMQP `expiration`) it came with, in milliseconds. The copy has none:
+    /// RabbitMQ would count it again in the new queue and discard the message there.
+    pub const ORIGINAL_EXPIRATION: &str = "rhinobus-original-expiration";
+    /// On a message an endpoint moved: the AMQP `user_id` it came with. The copy has none:
+    /// RabbitMQ refuses a publish whose `user_id` is not the publishing connection's user.
+    pub const ORIGINAL_USER_ID: &str = "rhinobus-original-user-id";
+
     /// Prefix of the headers a failure adds; a replay moves them aside.
     pub const FAILURE_PREFIX: &str = "rhinobus-failure-";
     /// Queue the message failed in.

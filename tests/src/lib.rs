@@ -267,3 +267,20 @@ pub fn rhinobus_cli(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `rabbitmqctl` with its arguments when dropped, even by a failing test: the clean-up of
+/// a broker object (a user, a virtual host, a policy) a test created.
+pub struct RabbitmqctlOnDrop(Vec<String>);
+
+impl RabbitmqctlOnDrop {
+    /// Runs `rabbitmqctl ARGS` on drop.
+    pub fn new(args: &[&str]) -> Self {
+        Self(args.iter().map(|a| a.to_string()).collect())
+    }
+}
+
+impl Drop for RabbitmqctlOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(&self.0).output();
+    }
+}

@@ -5,7 +5,9 @@ use lapin::options::QueueDeleteOptions;
 use rhinobus::headers::names;
 use rhinobus::transport::RabbitMq;
 use rhinobus::{Context, Endpoint, HandlerError, Message};
-use rhinobus_tests::{Raw, Work, amqp_url, rabbitmqctl, recv, rhinobus_cli, unique};
+use rhinobus_tests::{
+    RabbitmqctlOnDrop, Raw, Work, amqp_url, rabbitmqctl, recv, rhinobus_cli, unique,
+};
 use std::time::Duration;
 
 /// An endpoint on `queue` auditing to `audit` whose handler reports every `n` it handles,
@@ -109,12 +111,25 @@ async fn a_handled_message_whose_audit_copy_a_length_limit_refuses_goes_to_the_e
     let audit = unique("audit");
     raw.forget_later(&audit);
     let (endpoint, mut handled) = audited_endpoint(&queue, &error, &audit).await;
-    let policy = Policy::set(&audit, r#"{"max-length":0,"overflow":"reject-publish"}"#);
+    let policy = unique("policy");
+    let (pattern, limit) = (
+        format!("^{audit}$"),
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    );
+    rabbitmqctl(&[
+        "set_policy",
+        &policy,
+        &pattern,
+        limit,
+        "--apply-to",
+        "queues",
+    ]);
+    let cleared = RabbitmqctlOnDrop::new(&["clear_policy", &policy]);
     // Policies reach queues asynchronously: wait until this one shows.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !rabbitmqctl(&["list_queues", "name", "policy", "-q"])
         .lines()
-        .any(|l| l.starts_with(&audit) && l.contains(&policy.0))
+        .any(|l| l.starts_with(&audit) && l.contains(&policy))
     {
         assert!(tokio::time::Instant::now() < deadline, "policy not applied");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -123,38 +138,10 @@ async fn a_handled_message_whose_audit_copy_a_length_limit_refuses_goes_to_the_e
     assert_eq!(recv(&mut handled).await, (3, false));
     raw.wait_for_count(&error, 1, Duration::from_secs(10)).await;
     endpoint.shutdown().await;
-    drop(policy);
+    drop(cleared);
     handled_once_and_in_the_error_queue(&raw, &queue, &error, &mut handled).await;
     assert_eq!(raw.count(&audit).await, 0);
     raw.cleanup().await;
-}
-
-/// A broker policy on one queue, cleared when dropped (by a failing test too).
-struct Policy(String);
-
-impl Policy {
-    fn set(queue: &str, definition: &str) -> Self {
-        let name = unique("policy");
-        let pattern = format!("^{queue}$");
-        let args = [
-            "set_policy",
-            &name,
-            &pattern,
-            definition,
-            "--apply-to",
-            "queues",
-        ];
-        rabbitmqctl(&args);
-        Self(name)
-    }
-}
-
-impl Drop for Policy {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["clear_policy", &self.0])
-            .output();
-    }
 }
 
 /// After the endpoint stopped: message 3 was handled once (never redelivered) and is in the

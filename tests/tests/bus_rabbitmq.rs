@@ -5,8 +5,8 @@ use rhinobus::headers::names;
 use rhinobus::transport::RabbitMq;
 use rhinobus::{Context, DelayedRetries, Endpoint, HandlerError, Message};
 use rhinobus_tests::{
-    Raw, ReportWork, Work, amqp_url, connections_named, init_tracing, rabbitmqctl, recv,
-    unacknowledged, unique,
+    RabbitmqctlOnDrop, Raw, ReportWork, Work, amqp_url, connections_named, init_tracing,
+    rabbitmqctl, recv, unacknowledged, unique,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -922,5 +922,64 @@ async fn endpoints_sharing_a_transport_keep_it_open_for_each_other() {
         .expect("b still sends");
     assert_eq!(recv(&mut rx).await, 2, "b still receives");
     b.shutdown().await;
+    raw.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_foreign_message_s_ttl_and_user_id_do_not_lose_it_on_its_way_to_the_error_queue() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = raw.endpoint_queues("foreign").await;
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .handle(|_: Work, _: Context| async { Ok::<_, HandlerError>(()) })
+        .start()
+        .await
+        .expect("start");
+    // Published by another broker user, with its own user id and a 1 s TTL, and not
+    // decodable: it goes to the error queue, and must stay there.
+    let user = unique("user");
+    rabbitmqctl(&["add_user", &user, "secret"]);
+    let _delete = RabbitmqctlOnDrop::new(&["delete_user", &user]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let url = amqp_url().replacen("guest:guest@", &format!("{user}:secret@"), 1);
+    assert_ne!(url, amqp_url(), "the test URL names the guest user");
+    let foreign = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect as the other user");
+    let channel = foreign.create_channel().await.expect("channel");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        names::MESSAGE_TYPE.into(),
+        AMQPValue::LongString(Work::NAME.into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_expiration("1000".into())
+        .with_user_id(user.as_str().into());
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"\xc1 not msgpack",
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    raw.wait_for_count(&error, 1, WAIT).await;
+    // Longer than its TTL: with the TTL kept, the broker would have discarded it.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    ep.shutdown().await;
+    let failed = raw.drain(&error).await;
+    assert_eq!(failed.len(), 1, "still in the error queue after its TTL");
+    let (h, body) = &failed[0];
+    assert_eq!(body, b"\xc1 not msgpack");
+    assert_eq!(h[names::FAILURE_REASON], "decode");
+    assert_eq!(h[names::ORIGINAL_EXPIRATION], "1000");
+    assert_eq!(h[names::ORIGINAL_USER_ID], user);
+    let _ = foreign.close(200, "done".into()).await;
     raw.cleanup().await;
 }

@@ -6,7 +6,9 @@ use lapin::options::QueueDeleteOptions;
 use rhinobus::headers::names;
 use rhinobus::transport::RabbitMq;
 use rhinobus::{Bus, BusError, Context, Endpoint, HandlerError, SendOptions};
-use rhinobus_tests::{Raw, ReportWork, Work, amqp_url, init_tracing, recv, rhinobus_cli, unique};
+use rhinobus_tests::{
+    RabbitmqctlOnDrop, Raw, ReportWork, Work, amqp_url, init_tracing, recv, rhinobus_cli, unique,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -199,48 +201,16 @@ async fn an_endpoint_that_declares_its_queue_again_binds_it_again_for_delayed_se
     raw.cleanup().await;
 }
 
-/// A virtual host of its own, deleted (with everything in it) when dropped.
-struct Vhost(String);
-
-impl Vhost {
-    fn create() -> Self {
-        let name = unique("vhost");
-        rhinobus_tests::rabbitmqctl(&["add_vhost", &name]);
-        let vhost = Self(name);
-        rhinobus_tests::rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            &vhost.0,
-            "guest",
-            ".*",
-            ".*",
-            ".*",
-        ]);
-        vhost
-    }
-
-    /// The test broker's URL, in this virtual host.
-    fn url(&self) -> String {
-        let base = amqp_url();
-        let base = base.strip_suffix("/%2f").unwrap_or(&base);
-        format!("{base}/{}", self.0)
-    }
-}
-
-impl Drop for Vhost {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.0])
-            .output();
-    }
-}
-
 #[tokio::test]
 async fn a_broker_refusing_the_delay_levels_fails_only_delayed_sends_and_with_a_config_error() {
     // In a virtual host of its own, a level queue declared before with other arguments: the
     // broker refuses to declare it as a delay level.
-    let vhost = Vhost::create();
-    let url = vhost.url();
+    let vhost = unique("vhost");
+    rhinobus_tests::rabbitmqctl(&["add_vhost", &vhost]);
+    let _delete = RabbitmqctlOnDrop::new(&["delete_vhost", &vhost]);
+    rhinobus_tests::rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    let base = amqp_url();
+    let url = format!("{}/{vhost}", base.strip_suffix("/%2f").unwrap_or(&base));
     let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
         .await
         .unwrap_or_else(|e| panic!("these tests need RabbitMQ at {url}: {e}"));

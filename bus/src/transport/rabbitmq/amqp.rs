@@ -125,12 +125,46 @@ pub(crate) fn table_to_headers(table: Option<&FieldTable>) -> Headers {
     headers
 }
 
-/// The original properties with `extra` headers added (replacing those of the same name).
-pub(crate) fn with_extra_headers(
+/// The properties of a copy an endpoint moves to another queue: the original's, with `extra`
+/// headers added, without the two properties a copy cannot keep, each recorded in a header
+/// instead: `expiration` (the broker would count the message's TTL again in the new queue
+/// and discard it there: a failed message would vanish from its error queue) and `user_id`
+/// (the broker refuses a publish whose user id is not the connection's user: a foreign
+/// message could never reach the error queue).
+pub(crate) fn moved_copy(
     props: &BasicProperties,
     extra: &Headers,
 ) -> Result<BasicProperties, BusError> {
-    with_headers_changed(props, extra, |_| false)
+    let mut extra = extra.clone();
+    if let Some(ttl) = props.expiration() {
+        extra.insert(names::ORIGINAL_EXPIRATION.into(), ttl.to_string());
+    }
+    if let Some(user) = props.user_id() {
+        extra.insert(names::ORIGINAL_USER_ID.into(), user.to_string());
+    }
+    let mut copy = BasicProperties::default();
+    macro_rules! keep {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(v) = props.$get() {
+                copy = copy.$set(v.clone());
+            })*
+        };
+    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    with_headers_changed(&copy, &extra, |_| false)
 }
 
 /// The original properties with `extra` headers added and every header for which `remove`
@@ -191,6 +225,56 @@ mod tests {
         h.insert("n".repeat(256), "v".into());
         let err = properties_for(&h).unwrap_err();
         assert!(err.to_string().contains("at most 255"), "{err}");
+    }
+
+    #[test]
+    fn a_moved_copy_keeps_everything_but_its_ttl_and_user_id_which_it_records() {
+        let mut table = FieldTable::default();
+        table.insert("x-count".into(), AMQPValue::LongLongInt(42));
+        let props = BasicProperties::default()
+            .with_headers(table)
+            .with_expiration("60000".into())
+            .with_user_id("alice".into())
+            .with_message_id("m1".into())
+            .with_type("t".into())
+            .with_delivery_mode(2)
+            .with_priority(3)
+            .with_timestamp(1_700_000_000)
+            .with_app_id("app".into());
+        let mut extra = Headers::new();
+        extra.insert(names::FAILURE_REASON.into(), "decode".into());
+        let copy = moved_copy(&props, &extra).unwrap();
+        assert_eq!((copy.expiration(), copy.user_id()), (&None, &None));
+        let original = |p: &BasicProperties| {
+            (
+                p.message_id().clone(),
+                p.kind().clone(),
+                *p.delivery_mode(),
+                *p.priority(),
+            )
+        };
+        assert_eq!(original(&copy), original(&props));
+        assert_eq!(
+            (copy.timestamp(), copy.app_id()),
+            (props.timestamp(), props.app_id())
+        );
+        let table = copy.headers().as_ref().unwrap().inner();
+        assert_eq!(table.get("x-count"), Some(&AMQPValue::LongLongInt(42)));
+        let text = |k: &str| match table.get(k) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(text(names::ORIGINAL_EXPIRATION), "60000");
+        assert_eq!(text(names::ORIGINAL_USER_ID), "alice");
+        assert_eq!(text(names::FAILURE_REASON), "decode");
+        // Nothing to record when there was nothing to drop.
+        let plain = moved_copy(&BasicProperties::default(), &Headers::new()).unwrap();
+        assert!(
+            !plain
+                .headers()
+                .as_ref()
+                .is_some_and(|t| t.contains_key(names::ORIGINAL_EXPIRATION))
+        );
     }
 
     #[test]

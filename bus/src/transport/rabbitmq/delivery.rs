@@ -56,7 +56,7 @@ impl Delivery for RabbitDelivery {
     }
 
     async fn forward(&mut self, queue: &str, extra: Headers) -> Result<(), BusError> {
-        let props = amqp::with_extra_headers(&self.delivery.properties, &extra)?;
+        let props = amqp::moved_copy(&self.delivery.properties, &extra)?;
         self.transport
             .republish(queue, &self.delivery.data, props)
             .await?;
