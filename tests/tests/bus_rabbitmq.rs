@@ -6,7 +6,7 @@ use rhinobus::transport::RabbitMq;
 use rhinobus::{Context, DelayedRetries, Endpoint, HandlerError, Message};
 use rhinobus_tests::{
     RabbitmqctlOnDrop, Raw, ReportWork, Work, amqp_url, connections_named, init_tracing,
-    rabbitmqctl, recv, unacknowledged, unique,
+    rabbitmqctl, recv, rhinobus_cli, unacknowledged, unique,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -955,31 +955,50 @@ async fn a_foreign_message_s_ttl_and_user_id_do_not_lose_it_on_its_way_to_the_er
     let props = lapin::BasicProperties::default()
         .with_headers(headers)
         .with_delivery_mode(2)
-        .with_expiration("1000".into())
         .with_user_id(user.as_str().into());
-    channel
-        .basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            lapin::options::BasicPublishOptions::default(),
-            b"\xc1 not msgpack",
-            props,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    let publish = |queue: &str, ttl: &str| {
+        let props = props.clone().with_expiration(ttl.into());
+        let (channel, queue) = (channel.clone(), queue.to_owned());
+        async move {
+            let opts = lapin::options::BasicPublishOptions::default();
+            (channel.basic_publish("".into(), queue.as_str().into(), opts, b"\xc1 x", props))
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm");
+        }
+    };
+    publish(&queue, "1000").await;
     raw.wait_for_count(&error, 1, WAIT).await;
     // Longer than its TTL: with the TTL kept, the broker would have discarded it.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     ep.shutdown().await;
-    let failed = raw.drain(&error).await;
-    assert_eq!(failed.len(), 1, "still in the error queue after its TTL");
-    let (h, body) = &failed[0];
-    assert_eq!(body, b"\xc1 not msgpack");
-    assert_eq!(h[names::FAILURE_REASON], "decode");
-    assert_eq!(h[names::ORIGINAL_EXPIRATION], "1000");
-    assert_eq!(h[names::ORIGINAL_USER_ID], user);
+    assert_eq!(
+        raw.count(&error).await,
+        1,
+        "still in the error queue after its TTL"
+    );
+    // One put straight into the error queue by that user: the CLI moves it too.
+    publish(&error, "60000").await;
+    let target = unique("target");
+    raw.queue(&target).await;
+    let (ok, _, err) = rhinobus_cli(&[
+        "errors", "--queue", &error, "replay", "--all", "--to", &target,
+    ]);
+    assert!(ok, "replay: {err}");
+    let moved = raw.drain(&target).await;
+    assert_eq!(moved.len(), 2, "both replayed");
+    for (h, body) in &moved {
+        assert_eq!(body, b"\xc1 x");
+        assert_eq!(h[names::ORIGINAL_USER_ID], user);
+    }
+    let (first, second) = (&moved[0].0, &moved[1].0);
+    assert_eq!(
+        first[&format!("{}reason", names::PREVIOUS_FAILURE_PREFIX)],
+        "decode"
+    );
+    assert_eq!(first[names::ORIGINAL_EXPIRATION], "1000");
+    assert_eq!(second[names::ORIGINAL_EXPIRATION], "60000");
     let _ = foreign.close(200, "done".into()).await;
     raw.cleanup().await;
 }

@@ -173,7 +173,8 @@ impl ErrorQueue {
                     settle(failed.id, d.acker, Ok(()), &mut outcome).await;
                     continue;
                 }
-                Action::Archive => Ok((archive.clone(), d.properties.clone())),
+                Action::Archive => amqp::moved_copy(&d.properties, &Headers::new())
+                    .map(|properties| (archive.clone(), properties)),
                 Action::Replay { to } => to
                     .clone()
                     .or_else(|| failed.source_queue.clone())
@@ -322,8 +323,9 @@ async fn settle(
     }
 }
 
-/// The properties of a replayed message: failure headers moved aside under
-/// `rhinobus-previous-failure-*`, delayed retries reset, and the replay recorded. A message
+/// The properties of a replayed message: those of a moved copy ([`amqp::moved_copy`]: no TTL,
+/// no user id), failure headers moved aside under `rhinobus-previous-failure-*`, delayed
+/// retries reset, and the replay recorded. A message
 /// going back to be handled (`to_source`) also loses the processing headers of a handling
 /// before (an audit copy's); one moved `--to` another queue keeps them.
 fn replay_properties(
@@ -349,7 +351,8 @@ fn replay_properties(
         replays.saturating_add(1).to_string(),
     );
     extra.insert(names::REPLAYED_AT.into(), format_time(SystemTime::now()));
-    amqp::with_headers_changed(props, &extra, |k| {
+    let props = amqp::moved_copy(props, &Headers::new())?;
+    amqp::with_headers_changed(&props, &extra, |k| {
         k.starts_with(names::FAILURE_PREFIX)
             || k == names::DELAYED_RETRIES
             || (to_source && k.starts_with(names::PROCESSING_PREFIX))
