@@ -926,7 +926,7 @@ async fn endpoints_sharing_a_transport_keep_it_open_for_each_other() {
 }
 
 #[tokio::test]
-async fn a_foreign_message_s_ttl_and_user_id_do_not_lose_it_on_its_way_to_the_error_queue() {
+async fn a_foreign_message_s_ttl_user_id_and_transience_do_not_lose_it_in_the_error_queue() {
     let mut raw = Raw::connect().await;
     let (queue, error) = raw.endpoint_queues("foreign").await;
     let ep = Endpoint::builder(&queue, rabbit())
@@ -952,9 +952,10 @@ async fn a_foreign_message_s_ttl_and_user_id_do_not_lose_it_on_its_way_to_the_er
         names::MESSAGE_TYPE.into(),
         AMQPValue::LongString(Work::NAME.into()),
     );
+    // Transient too: a copy parked in the error queue must survive a broker restart.
     let props = lapin::BasicProperties::default()
         .with_headers(headers)
-        .with_delivery_mode(2)
+        .with_delivery_mode(1)
         .with_user_id(user.as_str().into());
     let publish = |queue: &str, ttl: &str| {
         let props = props.clone().with_expiration(ttl.into());
@@ -986,13 +987,25 @@ async fn a_foreign_message_s_ttl_and_user_id_do_not_lose_it_on_its_way_to_the_er
         "errors", "--queue", &error, "replay", "--all", "--to", &target,
     ]);
     assert!(ok, "replay: {err}");
-    let moved = raw.drain(&target).await;
+    let mut moved = Vec::new();
+    while let Some(m) = (raw.channel)
+        .basic_get(
+            target.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+    {
+        let props = &m.delivery.properties;
+        assert_eq!(*props.delivery_mode(), Some(2), "persistent");
+        assert_eq!(m.delivery.data, b"\xc1 x");
+        moved.push(RabbitMq::headers_of(props));
+    }
     assert_eq!(moved.len(), 2, "both replayed");
-    for (h, body) in &moved {
-        assert_eq!(body, b"\xc1 x");
+    for h in &moved {
         assert_eq!(h[names::ORIGINAL_USER_ID], user);
     }
-    let (first, second) = (&moved[0].0, &moved[1].0);
+    let (first, second) = (&moved[0], &moved[1]);
     assert_eq!(
         first[&format!("{}reason", names::PREVIOUS_FAILURE_PREFIX)],
         "decode"

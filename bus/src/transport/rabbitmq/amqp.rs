@@ -130,7 +130,8 @@ pub(crate) fn table_to_headers(table: Option<&FieldTable>) -> Headers {
 /// instead: `expiration` (the broker would count the message's TTL again in the new queue
 /// and discard it there: a failed message would vanish from its error queue) and `user_id`
 /// (the broker refuses a publish whose user id is not the connection's user: a foreign
-/// message could never reach the error queue).
+/// message could never reach the error queue). The copy is persistent whatever the original
+/// was: a transient message parked in an error queue would not survive a broker restart.
 pub(crate) fn moved_copy(
     props: &BasicProperties,
     extra: &Headers,
@@ -154,7 +155,6 @@ pub(crate) fn moved_copy(
         content_type => with_content_type,
         content_encoding => with_content_encoding,
         headers => with_headers,
-        delivery_mode => with_delivery_mode,
         priority => with_priority,
         correlation_id => with_correlation_id,
         reply_to => with_reply_to,
@@ -164,7 +164,7 @@ pub(crate) fn moved_copy(
         app_id => with_app_id,
         cluster_id => with_cluster_id,
     );
-    with_headers_changed(&copy, &extra, |_| false)
+    with_headers_changed(&copy.with_delivery_mode(PERSISTENT), &extra, |_| false)
 }
 
 /// The original properties with `extra` headers added and every header for which `remove`
@@ -245,6 +245,12 @@ mod tests {
         extra.insert(names::FAILURE_REASON.into(), "decode".into());
         let copy = moved_copy(&props, &extra).unwrap();
         assert_eq!((copy.expiration(), copy.user_id()), (&None, &None));
+        let transient = moved_copy(&props.clone().with_delivery_mode(1), &extra).unwrap();
+        assert_eq!(
+            *transient.delivery_mode(),
+            Some(2),
+            "persistent whatever it was"
+        );
         let original = |p: &BasicProperties| {
             (
                 p.message_id().clone(),
