@@ -75,6 +75,10 @@ struct Args {
     /// (default: the nodes' own default).
     #[arg(long)]
     replication_linger_ms: Option<u64>,
+    /// Each node of `dht-put-replicated` runs anti-entropy with a pass this many milliseconds
+    /// long (off by default, as on a node).
+    #[arg(long)]
+    anti_entropy_pass_ms: Option<u64>,
     /// Rounds of `dht-put-replicated` and its baseline, one after the other: the report gives
     /// the median of each, their ratio, and every round's ratio (`round_ratios`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -173,11 +177,13 @@ async fn run(args: &Args) -> Result<(), BenchError> {
         let linger = args
             .replication_linger_ms
             .map_or(DEFAULT_LINGER, std::time::Duration::from_millis);
+        let anti_entropy = (args.anti_entropy_pass_ms).map(std::time::Duration::from_millis);
         let mut rounds = Vec::new();
         for _ in 0..args.rounds {
             let single = dht::dht_put(args.ops, args.clients).await?;
+            let (ops, clients, amqp) = (args.ops, args.clients, &args.amqp);
             let replicated =
-                dht_cluster::dht_put_replicated(args.ops, args.clients, &args.amqp, linger).await?;
+                dht_cluster::dht_put_replicated(ops, clients, amqp, linger, anti_entropy).await?;
             rounds.push((replicated, single));
         }
         print(&Report::median_of_rounds(rounds));

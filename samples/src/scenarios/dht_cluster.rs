@@ -8,7 +8,7 @@ use lapin::options::QueueDeleteOptions;
 use rhinobus_dht::cluster::{self, queue_name};
 use rhinobus_dht::{
     Client, ClientOptions, NodeOptions, PutRequest, Replication, ReplicationOptions, Storage,
-    StorageOptions, Topology, serve,
+    StorageOptions, Topology, anti_entropy, serve,
 };
 use std::error::Error;
 use std::sync::{Arc, Mutex};
@@ -38,11 +38,19 @@ struct InProcessCluster {
     addrs: Vec<String>,
     names: Vec<String>,
     nodes: Vec<ClusterNode>,
+    /// The nodes' anti-entropy tasks, when they run one.
+    anti_entropy: Vec<tokio::task::AbortHandle>,
     _dir: tempfile::TempDir,
 }
 
 impl InProcessCluster {
-    async fn start(amqp: &str, linger: Duration) -> Result<Self, BoxError> {
+    /// Starts the nodes, their senders lingering `linger`, each running anti-entropy with a
+    /// pass of `anti_entropy` if given.
+    async fn start(
+        amqp: &str,
+        linger: Duration,
+        anti_entropy: Option<Duration>,
+    ) -> Result<Self, BoxError> {
         let dir = tempfile::tempdir()?;
         let run = uuid::Uuid::now_v7().simple().to_string();
         let mut listeners = Vec::new();
@@ -86,15 +94,31 @@ impl InProcessCluster {
                 task,
             });
         }
+        let anti_entropy = (anti_entropy.into_iter())
+            .flat_map(|pass| names.iter().map(move |name| (pass, name)))
+            .map(|(pass, name)| {
+                let run = anti_entropy::run(
+                    topology.clone(),
+                    name.clone(),
+                    ClientOptions::default(),
+                    pass,
+                );
+                tokio::spawn(run).abort_handle()
+            })
+            .collect();
         Ok(Self {
             addrs,
             names,
             nodes,
+            anti_entropy,
             _dir: dir,
         })
     }
 
     async fn stop(self, amqp: &str) -> Result<(), BoxError> {
+        for task in &self.anti_entropy {
+            task.abort();
+        }
         for n in self.nodes {
             let _ = n.stop.send(());
             n.task.await??;
@@ -117,20 +141,28 @@ impl InProcessCluster {
 
 /// `dht-put-replicated`: `ops` writes of 100-byte values to fresh keys through a three-node
 /// cluster replicating over RabbitMQ at `amqp`, by `clients` concurrent tasks, the nodes'
-/// senders lingering `linger` for fuller messages.
+/// senders lingering `linger` for fuller messages, and each node running anti-entropy with a
+/// pass of `anti_entropy` if given.
 pub async fn dht_put_replicated(
     ops: u64,
     clients: usize,
     amqp: &str,
     linger: Duration,
+    anti_entropy: Option<Duration>,
 ) -> Result<Report, Box<dyn Error>> {
-    run(ops, clients, amqp, linger)
+    run(ops, clients, amqp, linger, anti_entropy)
         .await
         .map_err(|e| e as Box<dyn Error>)
 }
 
-async fn run(ops: u64, clients: usize, amqp: &str, linger: Duration) -> Result<Report, BoxError> {
-    let cluster = InProcessCluster::start(amqp, linger).await?;
+async fn run(
+    ops: u64,
+    clients: usize,
+    amqp: &str,
+    linger: Duration,
+    anti_entropy: Option<Duration>,
+) -> Result<Report, BoxError> {
+    let cluster = InProcessCluster::start(amqp, linger, anti_entropy).await?;
     let client = Client::connect_with(
         cluster.addrs.clone(),
         ClientOptions::default().connections_per_node(CONNECTIONS),
@@ -172,6 +204,10 @@ async fn run(ops: u64, clients: usize, amqp: &str, linger: Duration) -> Result<R
             .with("replicas", 3)
             .with("value_bytes", VALUE_BYTES)
             .with("linger_ms", linger.as_millis() as u64)
+            .with(
+                "anti_entropy_pass_ms",
+                anti_entropy.map(|p| p.as_millis() as u64),
+            )
             .with("lag_p50_ms", lag.quantile_ms(0.50))
             .with("lag_p99_ms", lag.quantile_ms(0.99))
             .with("lag_samples", samples)
