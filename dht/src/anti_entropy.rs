@@ -133,9 +133,7 @@ async fn repair_if_settled(
     if !report.needs_repair() {
         return;
     }
-    let changed = (first.replicas.iter().zip(&report.replicas))
-        .any(|((_, before), (_, now))| matches!((before, now), (Ok(b), Ok(n)) if b != n));
-    if changed {
+    if changed(first, &report) {
         tracing::debug!(
             range = range.get(),
             "range still taking writes; left to a later pass"
@@ -153,9 +151,40 @@ async fn repair_if_settled(
     }
 }
 
+/// Whether a replica that answered both looks at a range gave different digests.
+fn changed(before: &RangeReport, now: &RangeReport) -> bool {
+    (before.replicas.iter().zip(&now.replicas))
+        .any(|((_, b), (_, n))| matches!((b, n), (Ok(b), Ok(n)) if b != n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::RangeDigest;
+
+    fn look(digests: &[Option<&str>]) -> RangeReport {
+        let digest = |d: &Option<&str>| match d {
+            Some(md5) => Ok(RangeDigest {
+                keys: 1,
+                md5: (*md5).into(),
+            }),
+            None => Err("down".into()),
+        };
+        RangeReport {
+            range: RangeId::of(b"k"),
+            replicas: (digests.iter().enumerate())
+                .map(|(i, d)| (format!("n{i}"), digest(d)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_range_changed_when_a_replica_answered_twice_differently() {
+        let before = look(&[Some("a"), Some("b"), None]);
+        assert!(!changed(&before, &look(&[Some("a"), Some("b"), Some("c")])));
+        assert!(!changed(&before, &look(&[None, Some("b"), None])));
+        assert!(changed(&before, &look(&[Some("a"), Some("c"), None])));
+    }
 
     #[test]
     fn a_pass_fits_twice_in_three_quarters_of_the_grace_after_the_settle() {
