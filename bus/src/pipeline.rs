@@ -187,9 +187,7 @@ impl Pipeline {
         }
         drop(delivery);
     }
-}
 
-impl Pipeline {
     /// Moves a handled message to the audit queue with its processing headers. When the broker
     /// does not take the copy (the queue is gone, a length limit refuses it, no confirm came
     /// in time) the message goes to the error queue instead, processing headers included, so

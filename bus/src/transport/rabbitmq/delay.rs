@@ -68,11 +68,11 @@ impl Delays {
     ) -> Result<(), BusError> {
         let names = self.delivery(connection).await?;
         self.levels
-            .get_or_try_init(|| async {
-                let channel = connection.create_channel().await?;
-                declare_levels(&channel, names).await.map_err(refusal)?;
-                let _ = channel.close(200, "declared".into()).await;
-                Ok::<_, BusError>(())
+            .get_or_try_init(|| {
+                on_own_channel(
+                    connection,
+                    |c| async move { declare_levels(&c, names).await },
+                )
             })
             .await?;
         let unbound: Vec<&str> = {
@@ -144,9 +144,11 @@ impl Delays {
         self.delivery
             .get_or_try_init(|| async {
                 let names = Names::new(&self.exchange)?;
-                let channel = connection.create_channel().await?;
-                declare_delivery(&channel, &names).await.map_err(refusal)?;
-                let _ = channel.close(200, "declared".into()).await;
+                let declared = &names;
+                on_own_channel(connection, |c| async move {
+                    declare_delivery(&c, declared).await
+                })
+                .await?;
                 Ok::<_, BusError>(names)
             })
             .await
@@ -178,6 +180,19 @@ fn level_name(exchange: &str, level: u32) -> String {
 /// A topic binding key that matches the routing keys whose bit for `level` is `bit`.
 fn bit_pattern(level: u32, bit: char) -> String {
     format!("{}{bit}.#", "*.".repeat((LEVELS - 1 - level) as usize))
+}
+
+/// Runs `declare` on a channel of its own, which a refusal closes ([`refusal`]), and closes
+/// the channel after it.
+async fn on_own_channel<F, Fut>(connection: &Connection, declare: F) -> Result<(), BusError>
+where
+    F: FnOnce(Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<(), lapin::Error>>,
+{
+    let channel = connection.create_channel().await?;
+    declare(channel.clone()).await.map_err(refusal)?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
 }
 
 /// A broker's refusal to declare or bind (no permission, an object declared before with other
