@@ -93,8 +93,8 @@ enum Command {
         rebuild: bool,
         /// Compare, in the background, every range this node is the primary of with its other
         /// replicas, once per this long ("10m", "1h"), and repair those that differ (off when
-        /// not given). Each comparison reads the range on every replica: a pass reads this
-        /// node's share of the whole table once.
+        /// not given). Each comparison reads the range on every replica: a pass reads, on
+        /// every replica, the ranges this node is the primary of.
         #[arg(long, requires = "cluster", value_parser = parse_pass)]
         anti_entropy_pass: Option<Duration>,
     },

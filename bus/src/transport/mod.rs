@@ -110,10 +110,10 @@ pub trait Delivery: Send + Sync {
     /// Removes it from its queue.
     async fn ack(&mut self) -> Result<(), BusError>;
     /// Copies it unchanged, plus `extra` headers (which replace headers of the same name),
-    /// into `queue` (on RabbitMQ without the `expiration` and `user_id` properties a copy
-    /// cannot keep, recorded in [`names::ORIGINAL_EXPIRATION`] and
-    /// [`names::ORIGINAL_USER_ID`] instead), waits for the broker to confirm the copy, and only then removes the
-    /// original. A crash in between can duplicate the message, never lose it. On an error the
+    /// into `queue` (on RabbitMQ persistent, and without the `expiration` and `user_id`
+    /// properties a copy cannot keep, recorded in [`names::ORIGINAL_EXPIRATION`] and
+    /// [`names::ORIGINAL_USER_ID`] instead), waits for the broker to confirm the copy, and
+    /// only then removes the original. A crash in between can duplicate the message, never lose it. On an error the
     /// delivery stays unsettled, and dropping it gives it back to its queue.
     ///
     /// A delivery is settled once, by `ack` or `forward`; it is dropped after that.
