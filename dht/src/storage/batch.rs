@@ -33,6 +33,8 @@ pub struct Batch<'a> {
     expiry: Overlay,
     items: Overlay,
     outbox: Overlay,
+    /// The outbox generation `outbox` goes to, once a record is staged.
+    outbox_generation: Option<usize>,
     changes: Vec<Change>,
 }
 
@@ -196,6 +198,7 @@ impl<'a> Batch<'a> {
             expiry: Overlay::default(),
             items: Overlay::default(),
             outbox: Overlay::default(),
+            outbox_generation: None,
             changes: Vec::new(),
         }
     }
@@ -594,7 +597,9 @@ impl<'a> Batch<'a> {
         destinations: Vec<String>,
         changes: Vec<Change>,
     ) -> Result<OutboxRecord, StorageError> {
-        let record = OutboxRecord::new(destinations, changes)?;
+        let generation =
+            *(self.outbox_generation).get_or_insert_with(|| self.inner.outbox.generations.active());
+        let record = OutboxRecord::new(generation, destinations, changes)?;
         self.outbox.set(&record.storage_key(), record.encode());
         Ok(record)
     }
@@ -677,16 +682,20 @@ impl<'a> Batch<'a> {
         Ok(TombstonesPurged { purged, more })
     }
 
-    /// Writes everything out as one fjall batch; `false` when there was nothing to write.
+    /// Writes everything out as one fjall batch; `false` when there was nothing to write. Call
+    /// under the write lock: it counts the outbox records it committed in their generation.
     pub(super) fn commit(self) -> Result<bool, StorageError> {
         let mut wb = self.inner.db.batch();
+        let outbox = &self.inner.outbox;
+        let generation = self.outbox_generation.unwrap_or_default();
+        let records = self.outbox.0.len();
         for (overlay, keyspace) in [
             (self.versions, &self.inner.versions),
             (self.superseded, &self.inner.superseded),
             (self.superseded_by_time, &self.inner.superseded_by_time),
             (self.expiry, &self.inner.expiry),
             (self.items, &self.inner.items),
-            (self.outbox, &self.inner.outbox),
+            (self.outbox, outbox.keyspace(generation)),
         ] {
             for (k, v) in overlay.0 {
                 match v {
@@ -699,6 +708,9 @@ impl<'a> Batch<'a> {
             return Ok(false);
         }
         wb.commit()?;
+        if records > 0 {
+            outbox.generations.committed(generation, records);
+        }
         Ok(true)
     }
 }

@@ -20,8 +20,10 @@
 //!   older entry behind, and the purge skips a tombstone whose time differs from the entry's)
 //! - `expiry`: `expires-at ms ++ digest ++ version` → empty (what to clean up, in time order)
 //! - `items`: `digest ++ item id` → [`ItemRecord`] (list items)
-//! - `outbox`: `record id` → MessagePack `{ destinations, changes }`, one record per write
-//!   (replication not yet confirmed by the broker; see [`OutboxRecord`](super::OutboxRecord)).
+//! - `outbox`, `outbox-1`: `record id` → MessagePack `{ destinations, changes }`, one record
+//!   per write (replication not yet confirmed by the broker; see
+//!   [`OutboxRecord`](super::OutboxRecord)); two generations, used in turn and cleared whole
+//!   once their records are confirmed (see `outbox_generations`).
 //! - `outbox-corrupt`: outbox records that could not be decoded, moved here unchanged.
 
 use crate::routing::key_digest;

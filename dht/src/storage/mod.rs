@@ -20,6 +20,7 @@ mod dump;
 mod group_commit;
 mod layout;
 mod outbox;
+mod outbox_generations;
 
 pub use batch::Batch;
 pub use copy::{Merged, PAGE_BYTES, PageCursor, RangePage, Tombstone};
@@ -30,6 +31,7 @@ use crate::version::{ItemId, Version};
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use group_commit::GroupCommit;
+use outbox::OutboxStore;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -468,8 +470,9 @@ struct Inner {
     superseded_by_time: Keyspace,
     expiry: Keyspace,
     items: Keyspace,
-    /// Replication records not yet confirmed by the broker: `id` (see `layout`).
-    outbox: Keyspace,
+    /// Replication records not yet confirmed by the broker, or confirmed but not yet cleared
+    /// with the rest of their generation: `id` (see `layout`).
+    outbox: OutboxStore,
     /// Outbox records that could not be decoded, moved out of the way (same keys and values)
     /// for an operator to look at.
     outbox_corrupt: Keyspace,
@@ -546,7 +549,7 @@ impl Storage {
         let items = db.keyspace("items", || {
             KeyspaceCreateOptions::default().with_kv_separation(Some(Default::default()))
         })?;
-        let outbox = db.keyspace("outbox", KeyspaceCreateOptions::default)?;
+        let outbox = OutboxStore::open(&db)?;
         let outbox_corrupt = db.keyspace("outbox-corrupt", KeyspaceCreateOptions::default)?;
         Ok(Self {
             inner: Arc::new(Inner {

@@ -3,17 +3,77 @@
 //! the send loses nothing; it is deleted once the broker confirmed the send to every
 //! destination it lists.
 //!
-//! One record per write, whatever the number of replicas: the write costs one outbox insert
-//! and, later, one delete. Which destination has confirmed is kept in memory only; after a
-//! crash the record is sent to all its destinations again, a duplicate that applying
-//! replication writes again identically (or skips, where it was superseded since).
+//! One record per write, whatever the number of replicas: the write costs one outbox insert.
+//! Confirmed records are not deleted one by one but a keyspace at a time (see
+//! [`outbox_generations`](super::outbox_generations)). Which destination has confirmed is kept
+//! in memory only; after a crash the record is sent to all its destinations again, a duplicate
+//! that applying replication writes again identically (or skips, where it was superseded
+//! since).
 
+use super::outbox_generations::{Generations, Release};
 use super::{Change, Storage, StorageError, layout};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use serde::{Deserialize, Serialize};
+use std::sync::PoisonError;
 
-/// The identity of one outbox record (a UUID v7, so records sort roughly by commit time).
+/// The identity of one outbox record: a UUID v7 (so records sort roughly by commit time) and
+/// the generation keyspace it is stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct OutboxId([u8; 16]);
+pub struct OutboxId {
+    key: [u8; 16],
+    generation: u8,
+}
+
+impl OutboxId {
+    /// Generations are 0 and 1.
+    fn new(key: [u8; 16], generation: usize) -> Self {
+        Self {
+            key,
+            generation: u8::from(generation != 0),
+        }
+    }
+
+    fn generation(self) -> usize {
+        usize::from(self.generation)
+    }
+}
+
+/// The outbox on disk: its two generation keyspaces and which of them holds what.
+pub(crate) struct OutboxStore {
+    /// `outbox` (the only one before generations, so earlier records are found) and `outbox-1`.
+    keyspaces: [Keyspace; 2],
+    pub(crate) generations: Generations,
+}
+
+impl OutboxStore {
+    pub(crate) fn open(db: &Database) -> Result<Self, StorageError> {
+        let keyspaces = [
+            db.keyspace("outbox", KeyspaceCreateOptions::default)?,
+            db.keyspace("outbox-1", KeyspaceCreateOptions::default)?,
+        ];
+        let mut stored = [0; 2];
+        let mut oldest = [None, None];
+        for ((n, first), keyspace) in stored.iter_mut().zip(&mut oldest).zip(&keyspaces) {
+            *n = keyspace.len()?;
+            *first = keyspace.first_key_value().map(|kv| kv.key()).transpose()?;
+        }
+        // Record ids are UUID v7: the generation whose oldest record is newer was the active
+        // one (or, with one of them empty, the other).
+        let active = match oldest {
+            [Some(a), Some(b)] => usize::from(b > a),
+            [Some(_), None] => 1,
+            _ => 0,
+        };
+        Ok(Self {
+            keyspaces,
+            generations: Generations::recovered(stored, active),
+        })
+    }
+
+    pub(crate) fn keyspace(&self, generation: usize) -> &Keyspace {
+        &self.keyspaces[generation]
+    }
+}
 
 /// Changes that still have to reach some destinations (node names).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +105,7 @@ const MAX_DESTINATION_LEN: usize = 255;
 
 impl OutboxRecord {
     pub(crate) fn new(
+        generation: usize,
         destinations: Vec<String>,
         changes: Vec<Change>,
     ) -> Result<Self, StorageError> {
@@ -61,14 +122,14 @@ impl OutboxRecord {
             }
         }
         Ok(Self {
-            id: OutboxId(*uuid::Uuid::now_v7().as_bytes()),
+            id: OutboxId::new(*uuid::Uuid::now_v7().as_bytes(), generation),
             destinations,
             changes,
         })
     }
 
     pub(super) fn storage_key(&self) -> [u8; 16] {
-        self.id.0
+        self.id.key
     }
 
     pub(super) fn encode(&self) -> Vec<u8> {
@@ -82,16 +143,16 @@ impl OutboxRecord {
         layout::encode_into(&record, Vec::with_capacity(size))
     }
 
-    fn decode(k: &[u8], v: &[u8]) -> Result<Self, StorageError> {
+    fn decode(generation: usize, k: &[u8], v: &[u8]) -> Result<Self, StorageError> {
         let corrupt = |detail: String| StorageError::Corrupt {
             what: "outbox record",
             detail,
         };
-        let id =
+        let key =
             <[u8; 16]>::try_from(k).map_err(|_| corrupt(format!("key of {} bytes", k.len())))?;
         let stored: StoredRecord = rmp_serde::from_slice(v).map_err(|e| corrupt(e.to_string()))?;
         Ok(Self {
-            id: OutboxId(id),
+            id: OutboxId::new(key, generation),
             destinations: stored.destinations,
             changes: stored.changes,
         })
@@ -115,18 +176,21 @@ impl Storage {
     /// hold up the others. Its changes do not reach the other replicas (they catch up from a
     /// dump or later writes).
     pub fn for_each_outbox(&self, mut f: impl FnMut(OutboxRecord)) -> Result<(), StorageError> {
-        let mut corrupt = Vec::new();
-        for kv in self.inner.outbox.iter() {
-            let (k, v) = kv.into_inner()?;
-            match OutboxRecord::decode(&k, &v) {
-                Ok(record) => f(record),
-                Err(e) => {
-                    log_corrupt(&k, v.len(), &e);
-                    corrupt.push((k, v));
+        let outbox = &self.inner.outbox;
+        for generation in outbox.generations.oldest_first() {
+            let mut corrupt = Vec::new();
+            for kv in outbox.keyspace(generation).iter() {
+                let (k, v) = kv.into_inner()?;
+                match OutboxRecord::decode(generation, &k, &v) {
+                    Ok(record) => f(record),
+                    Err(e) => {
+                        log_corrupt(&k, v.len(), &e);
+                        corrupt.push((k, v));
+                    }
                 }
             }
+            self.move_corrupt_outbox(generation, corrupt);
         }
-        self.move_corrupt_outbox(corrupt);
         Ok(())
     }
 
@@ -134,50 +198,90 @@ impl Storage {
     /// there (deleted) or could not be decoded (then it is logged and moved to the
     /// `outbox-corrupt` keyspace, as in [`for_each_outbox`](Self::for_each_outbox)).
     pub fn outbox_record(&self, id: OutboxId) -> Result<Option<OutboxRecord>, StorageError> {
-        let Some(v) = self.inner.outbox.get(id.0)? else {
+        let generation = id.generation();
+        let Some(v) = self.inner.outbox.keyspace(generation).get(id.key)? else {
             return Ok(None);
         };
-        match OutboxRecord::decode(&id.0, &v) {
+        match OutboxRecord::decode(generation, &id.key, &v) {
             Ok(record) => Ok(Some(record)),
             Err(e) => {
-                log_corrupt(&id.0, v.len(), &e);
-                self.move_corrupt_outbox(vec![(id.0.to_vec().into(), v)]);
+                log_corrupt(&id.key, v.len(), &e);
+                self.move_corrupt_outbox(generation, vec![(id.key.to_vec().into(), v)]);
                 Ok(None)
             }
         }
     }
 
-    fn move_corrupt_outbox(&self, corrupt: Vec<(fjall::Slice, fjall::Slice)>) {
+    fn move_corrupt_outbox(&self, generation: usize, corrupt: Vec<(fjall::Slice, fjall::Slice)>) {
         if corrupt.is_empty() {
             return;
         }
+        let records = corrupt.len();
         let mut wb = self.inner.db.batch();
         for (k, v) in corrupt {
             wb.insert(&self.inner.outbox_corrupt, k.clone(), v);
-            wb.remove(&self.inner.outbox, k);
+            wb.remove(self.inner.outbox.keyspace(generation), k);
         }
         // Not moved: it is skipped again (and logged again) next time.
-        if let Err(e) = wb.commit() {
-            tracing::error!(error = %e, "cannot move undecodable outbox records aside");
+        match wb.commit() {
+            Ok(()) => self.inner.outbox.generations.removed(generation, records),
+            Err(e) => tracing::error!(error = %e, "cannot move undecodable outbox records aside"),
         }
     }
 
-    /// Deletes, in one batch, the outbox records `ids`, whose changes the broker confirmed for
-    /// every destination. Deleting a record that is not there is not an error.
+    /// Forgets the outbox records `ids`, whose changes the broker confirmed for every
+    /// destination. Forgetting a record that is not there is not an error.
+    ///
+    /// A record is not deleted on its own: its generation is cleared once all of its records
+    /// are confirmed, and records are deleted one by one only while a generation that never
+    /// drains holds writers in the other (see [`outbox_generations`](super::outbox_generations)).
+    /// Until then they stay on disk, and a restart sends them again.
     pub fn remove_outbox(
         &self,
         ids: impl IntoIterator<Item = OutboxId>,
     ) -> Result<(), StorageError> {
+        let ids: Vec<OutboxId> = ids.into_iter().collect();
+        let outbox = &self.inner.outbox;
+        let release = outbox
+            .generations
+            .confirmed(ids.iter().map(|id| id.generation()));
         // No write lock: nothing else writes these keys once they exist, and a deletion lost
         // in a crash only means the changes are sent (and applied, idempotently) again.
         let mut wb = self.inner.db.batch();
-        for id in ids {
-            wb.remove(&self.inner.outbox, id.0);
+        for &(generation, i) in &release.delete {
+            wb.remove(outbox.keyspace(generation), ids[i].key);
         }
         if !wb.is_empty() {
             wb.commit()?;
         }
-        Ok(())
+        self.clear_outbox_generations(release)
+    }
+
+    /// Clears the generations `release` hands out, and retires the active one when it holds
+    /// only confirmed records.
+    fn clear_outbox_generations(&self, release: Release) -> Result<(), StorageError> {
+        let outbox = &self.inner.outbox;
+        let mut clear = release.clear;
+        if release.retire_active {
+            // Under the write lock: no batch is between staging a record in the active
+            // generation and counting it.
+            let _guard = self
+                .inner
+                .write_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            clear.extend(outbox.generations.retire_idle());
+        }
+        let mut result = Ok(());
+        for generation in clear {
+            let cleared = outbox.keyspace(generation).clear();
+            outbox.generations.cleared(generation, cleared.is_ok());
+            if let Err(e) = cleared {
+                tracing::warn!(generation, error = %e, "cannot clear confirmed outbox records");
+                result = Err(e.into());
+            }
+        }
+        result
     }
 }
 
@@ -231,6 +335,67 @@ mod tests {
         assert!(s.outbox().unwrap().is_empty());
     }
 
+    /// A record per batch, each of one put.
+    fn records(s: &Storage, n: usize) -> Vec<super::OutboxRecord> {
+        (0..n)
+            .map(|i| {
+                s.batch(|b| {
+                    b.put(PutRequest::new(format!("k{i}"), "v"))?;
+                    let changes = b.take_changes();
+                    b.enqueue_outbox(nodes(&["node-b"]), changes)
+                })
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn confirmed_records_leave_the_disk_a_generation_at_a_time_and_reopening_resends_the_rest() {
+        use super::super::outbox_generations::ROTATE_AFTER;
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = {
+            let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+            let first = records(&s, ROTATE_AFTER);
+            let second = records(&s, 3);
+            assert!(
+                second
+                    .iter()
+                    .all(|r| r.id.generation() != first[0].id.generation()),
+                "a full generation hands over to the other"
+            );
+            // All but one of the first generation confirmed: still on disk, still in order.
+            s.remove_outbox(first[1..].iter().map(|r| r.id)).unwrap();
+            assert_eq!(s.outbox().unwrap().len(), ROTATE_AFTER + 3);
+            assert_eq!(s.outbox().unwrap()[0], first[0]);
+            s.flush().unwrap();
+            (first, second)
+        };
+        // A restart (or a crash) sends again everything still on disk, oldest first: the
+        // confirmed records of a generation not yet cleared come back as duplicates.
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let reopened = s.outbox().unwrap();
+        assert_eq!(reopened.len(), ROTATE_AFTER + 3);
+        assert_eq!(reopened[0].id, first[0].id);
+        assert_eq!(reopened[ROTATE_AFTER..], second[..]);
+        // Confirming the first generation clears it whole; the second, once confirmed and
+        // idle, is retired and cleared too.
+        s.remove_outbox(reopened[..ROTATE_AFTER].iter().map(|r| r.id))
+            .unwrap();
+        assert_eq!(s.outbox().unwrap(), second);
+        s.remove_outbox(second.iter().map(|r| r.id)).unwrap();
+        assert!(s.outbox().unwrap().is_empty());
+        s.flush().unwrap();
+        drop(s);
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        assert!(
+            s.outbox().unwrap().is_empty(),
+            "the clears outlive a restart"
+        );
+        // Writing goes on in whichever generation is empty.
+        let after = records(&s, 2);
+        assert_eq!(s.outbox().unwrap(), after);
+    }
+
     #[test]
     fn an_undecodable_record_is_moved_aside_and_the_others_still_load() {
         let dir = tempfile::tempdir().unwrap();
@@ -239,7 +404,7 @@ mod tests {
             s.batch(|b| b.enqueue_outbox(nodes(&["node-b"]), vec![]))
                 .unwrap();
             for (k, v) in [(&[1u8; 16][..], &b"not msgpack"[..]), (b"short", b"")] {
-                s.inner.outbox.insert(k, v).unwrap();
+                s.inner.outbox.keyspace(0).insert(k, v).unwrap();
             }
             s.flush().unwrap();
         }
@@ -248,7 +413,7 @@ mod tests {
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].destinations, nodes(&["node-b"]));
         assert_eq!(
-            s.inner.outbox.len().unwrap(),
+            s.inner.outbox.keyspace(0).len().unwrap(),
             1,
             "the bad ones left the outbox"
         );
@@ -257,9 +422,16 @@ mod tests {
         assert!(s.inner.outbox_corrupt.get(b"short").unwrap().is_some());
         assert_eq!(s.outbox().unwrap(), loaded);
         // Read back one by one, as senders do: moved aside the same way.
-        s.inner.outbox.insert([2u8; 16], b"not msgpack").unwrap();
-        assert_eq!(s.outbox_record(super::OutboxId([2u8; 16])).unwrap(), None);
-        assert!(s.inner.outbox.get([2u8; 16]).unwrap().is_none());
+        s.inner
+            .outbox
+            .keyspace(0)
+            .insert([2u8; 16], b"not msgpack")
+            .unwrap();
+        assert_eq!(
+            s.outbox_record(super::OutboxId::new([2u8; 16], 0)).unwrap(),
+            None
+        );
+        assert!(s.inner.outbox.keyspace(0).get([2u8; 16]).unwrap().is_none());
         assert!(s.inner.outbox_corrupt.get([2u8; 16]).unwrap().is_some());
         assert_eq!(
             s.outbox_record(loaded[0].id).unwrap(),
