@@ -517,6 +517,7 @@ async fn tombstones_older_than_the_grace_are_purged() {
                 expires_at: None,
             },
         ],
+        packed: Default::default(),
     };
     // Until its first purge ran (right after it started), node 2 drops v1 too: ask again.
     let deadline = tokio::time::Instant::now() + LIVENESS;

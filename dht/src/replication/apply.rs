@@ -1,15 +1,28 @@
 //! Applying replicated changes.
 
-use crate::storage::{Change, Storage, StorageError};
+use super::message::Replicate;
+use crate::storage::{Change, ChangeRef, Storage, StorageError};
 
 /// Applies `changes` (made on another replica) in one atomic batch and returns how many
 /// wrote anything. Applying the same changes again, or in another order, or interleaved with
 /// other replicas' changes, leaves the same state: see [`Batch::apply_change`](crate::Batch::apply_change).
 pub fn apply(storage: &Storage, changes: &[Change]) -> Result<usize, StorageError> {
+    apply_refs(storage, changes.iter().map(ChangeRef::from))
+}
+
+/// [`apply`] of every change a replication message carries, borrowed from it.
+pub fn apply_message(storage: &Storage, message: &Replicate) -> Result<usize, StorageError> {
+    apply_refs(storage, message.change_refs()?)
+}
+
+fn apply_refs<'a>(
+    storage: &Storage,
+    changes: impl IntoIterator<Item = ChangeRef<'a>>,
+) -> Result<usize, StorageError> {
     storage.batch(|b| {
         let mut changed = 0;
         for c in changes {
-            changed += usize::from(b.apply_change(c)?);
+            changed += usize::from(b.apply_change_ref(c)?);
         }
         Ok(changed)
     })

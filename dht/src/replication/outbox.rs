@@ -21,7 +21,9 @@ use super::message::Replicate;
 use crate::cluster::queue_name;
 use crate::routing::{RangeId, Topology};
 use crate::shutdown::Shutdown;
-use crate::storage::{Batch, Change, OutboxId, Storage, StorageError};
+use crate::storage::{
+    Batch, OutboxId, PackedChanges, Storage, StorageError, unpack_array, write_array,
+};
 use rhinobus::Bus;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -85,23 +87,23 @@ struct Delivery {
     changes: Option<Held>,
 }
 
-/// Changes kept in memory, counted against the budget until they are dropped.
+/// Changes kept in memory, encoded, counted against the budget until they are dropped.
 struct Held {
-    changes: Vec<Change>,
+    changes: Arc<PackedChanges>,
     bytes: usize,
     held: Arc<AtomicUsize>,
 }
 
 impl Held {
     /// `changes`, if `held` plus their size stays within the budget.
-    fn within_budget(changes: Vec<Change>, held: &Arc<AtomicUsize>) -> Option<Self> {
-        let bytes: usize = changes.iter().map(Change::encoded_size).sum();
+    fn within_budget(changes: PackedChanges, held: &Arc<AtomicUsize>) -> Option<Self> {
+        let bytes = changes.byte_len();
         held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
             (h + bytes <= MEMORY_BUDGET).then_some(h + bytes)
         })
         .ok()?;
         Some(Self {
-            changes,
+            changes: Arc::new(changes),
             bytes,
             held: held.clone(),
         })
@@ -120,7 +122,7 @@ impl Drop for Held {
 pub struct Staged {
     id: OutboxId,
     destinations: BTreeSet<String>,
-    changes: Vec<Change>,
+    changes: PackedChanges,
 }
 
 impl std::fmt::Debug for ReplicationOutbox {
@@ -160,7 +162,8 @@ impl ReplicationOutbox {
         let mut owed_to_nobody = Vec::new();
         storage.for_each_outbox(|record| {
             records += 1;
-            let mut destinations = outbox.destinations_of(&record.changes);
+            let ranges = record.changes.iter().map(|c| RangeId::of(c.key()));
+            let mut destinations = outbox.destinations_of(ranges);
             // Only the destinations the record names: the others were not owed these changes.
             destinations.retain(|d| record.destinations.contains(d));
             if outbox.queue(record.id, destinations, None) {
@@ -218,10 +221,10 @@ impl ReplicationOutbox {
             .sum()
     }
 
-    /// Whether `destination` holds a replica of `key`'s range.
-    fn replicates_to(&self, destination: &str, key: &[u8]) -> bool {
+    /// Whether `destination` holds a replica of `range`.
+    fn replicates_to(&self, destination: &str, range: RangeId) -> bool {
         let topology = &self.inner.topology;
-        topology.replica_indexes(RangeId::of(key)).any(|i| {
+        topology.replica_indexes(range).any(|i| {
             topology
                 .names
                 .get(i as usize)
@@ -229,12 +232,13 @@ impl ReplicationOutbox {
         })
     }
 
-    /// The other replicas that must receive some of `changes`: those holding their ranges.
-    fn destinations_of(&self, changes: &[Change]) -> BTreeSet<String> {
+    /// The other replicas that must receive some of the changes to keys in `ranges`: those
+    /// holding those ranges.
+    fn destinations_of(&self, ranges: impl IntoIterator<Item = RangeId>) -> BTreeSet<String> {
         let topology = &self.inner.topology;
         let mut destinations = BTreeSet::new();
-        for change in changes {
-            for i in topology.replica_indexes(RangeId::of(change.key())) {
+        for range in ranges {
+            for i in topology.replica_indexes(range) {
                 let Some(name) = topology.names.get(i as usize) else {
                     continue;
                 };
@@ -248,21 +252,24 @@ impl ReplicationOutbox {
 
     /// Stages, in batch `b`, one outbox record for what `b` changed, listing every other
     /// replica of the keys changed, and takes those changes out of `b`
-    /// ([`Batch::take_changes`]). `None` when there is nobody to send to.
+    /// ([`Batch::take_changes`]), encoded once for the record and every message that will
+    /// carry them. `None` when there is nobody to send to.
     pub fn stage(&self, b: &mut Batch<'_>) -> Result<Option<Staged>, StorageError> {
         if b.changes().is_empty() {
             return Ok(None);
         }
-        let destinations = self.destinations_of(b.changes());
+        let changes = PackedChanges::pack(b.changes());
+        let destinations = self.destinations_of(changes.iter().map(|(range, _)| range));
         if destinations.is_empty() {
             return Ok(None);
         }
-        let changes = b.take_changes();
-        let record = b.enqueue_outbox(destinations.iter().cloned().collect(), changes)?;
+        b.take_changes();
+        let listed: Vec<String> = destinations.iter().cloned().collect();
+        let id = b.enqueue_packed_outbox(&listed, &changes)?;
         Ok(Some(Staged {
-            id: record.id,
+            id,
             destinations,
-            changes: record.changes,
+            changes,
         }))
     }
 
@@ -337,15 +344,16 @@ impl ReplicationOutbox {
         }
     }
 
-    /// The next message for `destination`, its queued records read back from disk; the first
-    /// `front_sent` changes of the front record being confirmed already.
+    /// The changes of the next message for `destination`, its queued records read back from
+    /// disk where they are not held in memory; the first `front_sent` changes of the front
+    /// record being confirmed already.
     fn next_message(
         &self,
         destination: &str,
         front_sent: usize,
-    ) -> Result<(Taken, Vec<Change>), StorageError> {
+    ) -> Result<(Taken, ChangeArray), StorageError> {
         let Some(d) = self.inner.destinations.get(destination) else {
-            return Ok((Taken::Whole(0), Vec::new()));
+            return Ok((Taken::Whole(0), ChangeArray::default()));
         };
         take_message(
             |i| {
@@ -353,22 +361,17 @@ impl ReplicationOutbox {
                 let Some(delivery) = d.lock().get(i).cloned() else {
                     return Ok(None);
                 };
-                let for_destination = |c: &Change| self.replicates_to(destination, c.key());
                 if let Some(held) = &delivery.changes {
-                    // A record of one change lists exactly the replicas of its key.
-                    if let [change] = &held.changes[..] {
-                        return Ok(Some(vec![change.clone()]));
-                    }
-                    let changes = held.changes.iter().filter(|c| for_destination(c));
-                    return Ok(Some(changes.cloned().collect()));
+                    return Ok(Some(held.changes.clone()));
                 }
                 // A record gone from disk (moved aside as undecodable) has nothing to send.
                 let changes = match self.inner.storage.outbox_record(delivery.id)? {
-                    Some(record) => record.changes.into_iter().filter(for_destination).collect(),
-                    None => Vec::new(),
+                    Some(record) => PackedChanges::pack(&record.changes),
+                    None => PackedChanges::default(),
                 };
-                Ok(Some(changes))
+                Ok(Some(Arc::new(changes)))
             },
+            |range| self.replicates_to(destination, range),
             front_sent,
         )
     }
@@ -402,7 +405,7 @@ impl ReplicationOutbox {
                 tokio::task::spawn_blocking(move || outbox.next_message(&destination, front_sent))
                     .await
             };
-            let (taken, changes) = match next {
+            let (taken, array) = match next {
                 Ok(Ok(next)) => next,
                 Ok(Err(e)) => {
                     tracing::warn!(%destination, error = %e, "cannot read the outbox; retrying");
@@ -419,33 +422,25 @@ impl ReplicationOutbox {
                     }
                 }
             };
-            if changes.is_empty() {
+            if array.len == 0 {
                 // Only records with nothing left to send: done without a message.
                 front_sent = self.confirmed(&destination, taken).await;
                 continue;
             }
-            let alone = (changes.len() == 1).then(|| {
-                (
-                    String::from_utf8_lossy(changes[0].key())
-                        .chars()
-                        .take(200)
-                        .collect::<String>(),
-                    changes[0].encoded_size(),
-                )
-            });
             let message = Replicate {
                 from: self.inner.node.clone(),
-                changes,
+                changes: Vec::new(),
+                packed: array.bytes.into(),
             };
             last_sent = Some(tokio::time::Instant::now());
             let sent = tokio::select! {
                 _ = stop.recv() => return,
                 sent = bus.send(&queue, &message) => sent,
             };
-            drop(message);
             match sent {
                 Ok(_) => front_sent = self.confirmed(&destination, taken).await,
                 Err(e) => {
+                    let alone = (array.len == 1).then(|| lone_change(&message.packed));
                     match &alone {
                         // Loud: if the broker refuses this change for its size, no retry will
                         // ever get it through and replication to this node is stuck behind it
@@ -566,53 +561,86 @@ enum Taken {
     Partly { whole: usize, front_sent: usize },
 }
 
-/// The changes of the next message to a destination, `record(i)` giving the changes of its
-/// `i`th queued record (`None` past the last), the first `front_sent` changes of the front
-/// record being confirmed already; at most [`MAX_CHANGES_PER_MESSAGE`] changes and
-/// [`MAX_BYTES_PER_MESSAGE`] bytes, but at least one change when there is any. Reads records
-/// only as far as the message needs.
+/// The changes of one message: a MessagePack array of their encodings.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ChangeArray {
+    /// How many changes.
+    len: usize,
+    /// The array.
+    bytes: Vec<u8>,
+}
+
+/// The key and size of the one change in `packed`, for the log of a send that failed.
+fn lone_change(packed: &[u8]) -> (String, usize) {
+    let key = match unpack_array(packed).as_deref() {
+        Ok([change]) => String::from_utf8_lossy(change.key())
+            .chars()
+            .take(200)
+            .collect(),
+        _ => String::new(),
+    };
+    (key, packed.len())
+}
+
+/// The changes of the next message to a destination, `record(i)` giving its `i`th queued
+/// record (`None` past the last) and `keep` the ranges the destination holds, the first
+/// `front_sent` kept changes of the front record being confirmed already; at most
+/// [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`] bytes, but at least one
+/// change when there is any. Reads records only as far as the message needs, and copies the
+/// changes' encodings as they are.
 fn take_message<E>(
-    mut record: impl FnMut(usize) -> Result<Option<Vec<Change>>, E>,
+    mut record: impl FnMut(usize) -> Result<Option<Arc<PackedChanges>>, E>,
+    keep: impl Fn(RangeId) -> bool,
     front_sent: usize,
-) -> Result<(Taken, Vec<Change>), E> {
-    let mut changes = Vec::new();
+) -> Result<(Taken, ChangeArray), E> {
+    let mut records = Vec::new();
+    // (record, change) of each change taken.
+    let mut taken = Vec::new();
     let mut bytes = 0;
-    let mut i = 0;
-    while let Some(record_changes) = record(i)? {
+    let mut outcome = None;
+    'records: while let Some(changes) = record(records.len())? {
+        let i = records.len();
+        records.push(changes);
         let start = if i == 0 { front_sent } else { 0 };
-        for (j, change) in record_changes.into_iter().enumerate().skip(start) {
-            let size = change.encoded_size();
-            if !changes.is_empty()
-                && (changes.len() == MAX_CHANGES_PER_MESSAGE
-                    || bytes + size > MAX_BYTES_PER_MESSAGE)
+        let kept = (records[i].iter().enumerate()).filter(|(_, (range, _))| keep(*range));
+        for (j, (n, (_, encoded))) in kept.enumerate().skip(start) {
+            if !taken.is_empty()
+                && (taken.len() == MAX_CHANGES_PER_MESSAGE
+                    || bytes + encoded.len() > MAX_BYTES_PER_MESSAGE)
             {
-                let taken = if j == 0 {
+                outcome = Some(if j == 0 {
                     Taken::Whole(i)
                 } else {
                     Taken::Partly {
                         whole: i,
                         front_sent: j,
                     }
-                };
-                return Ok((taken, changes));
+                });
+                break 'records;
             }
-            bytes += size;
-            changes.push(change);
+            bytes += encoded.len();
+            taken.push((i, n));
         }
-        i += 1;
         // Full: no need to read the next record to find out.
-        if changes.len() == MAX_CHANGES_PER_MESSAGE || bytes >= MAX_BYTES_PER_MESSAGE {
+        if taken.len() == MAX_CHANGES_PER_MESSAGE || bytes >= MAX_BYTES_PER_MESSAGE {
             break;
         }
     }
-    Ok((Taken::Whole(i), changes))
+    let outcome = outcome.unwrap_or(Taken::Whole(records.len()));
+    let mut array = ChangeArray {
+        len: taken.len(),
+        bytes: Vec::with_capacity(bytes + 5),
+    };
+    let encoded = |&(i, n): &(usize, usize)| records[i].encoded(n);
+    write_array(taken.iter().map(encoded), &mut array.bytes);
+    Ok((outcome, array))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::shutdown;
-    use crate::storage::{PutRequest, StorageOptions};
+    use crate::storage::{Change, PutRequest, StorageOptions};
     use rhinobus::Endpoint;
     use rhinobus::transport::InMemory;
 
@@ -698,52 +726,106 @@ mod tests {
             expires_at: None,
         };
         let mib = 1024 * 1024;
-        let take = |queue: &[Vec<Change>], front_sent| {
-            take_message::<()>(|i| Ok(queue.get(i).cloned()), front_sent).unwrap()
+        let pack = |records: Vec<Vec<Change>>| -> Vec<Arc<PackedChanges>> {
+            (records.iter())
+                .map(|r| Arc::new(PackedChanges::pack(r)))
+                .collect()
+        };
+        let take = |queue: &[Arc<PackedChanges>], front_sent| {
+            let (taken, array) =
+                take_message::<()>(|i| Ok(queue.get(i).cloned()), |_| true, front_sent).unwrap();
+            let changes: Vec<Change> = rmp_serde::from_slice(&array.bytes).unwrap();
+            assert_eq!(changes.len(), array.len);
+            (taken, changes.len())
         };
         // A batch of three 3 MiB values, then a 16 MiB value, then a small one.
-        let queue = vec![
+        let queue = pack(vec![
             vec![put(3 * mib), put(3 * mib), put(3 * mib)],
             vec![put(16 * mib)],
             vec![put(1)],
-        ];
-        let (taken, changes) = take(&queue, 0);
-        assert_eq!(changes.len(), 2);
+        ]);
         assert_eq!(
-            taken,
-            Taken::Partly {
-                whole: 0,
-                front_sent: 2
-            }
+            take(&queue, 0),
+            (
+                Taken::Partly {
+                    whole: 0,
+                    front_sent: 2
+                },
+                2
+            )
         );
-        let (taken, changes) = take(&queue, 2);
-        assert_eq!((taken, changes.len()), (Taken::Whole(1), 1));
+        assert_eq!(take(&queue, 2), (Taken::Whole(1), 1));
         // Too big for the limit alone: it still goes, alone.
-        let (taken, changes) = take(&queue[1..], 0);
-        assert_eq!((taken, changes.len()), (Taken::Whole(1), 1));
-        let (taken, changes) = take(&queue[2..], 0);
-        assert_eq!((taken, changes.len()), (Taken::Whole(1), 1));
+        assert_eq!(take(&queue[1..], 0), (Taken::Whole(1), 1));
+        assert_eq!(take(&queue[2..], 0), (Taken::Whole(1), 1));
         // A record with nothing to send (gone from disk) is taken along.
-        let (taken, changes) = take(&[vec![], vec![put(1)]], 0);
-        assert_eq!((taken, changes.len()), (Taken::Whole(2), 1));
-        assert_eq!(take(&[vec![]], 0), (Taken::Whole(1), vec![]));
-        assert_eq!(take(&[], 0), (Taken::Whole(0), vec![]));
+        assert_eq!(
+            take(&pack(vec![vec![], vec![put(1)]]), 0),
+            (Taken::Whole(2), 1)
+        );
+        assert_eq!(take(&pack(vec![vec![]]), 0), (Taken::Whole(1), 0));
+        assert_eq!(take(&[], 0), (Taken::Whole(0), 0));
         // Many small changes: the count limit, without reading further than needed.
-        let small: Vec<Vec<Change>> = (0..MAX_CHANGES_PER_MESSAGE + 1)
-            .map(|_| vec![put(1)])
-            .collect();
+        let small = pack(
+            (0..MAX_CHANGES_PER_MESSAGE + 1)
+                .map(|_| vec![put(1)])
+                .collect(),
+        );
         let mut read = 0;
-        let (taken, changes) = take_message::<()>(
+        let (taken, array) = take_message::<()>(
             |i| {
                 read += 1;
                 Ok(small.get(i).cloned())
             },
+            |_| true,
             0,
         )
         .unwrap();
-        assert_eq!(changes.len(), MAX_CHANGES_PER_MESSAGE);
+        assert_eq!(array.len, MAX_CHANGES_PER_MESSAGE);
         assert_eq!(taken, Taken::Whole(MAX_CHANGES_PER_MESSAGE));
         assert_eq!(read, MAX_CHANGES_PER_MESSAGE, "records read");
+    }
+
+    #[test]
+    fn a_destination_gets_only_the_changes_of_its_ranges() {
+        let put = |key: &str| Change::Put {
+            key: key.to_owned().into(),
+            version: crate::Version::new(),
+            parents: vec![],
+            value: "v".into(),
+            expires_at: None,
+        };
+        let record = Arc::new(PackedChanges::pack(&[
+            put("a"),
+            put("b"),
+            put("c"),
+            put("d"),
+        ]));
+        let wanted = [RangeId::of(b"b"), RangeId::of(b"d")];
+        let queue = [record];
+        let take = |front_sent| {
+            let keep = |range| wanted.contains(&range);
+            take_message::<()>(|i| Ok(queue.get(i).cloned()), keep, front_sent).unwrap()
+        };
+        let keys = |array: ChangeArray| {
+            let changes: Vec<Change> = rmp_serde::from_slice(&array.bytes).unwrap();
+            changes.iter().map(|c| c.key().clone()).collect::<Vec<_>>()
+        };
+        let (taken, array) = take(0);
+        assert_eq!(taken, Taken::Whole(1));
+        assert_eq!(keys(array), ["b", "d"]);
+        // Resuming after the first kept change confirmed: the second only.
+        assert_eq!(keys(take(1).1), ["d"]);
+    }
+
+    /// Every change the body of a replication message carries, as values.
+    fn changes_of(body: &[u8]) -> Vec<Change> {
+        let m: Replicate = rmp_serde::from_slice(body).unwrap();
+        let mut changes = m.changes;
+        if !m.packed.is_empty() {
+            changes.extend(rmp_serde::from_slice::<Vec<Change>>(&m.packed).unwrap());
+        }
+        changes
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -778,8 +860,7 @@ mod tests {
                 "a message of {} bytes",
                 body.len()
             );
-            let m: Replicate = rmp_serde::from_slice(&body).unwrap();
-            received.extend(m.changes.iter().map(|c| c.key().clone()));
+            received.extend(changes_of(&body).iter().map(|c| c.key().clone()));
         }
         assert_eq!(received, keys, "every change, once, in order");
         senders.stop().await;
@@ -789,7 +870,7 @@ mod tests {
     /// The changes of the next message in `queue`, if there is one.
     fn next_changes(broker: &InMemory, queue: &str) -> Option<Vec<Change>> {
         let (_, body) = broker.take(queue)?;
-        Some(rmp_serde::from_slice::<Replicate>(&body).unwrap().changes)
+        Some(changes_of(&body))
     }
 
     /// Writes `key` and waits until it is confirmed, which must take well under `linger`.
@@ -949,8 +1030,7 @@ mod tests {
             let mut received = Vec::new();
             while let Some((_, body)) = broker.take(&queue_name("b")) {
                 assert!(body.len() <= MAX_BYTES_PER_MESSAGE);
-                let m: Replicate = rmp_serde::from_slice(&body).unwrap();
-                for change in m.changes {
+                for change in changes_of(&body) {
                     let Change::Put { key, value, .. } = change else {
                         panic!("not a put: {change:?}")
                     };

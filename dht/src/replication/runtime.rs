@@ -10,7 +10,7 @@
 //!
 //! Only then does the node open its port.
 
-use super::apply::apply;
+use super::apply::apply_message;
 use super::message::{CatchUpMarker, Replicate};
 use super::outbox::ReplicationOutbox;
 use crate::cluster::queue_name;
@@ -132,11 +132,12 @@ fn endpoint_builder(
             async move {
                 // Clients' writes to this node wait for the turn as parked tasks while the
                 // message is applied, not as threads blocked on the lock.
+                let from = m.from.clone();
                 let changed = storage
-                    .long_write(move |s| apply(s, &m.changes))
+                    .long_write(move |s| apply_message(s, &m))
                     .await
                     .map_err(HandlerError::msg)??;
-                tracing::trace!(from = %m.from, changed, "replication applied");
+                tracing::trace!(%from, changed, "replication applied");
                 Ok::<_, HandlerError>(())
             }
         })

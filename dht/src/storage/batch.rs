@@ -5,11 +5,13 @@ use super::layout::{
     self, EntryKey, ItemRecord, VersionRecord, id_of, item_key, parse_timed_key, timed_key,
     version_key,
 };
-use super::outbox::OutboxRecord;
+use super::outbox::{OutboxId, OutboxRecord, check_destinations, encode_record};
+use super::packed::PackedChanges;
 use super::{
-    AddItemRequest, Change, Conflict, Inner, ListItem, Op, OpResult, PutOutcome, PutRequest,
-    RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError, TombstonesPurged,
-    check_key, check_parents, check_value, ms_system_time, now_ms, system_time_ms,
+    AddItemRequest, Change, ChangeRef, Conflict, Inner, ListItem, Op, OpResult, PutOutcome,
+    PutRequest, RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, StorageError,
+    TombstonesPurged, check_key, check_parents, check_value, ms_system_time, now_ms,
+    system_time_ms,
 };
 use crate::routing::key_digest;
 use crate::version::{ItemId, Version};
@@ -535,8 +537,14 @@ impl<'a> Batch<'a> {
     ///
     /// The change is not recorded in [`changes`](Self::changes): it is someone else's write.
     pub fn apply_change(&mut self, change: &Change) -> Result<bool, StorageError> {
+        self.apply_change_ref(change.into())
+    }
+
+    /// [`apply_change`](Self::apply_change) of a change borrowed from its encoding (a
+    /// replication message), its key and value never copied but into the records stored.
+    pub fn apply_change_ref(&mut self, change: ChangeRef<'_>) -> Result<bool, StorageError> {
         match change {
-            Change::Put {
+            ChangeRef::Put {
                 key,
                 version,
                 parents,
@@ -545,35 +553,35 @@ impl<'a> Batch<'a> {
             } => {
                 check_key(key)?;
                 check_value(value)?;
-                check_parents(parents)?;
+                check_parents(&parents)?;
                 // Parents are superseded even when this version itself was already removed:
                 // a removal can overtake the write it removes, and the write's own
                 // supersessions must still happen.
-                let changed = !self.supersede_named(key, parents)?.is_empty();
-                let k = version_key(key, *version);
+                let changed = !self.supersede_named(key, &parents)?.is_empty();
+                let k = version_key(key, version);
                 if self.is_superseded(&k)? {
                     return Ok(changed);
                 }
                 self.store_version(&k, key, value, expires_at.map(system_time_ms));
                 Ok(true)
             }
-            Change::Remove { key, parents } => {
+            ChangeRef::Remove { key, parents } => {
                 check_key(key)?;
-                check_parents(parents)?;
-                Ok(!self.supersede_named(key, parents)?.is_empty())
+                check_parents(&parents)?;
+                Ok(!self.supersede_named(key, &parents)?.is_empty())
             }
-            Change::AddItem { key, id, value } => {
+            ChangeRef::AddItem { key, id, value } => {
                 check_key(key)?;
                 check_value(value)?;
-                if self.is_superseded(&item_key(key, *id))? {
+                if self.is_superseded(&item_key(key, id))? {
                     return Ok(false);
                 }
-                self.store_item(key, *id, value);
+                self.store_item(key, id, value);
                 Ok(true)
             }
-            Change::RemoveItem { key, id } => {
+            ChangeRef::RemoveItem { key, id } => {
                 check_key(key)?;
-                self.drop_item(key, *id)
+                self.drop_item(key, id)
             }
         }
     }
@@ -597,11 +605,27 @@ impl<'a> Batch<'a> {
         destinations: Vec<String>,
         changes: Vec<Change>,
     ) -> Result<OutboxRecord, StorageError> {
+        let id = self.enqueue_packed_outbox(&destinations, &PackedChanges::pack(&changes))?;
+        Ok(OutboxRecord {
+            id,
+            destinations,
+            changes,
+        })
+    }
+
+    /// [`enqueue_outbox`](Self::enqueue_outbox) of changes already encoded: the record is
+    /// their bytes copied, not encoded again. Returns the record's id.
+    pub fn enqueue_packed_outbox(
+        &mut self,
+        destinations: &[String],
+        changes: &PackedChanges,
+    ) -> Result<OutboxId, StorageError> {
+        check_destinations(destinations)?;
         let generation =
             *(self.outbox_generation).get_or_insert_with(|| self.inner.outbox.generations.active());
-        let record = OutboxRecord::new(generation, destinations, changes)?;
-        self.outbox.set(&record.storage_key(), record.encode());
-        Ok(record)
+        let id = OutboxId::fresh(generation);
+        (self.outbox).set(&id.storage_key(), encode_record(destinations, changes));
+        Ok(id)
     }
 
     /// The first `limit` keys of time index `index` (`expiry`, `superseded-by-time`) before

@@ -21,11 +21,13 @@ mod group_commit;
 mod layout;
 mod outbox;
 mod outbox_generations;
+mod packed;
 
 pub use batch::Batch;
 pub use copy::{Merged, PAGE_BYTES, PageCursor, RangePage, Tombstone};
 pub use dump::{KeyDump, RangeDigest};
 pub use outbox::{OutboxId, OutboxRecord};
+pub use packed::{ChangeRef, PackedChanges, unpack_array, write_array};
 
 use crate::version::{ItemId, Version};
 use bytes::Bytes;

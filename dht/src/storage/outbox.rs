@@ -11,7 +11,8 @@
 //! since).
 
 use super::outbox_generations::{Generations, Release};
-use super::{Change, Storage, StorageError, layout};
+use super::packed::{PackedChanges, write_array};
+use super::{Change, Storage, StorageError};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use serde::{Deserialize, Serialize};
 use std::sync::PoisonError;
@@ -93,56 +94,59 @@ struct StoredRecord {
     changes: Vec<Change>,
 }
 
-/// [`StoredRecord`] borrowed, to write one without copying its changes.
-#[derive(Serialize)]
-struct StoredRecordRef<'a> {
-    destinations: &'a [String],
-    changes: &'a [Change],
-}
-
 /// The longest destination name accepted.
 const MAX_DESTINATION_LEN: usize = 255;
 
-impl OutboxRecord {
-    pub(crate) fn new(
-        generation: usize,
-        destinations: Vec<String>,
-        changes: Vec<Change>,
-    ) -> Result<Self, StorageError> {
-        for destination in &destinations {
-            // Names travel in queue names: refuse what would not fit there.
-            if destination.is_empty()
-                || destination.len() > MAX_DESTINATION_LEN
-                || destination.as_bytes().contains(&0)
-            {
-                return Err(StorageError::Corrupt {
-                    what: "outbox destination",
-                    detail: format!("{destination:?} is not a valid node name"),
-                });
-            }
+impl OutboxId {
+    /// A new id in `generation`.
+    pub(super) fn fresh(generation: usize) -> Self {
+        Self::new(*uuid::Uuid::now_v7().as_bytes(), generation)
+    }
+
+    /// The key of the record in its generation's keyspace.
+    pub(super) fn storage_key(self) -> [u8; 16] {
+        self.key
+    }
+}
+
+/// Refuses destination names that would not fit in a queue name.
+pub(super) fn check_destinations(destinations: &[String]) -> Result<(), StorageError> {
+    for destination in destinations {
+        if destination.is_empty()
+            || destination.len() > MAX_DESTINATION_LEN
+            || destination.as_bytes().contains(&0)
+        {
+            return Err(StorageError::Corrupt {
+                what: "outbox destination",
+                detail: format!("{destination:?} is not a valid node name"),
+            });
         }
-        Ok(Self {
-            id: OutboxId::new(*uuid::Uuid::now_v7().as_bytes(), generation),
-            destinations,
-            changes,
-        })
     }
+    Ok(())
+}
 
-    pub(super) fn storage_key(&self) -> [u8; 16] {
-        self.id.key
+/// A record as stored: what serde writes for a [`StoredRecord`], its changes copied in
+/// already encoded.
+pub(super) fn encode_record(destinations: &[String], changes: &PackedChanges) -> Vec<u8> {
+    let names: usize = destinations.iter().map(|d| d.len() + 5).sum();
+    let mut out = Vec::with_capacity(32 + names + changes.byte_len());
+    // Writing into a Vec cannot fail.
+    let _ = rmp::encode::write_map_len(&mut out, 2);
+    let _ = rmp::encode::write_str(&mut out, "destinations");
+    let _ = rmp::encode::write_array_len(&mut out, len_u32(destinations.len()));
+    for destination in destinations {
+        let _ = rmp::encode::write_str(&mut out, destination);
     }
+    let _ = rmp::encode::write_str(&mut out, "changes");
+    write_array(changes.iter().map(|(_, bytes)| bytes), &mut out);
+    out
+}
 
-    pub(super) fn encode(&self) -> Vec<u8> {
-        let size: usize = (self.destinations.iter().map(String::len))
-            .chain(self.changes.iter().map(Change::encoded_size))
-            .sum();
-        let record = StoredRecordRef {
-            destinations: &self.destinations,
-            changes: &self.changes,
-        };
-        layout::encode_into(&record, Vec::with_capacity(size))
-    }
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
 
+impl OutboxRecord {
     fn decode(generation: usize, k: &[u8], v: &[u8]) -> Result<Self, StorageError> {
         let corrupt = |detail: String| StorageError::Corrupt {
             what: "outbox record",
