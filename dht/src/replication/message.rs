@@ -87,7 +87,7 @@ mod tests {
 
     #[test]
     fn values_and_packed_changes_are_both_applied_in_order() {
-        let packed = PackedChanges::pack(&[put("b"), put("c")]);
+        let packed = PackedChanges::pack(&[put("b"), put("c")]).unwrap();
         let mut array = Vec::new();
         write_array(packed.iter().map(|(_, bytes)| bytes), &mut array);
         let message = Replicate {
@@ -108,7 +108,7 @@ mod tests {
 
     #[test]
     fn a_packed_message_fails_to_decode_on_a_build_before_packing_rather_than_looking_empty() {
-        let packed = PackedChanges::pack(&[put("k")]);
+        let packed = PackedChanges::pack(&[put("k")]).unwrap();
         let mut array = Vec::new();
         write_array(packed.iter().map(|(_, bytes)| bytes), &mut array);
         let message = Replicate {

@@ -12,7 +12,7 @@ pub mod message;
 pub mod outbox;
 pub mod runtime;
 
-pub use apply::apply;
+pub use apply::{apply, apply_message};
 pub use message::{CatchUpMarker, Replicate};
 pub use outbox::{ReplicationOutbox, Staged};
 pub use runtime::{Replication, ReplicationError, ReplicationOptions, TransportFactory};

@@ -3,19 +3,21 @@
 //!
 //! A write stages one outbox record, listing every destination, in its own storage batch
 //! ([`ReplicationOutbox::stage`]), so the write and the promise to replicate it commit together.
-//! After the commit the record goes to an in-memory queue per destination
-//! ([`ReplicationOutbox::committed`]), with its changes while the outbox holds fewer than
-//! [`MEMORY_BUDGET`] bytes of them, as an id and a counter alone beyond that: however long a
-//! destination stays unreachable, memory holds the budget and a few dozen bytes per record.
-//! One sender per destination takes the queued records (reading back from disk those queued
-//! without their changes), one at a time, until it has a message's worth (up to
-//! [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`] bytes, a big record split
-//! over several messages), and sends it as one [`Replicate`] message; records go out in commit
-//! order. When `Bus::send` returned (the broker confirmed) for the last destination of a
-//! record, the record is deleted, in one storage batch with the others that message completed.
-//! A crash in between leaves the records on disk; at start-up their ids are queued again (each
-//! record read once, to see who it is for) and they are sent again, to every destination they
-//! list. Sends that fail are retried every [`RETRY_INTERVAL`].
+//! Its changes are encoded once, there ([`PackedChanges`]): the record and every message copy
+//! those bytes. After the commit the record goes to an in-memory queue per destination
+//! ([`ReplicationOutbox::committed`]), with its encoded changes while the outbox holds fewer
+//! than [`MEMORY_BUDGET`] bytes of them, as an id and a counter alone beyond that: however long
+//! a destination stays unreachable, memory holds the budget and a few dozen bytes per record.
+//! One sender per destination takes the queued records (reading back from disk, and encoding
+//! again, those queued without their changes), one at a time, until it has a message's worth
+//! (up to [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`] bytes, a big record
+//! split over several messages), and sends it as one [`Replicate`] message; records go out in
+//! commit order. When `Bus::send` returned (the broker confirmed) for the last destination of a
+//! record, the storage is told ([`Storage::remove_outbox`]), which drops the record from disk
+//! with the rest of its generation. A crash in between leaves the records on disk; at start-up
+//! their ids are queued again (each record read once, to see who it is for) and they are sent
+//! again, to every destination they list. Sends that fail are retried every
+//! [`RETRY_INTERVAL`].
 
 use super::message::Replicate;
 use crate::cluster::queue_name;
@@ -33,9 +35,8 @@ use tokio::sync::Notify;
 
 /// The most changes one [`Replicate`] message carries.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 500;
-/// The most bytes of keys and values (plus a per-change allowance, see [`Change::encoded_size`]) one
-/// [`Replicate`] message carries, unless a single change is larger: a message always carries
-/// at least one. Well under RabbitMQ's default maximum message size (128 MiB), so a run of
+/// The most bytes of encoded changes one [`Replicate`] message carries, unless a single change
+/// is larger: a message always carries at least one. Well under RabbitMQ's default maximum message size (128 MiB), so a run of
 /// 16 MiB values never makes a message the broker refuses again and again.
 pub const MAX_BYTES_PER_MESSAGE: usize = 8 * 1024 * 1024;
 /// How long a sender waits before it tries again after a failed send (or a failed read of
@@ -47,8 +48,7 @@ pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// off the broker's work against 10 ms, for about 6 ms more replication lag (`bench
 /// dht-put-replicated`, README).
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(20);
-/// At most how many bytes of changes (counted by [`Change::encoded_size`]) an outbox keeps in memory for
-/// its senders. Records queued past it are read back from disk when they are sent, a lookup and
+/// At most how many bytes of encoded changes an outbox keeps in memory for its senders. Records queued past it are read back from disk when they are sent, a lookup and
 /// a decoding per record and destination: taking them from memory instead brought the senders'
 /// share of `bench dht-put-replicated`'s CPU from 5.7% to 3.0% (the budget is never reached
 /// there).
@@ -159,22 +159,19 @@ impl ReplicationOutbox {
             }),
         };
         let mut records = 0usize;
-        let mut owed_to_nobody = Vec::new();
-        storage.for_each_outbox(|record| {
+        storage.resend_outbox(|record| {
             records += 1;
             let ranges = record.changes.iter().map(|c| RangeId::of(c.key()));
             let mut destinations = outbox.destinations_of(ranges);
             // Only the destinations the record names: the others were not owed these changes.
+            // A record none of whose changes a listed destination replicates any more is
+            // deleted.
             destinations.retain(|d| record.destinations.contains(d));
-            if outbox.queue(record.id, destinations, None) {
-                owed_to_nobody.push(record.id);
-            }
+            !outbox.queue(record.id, destinations, None)
         })?;
         if records > 0 {
             tracing::info!(records, "re-sending replication left from an earlier run");
         }
-        // Records none of whose changes a listed destination replicates any more.
-        storage.remove_outbox(owed_to_nobody)?;
         Ok(outbox)
     }
 
@@ -258,7 +255,7 @@ impl ReplicationOutbox {
         if b.changes().is_empty() {
             return Ok(None);
         }
-        let changes = PackedChanges::pack(b.changes());
+        let changes = PackedChanges::pack(b.changes())?;
         let destinations = self.destinations_of(changes.iter().map(|(range, _)| range));
         if destinations.is_empty() {
             return Ok(None);
@@ -366,7 +363,7 @@ impl ReplicationOutbox {
                 }
                 // A record gone from disk (moved aside as undecodable) has nothing to send.
                 let changes = match self.inner.storage.outbox_record(delivery.id)? {
-                    Some(record) => PackedChanges::pack(&record.changes),
+                    Some(record) => PackedChanges::pack(&record.changes)?,
                     None => PackedChanges::default(),
                 };
                 Ok(Some(Arc::new(changes)))
@@ -437,10 +434,12 @@ impl ReplicationOutbox {
                 _ = stop.recv() => return,
                 sent = bus.send(&queue, &message) => sent,
             };
+            let alone = (sent.is_err() && array.len == 1).then(|| lone_change(&message.packed));
+            // Up to a message's worth of bytes, not to be held while confirmed records go.
+            drop(message);
             match sent {
                 Ok(_) => front_sent = self.confirmed(&destination, taken).await,
                 Err(e) => {
-                    let alone = (array.len == 1).then(|| lone_change(&message.packed));
                     match &alone {
                         // Loud: if the broker refuses this change for its size, no retry will
                         // ever get it through and replication to this node is stuck behind it
@@ -728,7 +727,7 @@ mod tests {
         let mib = 1024 * 1024;
         let pack = |records: Vec<Vec<Change>>| -> Vec<Arc<PackedChanges>> {
             (records.iter())
-                .map(|r| Arc::new(PackedChanges::pack(r)))
+                .map(|r| Arc::new(PackedChanges::pack(r).unwrap()))
                 .collect()
         };
         let take = |queue: &[Arc<PackedChanges>], front_sent| {
@@ -795,12 +794,8 @@ mod tests {
             value: "v".into(),
             expires_at: None,
         };
-        let record = Arc::new(PackedChanges::pack(&[
-            put("a"),
-            put("b"),
-            put("c"),
-            put("d"),
-        ]));
+        let record =
+            Arc::new(PackedChanges::pack(&[put("a"), put("b"), put("c"), put("d")]).unwrap());
         let wanted = [RangeId::of(b"b"), RangeId::of(b"d")];
         let queue = [record];
         let take = |front_sent| {

@@ -431,7 +431,9 @@ impl<'a> Batch<'a> {
         let superseded =
             self.supersede_parents(&request.key, &request.parents, request.optimistic)?;
         let version = Version::new();
-        let expires_at_ms = request.expires_at.map(system_time_ms);
+        // An expiry before 1970 is one long past: 1970 itself, which replication can encode.
+        let expires_at = request.expires_at.map(|t| t.max(std::time::UNIX_EPOCH));
+        let expires_at_ms = expires_at.map(system_time_ms);
         let k = version_key(&request.key, version);
         self.store_version(&k, &request.key, &request.value, expires_at_ms);
         self.changes.push(Change::Put {
@@ -439,7 +441,7 @@ impl<'a> Batch<'a> {
             version,
             parents: dedup(&request.parents),
             value: request.value,
-            expires_at: request.expires_at,
+            expires_at,
         });
         Ok(PutOutcome {
             version,
@@ -605,7 +607,7 @@ impl<'a> Batch<'a> {
         destinations: Vec<String>,
         changes: Vec<Change>,
     ) -> Result<OutboxRecord, StorageError> {
-        let id = self.enqueue_packed_outbox(&destinations, &PackedChanges::pack(&changes))?;
+        let id = self.enqueue_packed_outbox(&destinations, &PackedChanges::pack(&changes)?)?;
         Ok(OutboxRecord {
             id,
             destinations,

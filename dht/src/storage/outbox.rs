@@ -10,7 +10,7 @@
 //! that applying replication writes again identically (or skips, where it was superseded
 //! since).
 
-use super::outbox_generations::{Generations, Release};
+use super::outbox_generations::Generations;
 use super::packed::{PackedChanges, write_array};
 use super::{Change, Storage, StorageError};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
@@ -164,16 +164,17 @@ impl OutboxRecord {
 }
 
 impl Storage {
-    /// Every outbox record, loaded whole. See [`for_each_outbox`](Self::for_each_outbox),
-    /// which holds one record at a time.
+    /// Every outbox record on disk, loaded whole: those not yet confirmed, and confirmed ones
+    /// whose generation is not cleared yet (see [`remove_outbox`](Self::remove_outbox)). See
+    /// [`for_each_outbox`](Self::for_each_outbox), which holds one record at a time.
     pub fn outbox(&self) -> Result<Vec<OutboxRecord>, StorageError> {
         let mut out = Vec::new();
         self.for_each_outbox(|record| out.push(record))?;
         Ok(out)
     }
 
-    /// Calls `f` with every outbox record, oldest first, one at a time: what a node re-sends
-    /// at start-up, without holding every leftover change in memory at once.
+    /// Calls `f` with every outbox record on disk, oldest first, one at a time: what a node
+    /// re-sends at start-up, without holding every leftover change in memory at once.
     ///
     /// A record that cannot be decoded is logged as an error and moved, unchanged, to the
     /// `outbox-corrupt` keyspace: one bad record must not keep the node from starting, nor
@@ -220,17 +221,57 @@ impl Storage {
         if corrupt.is_empty() {
             return;
         }
-        let records = corrupt.len();
         let mut wb = self.inner.db.batch();
         for (k, v) in corrupt {
             wb.insert(&self.inner.outbox_corrupt, k.clone(), v);
             wb.remove(self.inner.outbox.keyspace(generation), k);
         }
-        // Not moved: it is skipped again (and logged again) next time.
-        match wb.commit() {
-            Ok(()) => self.inner.outbox.generations.removed(generation, records),
-            Err(e) => tracing::error!(error = %e, "cannot move undecodable outbox records aside"),
+        // Not moved: it is skipped again (and logged again) next time. The generations' counts
+        // stay: a record a sender read back is still in its queue and will be confirmed, and
+        // those found by `resend_outbox` are not counted there.
+        if let Err(e) = wb.commit() {
+            tracing::error!(error = %e, "cannot move undecodable outbox records aside");
         }
+    }
+
+    /// Calls `queue` with every outbox record on disk, oldest first, as
+    /// [`for_each_outbox`](Self::for_each_outbox) does, for a node to send them (again) at
+    /// start-up: `queue` returns whether the record was queued for sending, or is owed to
+    /// nobody any more (it is then deleted). Afterwards exactly the queued records count as
+    /// waiting for [`remove_outbox`](Self::remove_outbox), so one caller at a time must queue
+    /// them: one [`ReplicationOutbox`](crate::ReplicationOutbox) per table.
+    pub fn resend_outbox(
+        &self,
+        mut queue: impl FnMut(OutboxRecord) -> bool,
+    ) -> Result<(), StorageError> {
+        // Under the write lock: no record is staged meanwhile.
+        let _guard = self
+            .inner
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut queued = [0; 2];
+        let mut owed_to_nobody = Vec::new();
+        self.for_each_outbox(|record| {
+            let id = record.id;
+            if queue(record) {
+                queued[id.generation()] += 1;
+            } else {
+                owed_to_nobody.push(id);
+            }
+        })?;
+        let outbox = &self.inner.outbox;
+        let mut wb = self.inner.db.batch();
+        for id in owed_to_nobody {
+            wb.remove(outbox.keyspace(id.generation()), id.key);
+        }
+        wb.commit()?;
+        let mut stored = [0; 2];
+        for (n, generation) in stored.iter_mut().zip(0..) {
+            *n = outbox.keyspace(generation).len()?;
+        }
+        outbox.generations.reset(queued, stored);
+        Ok(())
     }
 
     /// Forgets the outbox records `ids`, whose changes the broker confirmed for every
@@ -255,29 +296,43 @@ impl Storage {
         for &(generation, i) in &release.delete {
             wb.remove(outbox.keyspace(generation), ids[i].key);
         }
-        if !wb.is_empty() {
-            wb.commit()?;
-        }
-        self.clear_outbox_generations(release)
+        // Left on disk when the deletion fails: sent again after a restart, and gone with
+        // their generation's clear. The clears handed out go ahead either way.
+        let deleted = if wb.is_empty() { Ok(()) } else { wb.commit() };
+        let cleared = self.clear_outbox_generations(release.clear);
+        deleted?;
+        cleared
     }
 
-    /// Clears the generations `release` hands out, and retires the active one when it holds
-    /// only confirmed records.
-    fn clear_outbox_generations(&self, release: Release) -> Result<(), StorageError> {
+    /// Clears `generations`, then retires the active one if it holds only confirmed records
+    /// (and clears it too).
+    fn clear_outbox_generations(&self, generations: Vec<usize>) -> Result<(), StorageError> {
         let outbox = &self.inner.outbox;
-        let mut clear = release.clear;
-        if release.retire_active {
+        let mut result = self.clear_confirmed_generations(generations);
+        if outbox.generations.idle() {
             // Under the write lock: no batch is between staging a record in the active
             // generation and counting it.
-            let _guard = self
-                .inner
-                .write_lock
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            clear.extend(outbox.generations.retire_idle());
+            let retired = {
+                let _guard = self
+                    .inner
+                    .write_lock
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                outbox.generations.retire_idle()
+            };
+            result = result.and(self.clear_confirmed_generations(retired));
         }
+        result
+    }
+
+    /// Clears each of `generations`, all of whose records are confirmed.
+    fn clear_confirmed_generations(
+        &self,
+        generations: impl IntoIterator<Item = usize>,
+    ) -> Result<(), StorageError> {
+        let outbox = &self.inner.outbox;
         let mut result = Ok(());
-        for generation in clear {
+        for generation in generations {
             let cleared = outbox.keyspace(generation).clear();
             outbox.generations.cleared(generation, cleared.is_ok());
             if let Err(e) = cleared {
@@ -398,6 +453,50 @@ mod tests {
         // Writing goes on in whichever generation is empty.
         let after = records(&s, 2);
         assert_eq!(s.outbox().unwrap(), after);
+    }
+
+    #[test]
+    fn a_record_found_undecodable_while_sending_is_still_counted_until_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let [bad, good] = records(&s, 2).try_into().unwrap();
+        let keyspace = s.inner.outbox.keyspace(bad.id.generation());
+        keyspace.insert(bad.id.key, b"not msgpack").unwrap();
+        // A sender reads it back: moved aside, nothing to send; it then confirms it.
+        assert_eq!(s.outbox_record(bad.id).unwrap(), None);
+        s.remove_outbox([bad.id]).unwrap();
+        assert_eq!(s.outbox().unwrap(), vec![good.clone()], "still owed");
+        s.remove_outbox([good.id]).unwrap();
+        assert!(s.outbox().unwrap().is_empty());
+    }
+
+    #[test]
+    fn resending_counts_what_is_on_disk_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let written = records(&s, 3);
+        s.remove_outbox([written[0].id]).unwrap();
+        // A second sender of the same table starts: everything on disk is sent again,
+        // the confirmed record included, and counted once.
+        let mut queued = Vec::new();
+        s.resend_outbox(|record| {
+            queued.push(record.id);
+            true
+        })
+        .unwrap();
+        assert_eq!(queued.len(), 3);
+        s.remove_outbox(queued[..2].iter().copied()).unwrap();
+        assert_eq!(
+            s.outbox().unwrap(),
+            written,
+            "not cleared while the third is owed"
+        );
+        s.remove_outbox([queued[2]]).unwrap();
+        assert!(s.outbox().unwrap().is_empty());
+        // Records owed to nobody are deleted as they are found.
+        records(&s, 2);
+        s.resend_outbox(|_| false).unwrap();
+        assert!(s.outbox().unwrap().is_empty());
     }
 
     #[test]

@@ -10,10 +10,10 @@
 //! When everything is confirmed and nothing new comes, the active generation is retired the
 //! same way, so an idle node's outbox ends empty on disk.
 //!
-//! A draining generation that never empties (a record for a node gone from the topology, kept
-//! for an operator to look at) would keep the active one from ever rotating: once it is due
-//! and cannot rotate, confirmed records of the active generation are deleted one by one again,
-//! as before generations, so the disk never holds more than [`ROTATE_AFTER`] confirmed records.
+//! A draining generation that does not empty (a peer that stays away: its records wait) keeps
+//! the active one from rotating: once it is due and cannot rotate, confirmed records of the
+//! active generation are deleted one by one again, as before generations, so the disk holds at
+//! most about [`ROTATE_AFTER`] confirmed records meanwhile.
 //!
 //! The bookkeeping here is in memory. After a crash every record still on disk is sent again:
 //! a duplicate, which applying replication writes again identically. Generation changes happen
@@ -61,9 +61,6 @@ pub(crate) struct Release {
     pub delete: Vec<(usize, usize)>,
     /// Generations to clear whole, then report with [`Generations::cleared`].
     pub clear: Vec<usize>,
-    /// Whether the active generation is done with (every record confirmed) and can be retired
-    /// under the write lock with [`Generations::retire_idle`].
-    pub retire_active: bool,
 }
 
 impl Generations {
@@ -128,19 +125,25 @@ impl Generations {
             st.generations[other].clearing = true;
             release.clear.push(other);
         }
-        let current = st.generations[active];
-        release.retire_active =
-            current.pending == 0 && current.stored > 0 && st.generations[other].is_empty();
         release
     }
 
-    /// Records that records of `generation` were deleted one by one without being confirmed
-    /// (moved aside as undecodable, say).
-    pub(crate) fn removed(&self, generation: usize, records: usize) {
+    /// Whether the active generation holds only confirmed records and the other is empty:
+    /// then [`retire_idle`](Self::retire_idle) retires it.
+    pub(crate) fn idle(&self) -> bool {
+        let st = self.lock();
+        let current = st.generations[st.active];
+        current.pending == 0 && current.stored > 0 && st.generations[1 - st.active].is_empty()
+    }
+
+    /// Starts counting afresh: `pending` records of each generation wait for confirmation,
+    /// `stored` are on disk. The active generation stays. Call under the storage write lock.
+    pub(crate) fn reset(&self, pending: [usize; 2], stored: [usize; 2]) {
         let mut st = self.lock();
-        let g = &mut st.generations[generation];
-        g.pending = g.pending.saturating_sub(records);
-        g.stored = g.stored.saturating_sub(records);
+        for ((g, pending), stored) in st.generations.iter_mut().zip(pending).zip(stored) {
+            g.pending = pending;
+            g.stored = stored;
+        }
     }
 
     /// Moves writers to the other generation if the active one holds only confirmed records
@@ -202,10 +205,7 @@ mod tests {
         let release = g.confirmed([0]);
         assert_eq!(release.clear, vec![0]);
         assert!(release.delete.is_empty());
-        assert!(
-            !release.retire_active,
-            "the new one still waits for its records"
-        );
+        assert!(!g.idle(), "the new one still waits for its records");
         // Being cleared: not handed out twice, and not activated meanwhile.
         assert!(g.confirmed([]).clear.is_empty());
         g.committed(1, ROTATE_AFTER);
@@ -224,8 +224,10 @@ mod tests {
     fn an_idle_generation_whose_records_are_all_confirmed_is_retired() {
         let g = Generations::default();
         g.committed(0, 3);
-        assert!(!g.confirmed([0, 0]).retire_active);
-        assert!(g.confirmed([0]).retire_active);
+        g.confirmed([0, 0]);
+        assert!(!g.idle());
+        g.confirmed([0]);
+        assert!(g.idle());
         assert_eq!(g.retire_idle(), Some(0));
         assert_eq!(g.active(), 1);
         assert_eq!(g.retire_idle(), None, "nothing left to retire");
@@ -278,9 +280,23 @@ mod tests {
         let release = g.confirmed([0, 0, 0]);
         assert!(release.clear.is_empty());
         assert_eq!(g.confirmed([0]).clear, vec![0]);
-        let g = Generations::recovered([0, 0], 0);
-        assert_eq!(g.active(), 0);
-        g.removed(0, 1);
-        assert_eq!(stored(&g), [0, 0], "never below zero");
+        // Recounted as a node queues them: one of generation 0 was owed to nobody.
+        let g = Generations::recovered([2, 0], 1);
+        g.reset([1, 0], [2, 0]);
+        assert_eq!(g.confirmed([0]).clear, vec![0]);
+        assert!(!g.idle(), "nothing in the active one");
+    }
+
+    #[test]
+    fn a_generation_drained_and_the_active_one_done_with_in_one_go_are_both_cleared() {
+        let g = Generations::default();
+        g.committed(0, ROTATE_AFTER);
+        g.committed(1, 2);
+        let release = g.confirmed(std::iter::repeat_n(0, ROTATE_AFTER).chain([1, 1]));
+        assert_eq!(release.clear, vec![0]);
+        assert!(!g.idle(), "not while the other is being cleared");
+        g.cleared(0, true);
+        assert!(g.idle(), "once it is");
+        assert_eq!(g.retire_idle(), Some(1));
     }
 }

@@ -113,7 +113,7 @@ impl<'a> From<&'a Change> for ChangeRef<'a> {
 ///     value: "v".into(),
 ///     expires_at: None,
 /// };
-/// let packed = PackedChanges::pack(std::slice::from_ref(&put));
+/// let packed = PackedChanges::pack(std::slice::from_ref(&put)).unwrap();
 /// let mut message = Vec::new();
 /// write_array(packed.iter().map(|(_, bytes)| bytes), &mut message);
 /// assert_eq!(message, rmp_serde::to_vec_named(&vec![put.clone()]).unwrap());
@@ -135,22 +135,25 @@ pub struct PackedChanges {
 }
 
 impl PackedChanges {
-    /// Encodes `changes`.
-    pub fn pack(changes: &[Change]) -> Self {
+    /// Encodes `changes`. Fails only for a time MessagePack cannot hold (an expiry before
+    /// 1970, which [`Batch::put`](super::Batch::put) never records).
+    pub fn pack(changes: &[Change]) -> Result<Self, StorageError> {
         let size = changes.iter().map(Change::encoded_size).sum();
         let mut packed = Self {
             bytes: Vec::with_capacity(size),
             ends: Vec::with_capacity(changes.len()),
         };
         for change in changes {
-            // A Change holds bytes, versions and times: encoding it into a Vec cannot fail.
-            if rmp_serde::encode::write_named(&mut packed.bytes, change).is_ok() {
-                packed
-                    .ends
-                    .push((RangeId::of(change.key()), packed.bytes.len()));
-            }
+            rmp_serde::encode::write_named(&mut packed.bytes, change).map_err(|e| {
+                StorageError::Corrupt {
+                    what: "change to replicate",
+                    detail: e.to_string(),
+                }
+            })?;
+            let end = packed.bytes.len();
+            packed.ends.push((RangeId::of(change.key()), end));
         }
-        packed
+        Ok(packed)
     }
 
     /// How many changes.
@@ -191,5 +194,40 @@ pub fn write_array<'a>(pieces: impl ExactSizeIterator<Item = &'a [u8]>, out: &mu
     let _ = rmp::encode::write_array_len(out, u32::try_from(pieces.len()).unwrap_or(u32::MAX));
     for piece in pieces {
         out.extend_from_slice(piece);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{PutRequest, Storage, StorageOptions};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn a_time_messagepack_cannot_hold_is_an_error_not_a_gap() {
+        let before_1970 = Change::Put {
+            key: "k".into(),
+            version: Version::new(),
+            parents: vec![],
+            value: "v".into(),
+            expires_at: Some(UNIX_EPOCH - Duration::from_secs(1)),
+        };
+        assert!(PackedChanges::pack(&[before_1970]).is_err());
+        // A put records such an expiry as 1970: long past, and encodable.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let changes = s
+            .batch(|b| {
+                b.put(PutRequest {
+                    expires_at: Some(UNIX_EPOCH - Duration::from_secs(1)),
+                    ..PutRequest::new("k", "v")
+                })?;
+                Ok::<_, StorageError>(b.take_changes())
+            })
+            .unwrap();
+        assert!(matches!(&changes[0], Change::Put { expires_at: Some(t), .. } if *t == UNIX_EPOCH));
+        let packed = PackedChanges::pack(&changes).unwrap();
+        assert_eq!(packed.len(), 1);
+        assert!(s.get(b"k").unwrap().is_empty(), "expired");
     }
 }
