@@ -27,7 +27,7 @@ use crate::storage::{
     Batch, OutboxId, PackedChanges, Storage, StorageError, unpack_array, write_array,
 };
 use rhinobus::Bus;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -64,15 +64,16 @@ struct Inner {
     storage: Storage,
     node: String,
     topology: Arc<Topology>,
-    destinations: HashMap<String, Destination>,
+    /// By index in the topology; none for this node.
+    destinations: Vec<Option<Destination>>,
     /// Bytes of changes held by queued records, against [`MEMORY_BUDGET`].
     held: Arc<AtomicUsize>,
 }
 
 /// One destination's queue: the records it still waits for, oldest first. Only its sender
 /// removes from the front; writers push at the back.
-#[derive(Default)]
 struct Destination {
+    name: String,
     queue: Mutex<VecDeque<Arc<Delivery>>>,
     wake: Notify,
 }
@@ -121,7 +122,8 @@ impl Drop for Held {
 #[derive(Debug)]
 pub struct Staged {
     id: OutboxId,
-    destinations: BTreeSet<String>,
+    /// Topology indexes.
+    destinations: BTreeSet<usize>,
     changes: PackedChanges,
 }
 
@@ -143,11 +145,14 @@ impl ReplicationOutbox {
         node: &str,
         topology: Arc<Topology>,
     ) -> Result<Self, StorageError> {
-        let destinations = topology
-            .names
-            .iter()
-            .filter(|n| *n != node)
-            .map(|n| (n.clone(), Destination::default()))
+        let destinations = (topology.names.iter())
+            .map(|n| {
+                (n != node).then(|| Destination {
+                    name: n.clone(),
+                    queue: Mutex::default(),
+                    wake: Notify::new(),
+                })
+            })
             .collect();
         let outbox = Self {
             inner: Arc::new(Inner {
@@ -166,8 +171,8 @@ impl ReplicationOutbox {
             // Only the destinations the record names: the others were not owed these changes.
             // A record none of whose changes a listed destination replicates any more is
             // deleted.
-            destinations.retain(|d| record.destinations.contains(d));
-            !outbox.queue(record.id, destinations, None)
+            destinations.retain(|&i| record.destinations.contains(&outbox.destination(i).name));
+            outbox.queue(record.id, &destinations, None)
         })?;
         if records > 0 {
             tracing::info!(records, "re-sending replication left from an earlier run");
@@ -182,17 +187,18 @@ impl ReplicationOutbox {
 
     /// How many records wait to be confirmed, counted once per destination.
     pub fn pending(&self) -> usize {
-        self.inner
-            .destinations
-            .values()
-            .map(|d| d.lock().len())
-            .sum()
+        self.others().map(|d| d.lock().len()).sum()
+    }
+
+    /// The other nodes' queues.
+    fn others(&self) -> impl Iterator<Item = &Destination> {
+        self.inner.destinations.iter().flatten()
     }
 
     /// How many records each other node still waits for, by name, in name order.
     pub fn pending_by_destination(&self) -> Vec<(String, usize)> {
-        let mut pending: Vec<_> = (self.inner.destinations.iter())
-            .map(|(name, d)| (name.clone(), d.lock().len()))
+        let mut pending: Vec<_> = (self.others())
+            .map(|d| (d.name.clone(), d.lock().len()))
             .collect();
         pending.sort();
         pending
@@ -207,9 +213,7 @@ impl ReplicationOutbox {
 
     /// [`queued_bytes`](Self::queued_bytes) without the changes.
     fn queue_bytes(&self) -> usize {
-        self.inner
-            .destinations
-            .values()
+        self.others()
             .map(|d| {
                 let queue = d.lock();
                 queue.capacity() * std::mem::size_of::<Arc<Delivery>>()
@@ -218,33 +222,26 @@ impl ReplicationOutbox {
             .sum()
     }
 
-    /// Whether `destination` holds a replica of `range`.
-    fn replicates_to(&self, destination: &str, range: RangeId) -> bool {
-        let topology = &self.inner.topology;
-        topology.replica_indexes(range).any(|i| {
-            topology
-                .names
-                .get(i as usize)
-                .is_some_and(|n| n == destination)
-        })
+    /// Whether the node at topology index `destination` holds a replica of `range`.
+    fn replicates_to(&self, destination: usize, range: RangeId) -> bool {
+        (self.inner.topology.replica_indexes(range)).any(|i| i as usize == destination)
     }
 
-    /// The other replicas that must receive some of the changes to keys in `ranges`: those
-    /// holding those ranges.
-    fn destinations_of(&self, ranges: impl IntoIterator<Item = RangeId>) -> BTreeSet<String> {
+    /// The other replicas (topology indexes) that must receive some of the changes to keys in
+    /// `ranges`: those holding those ranges.
+    fn destinations_of(&self, ranges: impl IntoIterator<Item = RangeId>) -> BTreeSet<usize> {
         let topology = &self.inner.topology;
         let mut destinations = BTreeSet::new();
         for range in ranges {
-            for i in topology.replica_indexes(range) {
-                let Some(name) = topology.names.get(i as usize) else {
-                    continue;
-                };
-                if *name != self.inner.node && !destinations.contains(name) {
-                    destinations.insert(name.clone());
-                }
-            }
+            let replicas = topology.replica_indexes(range).map(|i| i as usize);
+            destinations.extend(replicas.filter(|&i| self.is_other(i)));
         }
         destinations
+    }
+
+    /// Whether topology index `i` is another node's.
+    fn is_other(&self, i: usize) -> bool {
+        matches!(self.inner.destinations.get(i), Some(Some(_)))
     }
 
     /// Stages, in batch `b`, one outbox record for what `b` changed, listing every other
@@ -261,7 +258,9 @@ impl ReplicationOutbox {
             return Ok(None);
         }
         b.take_changes();
-        let listed: Vec<String> = destinations.iter().cloned().collect();
+        let listed: Vec<&str> = (destinations.iter())
+            .map(|&i| self.destination(i).name.as_str())
+            .collect();
         let id = b.enqueue_packed_outbox(&listed, &changes)?;
         Ok(Some(Staged {
             id,
@@ -273,42 +272,27 @@ impl ReplicationOutbox {
     /// Queues a committed record for its senders.
     pub fn committed(&self, staged: Staged) {
         let held = Held::within_budget(staged.changes, &self.inner.held);
-        if self.queue(staged.id, staged.destinations, held) {
-            // `stage` only returns records with destinations, all known at staging time.
-            tracing::warn!(id = ?staged.id, "outbox record without a destination");
-        }
+        // `stage` only returns records with destinations.
+        self.queue(staged.id, &staged.destinations, held);
     }
 
-    /// Queues record `id` for each of `destinations`; true when no destination is owed
-    /// anything, for the caller to delete the record.
-    fn queue(&self, id: OutboxId, destinations: BTreeSet<String>, changes: Option<Held>) -> bool {
-        let mut known = Vec::with_capacity(destinations.len());
-        let mut unknown = false;
-        for name in destinations {
-            match self.inner.destinations.get(&name) {
-                Some(d) => known.push(d),
-                // A node no longer in the topology: nobody to send to. The record stays on
-                // disk, for an operator to look at, rather than being dropped.
-                None => {
-                    tracing::warn!(destination = %name, "outbox record for an unknown node");
-                    unknown = true;
-                }
-            }
+    /// Queues record `id` for each of `destinations` (other nodes' topology indexes); false
+    /// when there are none, for the caller to delete the record.
+    fn queue(&self, id: OutboxId, destinations: &BTreeSet<usize>, changes: Option<Held>) -> bool {
+        if destinations.is_empty() {
+            return false;
         }
-        if known.is_empty() && !unknown {
-            return true;
-        }
-        // An unknown destination never confirms, so such a record is never deleted.
         let delivery = Arc::new(Delivery {
             id,
-            remaining: AtomicUsize::new(known.len() + usize::from(unknown)),
+            remaining: AtomicUsize::new(destinations.len()),
             changes,
         });
-        for d in known {
+        for &i in destinations {
+            let d = self.destination(i);
             d.lock().push_back(delivery.clone());
             d.wake.notify_one();
         }
-        false
+        true
     }
 
     /// Runs one sender per destination until `stop`, sending through `bus`.
@@ -325,14 +309,10 @@ impl ReplicationOutbox {
     /// agree), so under load their messages reach the broker together and it syncs them
     /// together. Zero sends every record at once.
     pub async fn run_senders(&self, bus: Bus, stop: Shutdown, linger: Duration) {
-        let senders: Vec<_> = self
-            .inner
-            .destinations
-            .keys()
-            .map(|d| {
-                let sender = self
-                    .clone()
-                    .send_loop(d.clone(), bus.clone(), stop.clone(), linger);
+        let senders: Vec<_> = (0..self.inner.destinations.len())
+            .filter(|&i| self.is_other(i))
+            .map(|i| {
+                let sender = self.clone().send_loop(i, bus.clone(), stop.clone(), linger);
                 tokio::spawn(sender)
             })
             .collect();
@@ -346,12 +326,10 @@ impl ReplicationOutbox {
     /// record being confirmed already.
     fn next_message(
         &self,
-        destination: &str,
+        destination: usize,
         front_sent: usize,
     ) -> Result<(Taken, ChangeArray), StorageError> {
-        let Some(d) = self.inner.destinations.get(destination) else {
-            return Ok((Taken::Whole(0), ChangeArray::default()));
-        };
+        let d = self.destination(destination);
         take_message(
             |i| {
                 // Indexes stay valid: only this destination's sender removes from the queue.
@@ -373,38 +351,37 @@ impl ReplicationOutbox {
         )
     }
 
-    async fn send_loop(self, destination: String, bus: Bus, mut stop: Shutdown, linger: Duration) {
-        if !self.inner.destinations.contains_key(&destination) {
-            return;
-        }
-        let queue = queue_name(&destination);
+    /// Sends to the node at topology index `destination`, another node's.
+    async fn send_loop(self, destination: usize, bus: Bus, mut stop: Shutdown, linger: Duration) {
+        let d = self.destination(destination);
+        let queue = queue_name(&d.name);
         // How many changes of the front record this destination already confirmed: a record
         // larger than one message (a big batch) goes out over several.
         let mut front_sent = 0;
         // When the last message went out: the next one waits for the tick after it.
         let mut last_sent: Option<tokio::time::Instant> = None;
         loop {
-            if self.destination(&destination).lock().is_empty() {
+            if d.lock().is_empty() {
                 tokio::select! {
                     _ = stop.recv() => return,
                     // Writers wake the sender with every record they queue.
-                    _ = self.destination(&destination).wake.notified() => continue,
+                    _ = d.wake.notified() => continue,
                 }
             }
             // The rest of a record too big for one message needs no company.
             let due = last_sent.map(|at| next_tick(at, linger));
-            if front_sent == 0 && !self.linger(&destination, due, &mut stop).await {
+            if front_sent == 0 && !self.linger(d, due, &mut stop).await {
                 return;
             }
             let next = {
                 let outbox = self.clone();
-                let destination = destination.clone();
-                tokio::task::spawn_blocking(move || outbox.next_message(&destination, front_sent))
+                tokio::task::spawn_blocking(move || outbox.next_message(destination, front_sent))
                     .await
             };
             let (taken, array) = match next {
                 Ok(Ok(next)) => next,
                 Ok(Err(e)) => {
+                    let destination = &d.name;
                     tracing::warn!(%destination, error = %e, "cannot read the outbox; retrying");
                     tokio::select! {
                         _ = stop.recv() => return,
@@ -412,6 +389,7 @@ impl ReplicationOutbox {
                     }
                 }
                 Err(e) => {
+                    let destination = &d.name;
                     tracing::warn!(%destination, error = %e, "outbox read task failed; retrying");
                     tokio::select! {
                         _ = stop.recv() => return,
@@ -421,7 +399,7 @@ impl ReplicationOutbox {
             };
             if array.len == 0 {
                 // Only records with nothing left to send: done without a message.
-                front_sent = self.confirmed(&destination, taken).await;
+                front_sent = self.confirmed(d, taken).await;
                 continue;
             }
             let message = Replicate {
@@ -438,8 +416,9 @@ impl ReplicationOutbox {
             // Up to a message's worth of bytes, not to be held while confirmed records go.
             drop(message);
             match sent {
-                Ok(_) => front_sent = self.confirmed(&destination, taken).await,
+                Ok(_) => front_sent = self.confirmed(d, taken).await,
                 Err(e) => {
+                    let destination = &d.name;
                     match &alone {
                         // Loud: if the broker refuses this change for its size, no retry will
                         // ever get it through and replication to this node is stuck behind it
@@ -466,14 +445,13 @@ impl ReplicationOutbox {
     /// (at once when there is none, or it has passed). False when stopped meanwhile.
     async fn linger(
         &self,
-        destination: &str,
+        d: &Destination,
         due: Option<tokio::time::Instant>,
         stop: &mut Shutdown,
     ) -> bool {
         let Some(due) = due.filter(|d| *d > tokio::time::Instant::now()) else {
             return true;
         };
-        let d = self.destination(destination);
         while d.lock().len() < MAX_CHANGES_PER_MESSAGE {
             tokio::select! {
                 _ = stop.recv() => return false,
@@ -484,22 +462,29 @@ impl ReplicationOutbox {
         true
     }
 
-    fn destination(&self, name: &str) -> &Destination {
-        // Senders run only for destinations of the topology (checked in `send_loop`).
-        &self.inner.destinations[name]
+    /// The queue of the node at topology index `i`.
+    ///
+    /// # Panics
+    /// When `i` is this node's or not in the topology: callers take indexes from
+    /// [`destinations_of`](Self::destinations_of) or check them with
+    /// [`is_other`](Self::is_other).
+    fn destination(&self, i: usize) -> &Destination {
+        match self.inner.destinations.get(i) {
+            Some(Some(d)) => d,
+            _ => panic!("topology index {i} is not another node's"),
+        }
     }
 
     /// Drops from `destination`'s queue what the broker confirmed (`taken`), deletes the
     /// records every destination has now confirmed, and returns how many changes of the new
     /// front record are confirmed.
-    async fn confirmed(&self, destination: &str, taken: Taken) -> usize {
+    async fn confirmed(&self, destination: &Destination, taken: Taken) -> usize {
         let (whole, front_sent) = match taken {
             Taken::Whole(n) => (n, 0),
             Taken::Partly { whole, front_sent } => (whole, front_sent),
         };
         // Only this task removes from the front, so these are the records sent.
-        let done: Vec<OutboxId> = self
-            .destination(destination)
+        let done: Vec<OutboxId> = destination
             .lock()
             .drain(..whole)
             .filter(|p| p.remaining.fetch_sub(1, Ordering::AcqRel) == 1)

@@ -619,7 +619,7 @@ impl<'a> Batch<'a> {
     /// their bytes copied, not encoded again. Returns the record's id.
     pub fn enqueue_packed_outbox(
         &mut self,
-        destinations: &[String],
+        destinations: &[impl AsRef<str>],
         changes: &PackedChanges,
     ) -> Result<OutboxId, StorageError> {
         check_destinations(destinations)?;

@@ -110,8 +110,8 @@ impl OutboxId {
 }
 
 /// Refuses destination names that would not fit in a queue name.
-pub(super) fn check_destinations(destinations: &[String]) -> Result<(), StorageError> {
-    for destination in destinations {
+pub(super) fn check_destinations(destinations: &[impl AsRef<str>]) -> Result<(), StorageError> {
+    for destination in destinations.iter().map(AsRef::as_ref) {
         if destination.is_empty()
             || destination.len() > MAX_DESTINATION_LEN
             || destination.as_bytes().contains(&0)
@@ -127,15 +127,15 @@ pub(super) fn check_destinations(destinations: &[String]) -> Result<(), StorageE
 
 /// A record as stored: what serde writes for a [`StoredRecord`], its changes copied in
 /// already encoded.
-pub(super) fn encode_record(destinations: &[String], changes: &PackedChanges) -> Vec<u8> {
-    let names: usize = destinations.iter().map(|d| d.len() + 5).sum();
+pub(super) fn encode_record(destinations: &[impl AsRef<str>], changes: &PackedChanges) -> Vec<u8> {
+    let names: usize = destinations.iter().map(|d| d.as_ref().len() + 5).sum();
     let mut out = Vec::with_capacity(32 + names + changes.byte_len());
     // Writing into a Vec cannot fail.
     let _ = rmp::encode::write_map_len(&mut out, 2);
     let _ = rmp::encode::write_str(&mut out, "destinations");
     let _ = rmp::encode::write_array_len(&mut out, len_u32(destinations.len()));
     for destination in destinations {
-        let _ = rmp::encode::write_str(&mut out, destination);
+        let _ = rmp::encode::write_str(&mut out, destination.as_ref());
     }
     let _ = rmp::encode::write_str(&mut out, "changes");
     write_array(changes.iter().map(|(_, bytes)| bytes), &mut out);
