@@ -23,7 +23,8 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// How many records a generation takes before writers move to the other one (when that one is
-/// empty): a few seconds of writes on a busy node, and a few megabytes of memtable.
+/// empty): about a second of writes on a busy node (`bench dht-put-replicated`), and a few
+/// megabytes of memtable, which a generation is cleared before it ever flushes.
 pub(crate) const ROTATE_AFTER: usize = 16 * 1024;
 
 /// Which generations there are, and what each holds.
