@@ -2,7 +2,8 @@
 //! cannot be reached), unique names, raw AMQP access and `rabbitmqctl`.
 
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -88,6 +89,13 @@ impl Raw {
             Err(_) => panic!("these tests need RabbitMQ at {url}: no answer within 10 s"),
         };
         let channel = connection.create_channel().await.expect("open a channel");
+        // So that `publish` returns once the broker holds the message: without confirms a
+        // test's burst of publishes can still be on its way when the code under test looks
+        // at the queue (a replay then saw 528 of 700 messages).
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
         Raw {
             connection,
             channel,
