@@ -1,6 +1,6 @@
 //! Replication outbox records: changes committed here that other replicas have not been sent
 //! yet. A record is written in the same batch as the changes, so a crash between the commit and
-//! the send loses nothing; it is deleted once the broker confirmed the send to every
+//! the send loses nothing; it leaves the disk once the broker confirmed the send to every
 //! destination it lists.
 //!
 //! One record per write, whatever the number of replicas: the write costs one outbox insert.
@@ -277,10 +277,10 @@ impl Storage {
     /// Forgets the outbox records `ids`, whose changes the broker confirmed for every
     /// destination. Forgetting a record that is not there is not an error.
     ///
-    /// A record is not deleted on its own: its generation is cleared once all of its records
-    /// are confirmed, and records are deleted one by one only while a generation that never
-    /// drains holds writers in the other (see [`outbox_generations`](super::outbox_generations)).
-    /// Until then they stay on disk, and a restart sends them again.
+    /// A record is not deleted on its own: its generation (one of the two outbox keyspaces,
+    /// used in turn) is cleared once all of its records are confirmed, and records are deleted
+    /// one by one only while a generation that cannot drain (a peer that stays away) holds
+    /// writers in the other. Until then they stay on disk, and a restart sends them again.
     pub fn remove_outbox(
         &self,
         ids: impl IntoIterator<Item = OutboxId>,
