@@ -77,6 +77,14 @@ mod tests {
         }
     }
 
+    /// `changes` as a `packed` field.
+    fn packed(changes: &[Change]) -> Bytes {
+        let packed = PackedChanges::pack(changes).unwrap();
+        let mut array = Vec::new();
+        write_array(packed.iter().map(|(_, bytes)| bytes), &mut array);
+        array.into()
+    }
+
     /// What builds before packed replication decode a message as.
     #[derive(Deserialize)]
     struct BeforePacked {
@@ -87,13 +95,10 @@ mod tests {
 
     #[test]
     fn values_and_packed_changes_are_both_applied_in_order() {
-        let packed = PackedChanges::pack(&[put("b"), put("c")]).unwrap();
-        let mut array = Vec::new();
-        write_array(packed.iter().map(|(_, bytes)| bytes), &mut array);
         let message = Replicate {
             from: "n1".into(),
             changes: vec![put("a")],
-            packed: array.into(),
+            packed: packed(&[put("b"), put("c")]),
         };
         let back: Replicate =
             rhinobus::message::decode(&rhinobus::message::encode(&message).unwrap()).unwrap();
@@ -108,13 +113,10 @@ mod tests {
 
     #[test]
     fn a_packed_message_fails_to_decode_on_a_build_before_packing_rather_than_looking_empty() {
-        let packed = PackedChanges::pack(&[put("k")]).unwrap();
-        let mut array = Vec::new();
-        write_array(packed.iter().map(|(_, bytes)| bytes), &mut array);
         let message = Replicate {
             from: "n1".into(),
             changes: vec![],
-            packed: array.into(),
+            packed: packed(&[put("k")]),
         };
         let body = rhinobus::message::encode(&message).unwrap();
         assert!(rmp_serde::from_slice::<BeforePacked>(&body).is_err());

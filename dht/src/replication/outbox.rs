@@ -36,8 +36,9 @@ use tokio::sync::Notify;
 /// The most changes one [`Replicate`] message carries.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 500;
 /// The most bytes of encoded changes one [`Replicate`] message carries, unless a single change
-/// is larger: a message always carries at least one. Well under RabbitMQ's default maximum message size (128 MiB), so a run of
-/// 16 MiB values never makes a message the broker refuses again and again.
+/// is larger: a message always carries at least one. Well under RabbitMQ's default maximum
+/// message size (128 MiB), so a run of 16 MiB values never makes a message the broker refuses
+/// again and again.
 pub const MAX_BYTES_PER_MESSAGE: usize = 8 * 1024 * 1024;
 /// How long a sender waits before it tries again after a failed send (or a failed read of
 /// the outbox).
@@ -48,8 +49,9 @@ pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// off the broker's work against 10 ms, for about 6 ms more replication lag (`bench
 /// dht-put-replicated`, README).
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(20);
-/// At most how many bytes of encoded changes an outbox keeps in memory for its senders. Records queued past it are read back from disk when they are sent, a lookup and
-/// a decoding per record and destination: taking them from memory instead brought the senders'
+/// At most how many bytes of encoded changes an outbox keeps in memory for its senders.
+/// Records queued past it are read back from disk when they are sent, a lookup and a decoding
+/// per record and destination: taking them from memory instead brought the senders'
 /// share of `bench dht-put-replicated`'s CPU from 5.7% to 3.0% (the budget is never reached
 /// there).
 pub const MEMORY_BUDGET: usize = 32 * 1024 * 1024;
@@ -351,10 +353,11 @@ impl ReplicationOutbox {
         )
     }
 
-    /// Sends to the node at topology index `destination`, another node's.
-    async fn send_loop(self, destination: usize, bus: Bus, mut stop: Shutdown, linger: Duration) {
-        let d = self.destination(destination);
-        let queue = queue_name(&d.name);
+    /// Sends to the node at topology index `index`, another node's.
+    async fn send_loop(self, index: usize, bus: Bus, mut stop: Shutdown, linger: Duration) {
+        let d = self.destination(index);
+        let destination = &d.name;
+        let queue = queue_name(destination);
         // How many changes of the front record this destination already confirmed: a record
         // larger than one message (a big batch) goes out over several.
         let mut front_sent = 0;
@@ -375,13 +378,11 @@ impl ReplicationOutbox {
             }
             let next = {
                 let outbox = self.clone();
-                tokio::task::spawn_blocking(move || outbox.next_message(destination, front_sent))
-                    .await
+                tokio::task::spawn_blocking(move || outbox.next_message(index, front_sent)).await
             };
             let (taken, array) = match next {
                 Ok(Ok(next)) => next,
                 Ok(Err(e)) => {
-                    let destination = &d.name;
                     tracing::warn!(%destination, error = %e, "cannot read the outbox; retrying");
                     tokio::select! {
                         _ = stop.recv() => return,
@@ -389,7 +390,6 @@ impl ReplicationOutbox {
                     }
                 }
                 Err(e) => {
-                    let destination = &d.name;
                     tracing::warn!(%destination, error = %e, "outbox read task failed; retrying");
                     tokio::select! {
                         _ = stop.recv() => return,
@@ -418,7 +418,6 @@ impl ReplicationOutbox {
             match sent {
                 Ok(_) => front_sent = self.confirmed(d, taken).await,
                 Err(e) => {
-                    let destination = &d.name;
                     match &alone {
                         // Loud: if the broker refuses this change for its size, no retry will
                         // ever get it through and replication to this node is stuck behind it
@@ -567,7 +566,8 @@ fn lone_change(packed: &[u8]) -> (String, usize) {
 }
 
 /// The changes of the next message to a destination, `record(i)` giving its `i`th queued
-/// record (`None` past the last) and `keep` the ranges the destination holds, the first
+/// record (`None` past the last) and `keep` the ranges the destination holds (asked only of
+/// records of several changes), the first
 /// `front_sent` kept changes of the front record being confirmed already; at most
 /// [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`] bytes, but at least one
 /// change when there is any. Reads records only as far as the message needs, and copies the
@@ -586,7 +586,9 @@ fn take_message<E>(
         let i = records.len();
         records.push(changes);
         let start = if i == 0 { front_sent } else { 0 };
-        let kept = (records[i].iter().enumerate()).filter(|(_, (range, _))| keep(*range));
+        // A record of one change is queued only for the replicas of its key.
+        let all = records[i].len() == 1;
+        let kept = (records[i].iter().enumerate()).filter(|(_, (range, _))| all || keep(*range));
         for (j, (n, (_, encoded))) in kept.enumerate().skip(start) {
             if !taken.is_empty()
                 && (taken.len() == MAX_CHANGES_PER_MESSAGE

@@ -11,7 +11,7 @@
 //! since).
 
 use super::outbox_generations::Generations;
-use super::packed::{PackedChanges, write_array};
+use super::packed::{PackedChanges, write_array, write_array_len};
 use super::{Change, Storage, StorageError};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,16 @@ impl OutboxId {
             key,
             generation: u8::from(generation != 0),
         }
+    }
+
+    /// A new id in `generation`.
+    pub(super) fn fresh(generation: usize) -> Self {
+        Self::new(*uuid::Uuid::now_v7().as_bytes(), generation)
+    }
+
+    /// The key of the record in its generation's keyspace.
+    pub(super) fn storage_key(self) -> [u8; 16] {
+        self.key
     }
 
     fn generation(self) -> usize {
@@ -97,18 +107,6 @@ struct StoredRecord {
 /// The longest destination name accepted.
 const MAX_DESTINATION_LEN: usize = 255;
 
-impl OutboxId {
-    /// A new id in `generation`.
-    pub(super) fn fresh(generation: usize) -> Self {
-        Self::new(*uuid::Uuid::now_v7().as_bytes(), generation)
-    }
-
-    /// The key of the record in its generation's keyspace.
-    pub(super) fn storage_key(self) -> [u8; 16] {
-        self.key
-    }
-}
-
 /// Refuses destination names that would not fit in a queue name.
 pub(super) fn check_destinations(destinations: &[impl AsRef<str>]) -> Result<(), StorageError> {
     for destination in destinations.iter().map(AsRef::as_ref) {
@@ -133,17 +131,13 @@ pub(super) fn encode_record(destinations: &[impl AsRef<str>], changes: &PackedCh
     // Writing into a Vec cannot fail.
     let _ = rmp::encode::write_map_len(&mut out, 2);
     let _ = rmp::encode::write_str(&mut out, "destinations");
-    let _ = rmp::encode::write_array_len(&mut out, len_u32(destinations.len()));
+    write_array_len(destinations.len(), &mut out);
     for destination in destinations {
         let _ = rmp::encode::write_str(&mut out, destination.as_ref());
     }
     let _ = rmp::encode::write_str(&mut out, "changes");
     write_array(changes.iter().map(|(_, bytes)| bytes), &mut out);
     out
-}
-
-fn len_u32(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 impl OutboxRecord {
@@ -293,8 +287,8 @@ impl Storage {
         // No write lock: nothing else writes these keys once they exist, and a deletion lost
         // in a crash only means the changes are sent (and applied, idempotently) again.
         let mut wb = self.inner.db.batch();
-        for &(generation, i) in &release.delete {
-            wb.remove(outbox.keyspace(generation), ids[i].key);
+        for &i in &release.delete {
+            wb.remove(outbox.keyspace(ids[i].generation()), ids[i].key);
         }
         // Left on disk when the deletion fails: sent again after a restart, and gone with
         // their generation's clear. The clears handed out go ahead either way.

@@ -58,8 +58,8 @@ impl Generation {
 /// What to do on disk after records were confirmed ([`Generations::confirmed`]).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Release {
-    /// Records to delete one by one: `(generation, index into the ids given)`.
-    pub delete: Vec<(usize, usize)>,
+    /// Records of the active generation to delete one by one, as indexes into those given.
+    pub delete: Vec<usize>,
     /// Generations to clear whole, then report with [`Generations::cleared`].
     pub clear: Vec<usize>,
 }
@@ -117,7 +117,7 @@ impl Generations {
             g.pending = g.pending.saturating_sub(1);
             if generation == active && one_by_one {
                 g.stored = g.stored.saturating_sub(1);
-                release.delete.push((generation, i));
+                release.delete.push(i);
             }
         }
         let other = 1 - active;
@@ -256,7 +256,7 @@ mod tests {
             "cannot rotate: generation 0 still holds a record"
         );
         let release = g.confirmed([1, 1]);
-        assert_eq!(release.delete, vec![(1, 0), (1, 1)]);
+        assert_eq!(release.delete, vec![0, 1]);
         assert_eq!(stored(&g), [ROTATE_AFTER, ROTATE_AFTER + 8]);
         assert!(release.clear.is_empty());
     }

@@ -189,12 +189,17 @@ impl PackedChanges {
 /// Appends to `out` a MessagePack array of the encoded changes `pieces` (taken from
 /// [`PackedChanges::iter`] of one or more packs): what a `Vec<Change>` of them encodes to.
 pub fn write_array<'a>(pieces: impl ExactSizeIterator<Item = &'a [u8]>, out: &mut Vec<u8>) {
-    // Writing into a Vec cannot fail; an array longer than u32::MAX is not something a
-    // message or a record ever holds.
-    let _ = rmp::encode::write_array_len(out, u32::try_from(pieces.len()).unwrap_or(u32::MAX));
+    write_array_len(pieces.len(), out);
     for piece in pieces {
         out.extend_from_slice(piece);
     }
+}
+
+/// Appends to `out` the header of a MessagePack array of `len` values.
+pub(crate) fn write_array_len(len: usize, out: &mut Vec<u8>) {
+    // Writing into a Vec cannot fail; an array longer than u32::MAX is not something a
+    // message or a record ever holds.
+    let _ = rmp::encode::write_array_len(out, u32::try_from(len).unwrap_or(u32::MAX));
 }
 
 #[cfg(test)]
