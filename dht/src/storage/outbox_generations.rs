@@ -39,6 +39,14 @@ struct State {
     generations: [Generation; 2],
 }
 
+impl State {
+    /// Whether the active generation holds only confirmed records and the other is empty.
+    fn idle(&self) -> bool {
+        let current = self.generations[self.active];
+        current.pending == 0 && current.stored > 0 && self.generations[1 - self.active].is_empty()
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Generation {
     /// Records committed here that are not yet confirmed.
@@ -132,9 +140,7 @@ impl Generations {
     /// Whether the active generation holds only confirmed records and the other is empty:
     /// then [`retire_idle`](Self::retire_idle) retires it.
     pub(crate) fn idle(&self) -> bool {
-        let st = self.lock();
-        let current = st.generations[st.active];
-        current.pending == 0 && current.stored > 0 && st.generations[1 - st.active].is_empty()
+        self.lock().idle()
     }
 
     /// Starts counting afresh: `pending` records of each generation wait for confirmation,
@@ -152,12 +158,11 @@ impl Generations {
     /// report with [`cleared`](Self::cleared). Call under the storage write lock.
     pub(crate) fn retire_idle(&self) -> Option<usize> {
         let mut st = self.lock();
-        let (active, other) = (st.active, 1 - st.active);
-        let current = st.generations[active];
-        if current.pending > 0 || current.stored == 0 || !st.generations[other].is_empty() {
+        if !st.idle() {
             return None;
         }
-        st.active = other;
+        let active = st.active;
+        st.active = 1 - active;
         st.generations[active].clearing = true;
         Some(active)
     }
