@@ -65,6 +65,6 @@ pub use storage::{
     AddItemRequest, Batch, Change, Conflict, Durability, GetRequest, KeyDump, ListItem,
     MAX_KEY_LEN, MAX_PARENTS, MAX_VALUE_LEN, Op, OpResult, PutOutcome, PutRequest, RangeDigest,
     RemoveItemRequest, RemoveOutcome, RemoveRequest, Sibling, Storage, StorageError,
-    StorageOptions, TombstonesPurged,
+    StorageOptions, TombstonesPurged, WriteTurn,
 };
 pub use version::{ItemId, ParseVersionError, Version};

@@ -134,7 +134,7 @@ fn endpoint_builder(
                 // message is applied, not as threads blocked on the lock.
                 let from = m.from.clone();
                 let changed = storage
-                    .long_write(move |s| apply_message(s, &m))
+                    .long_write_in_turns(move |s, turn| apply_message(s, &m, turn))
                     .await
                     .map_err(HandlerError::msg)??;
                 tracing::trace!(%from, changed, "replication applied");

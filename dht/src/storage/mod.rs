@@ -493,6 +493,24 @@ struct Inner {
     fail_sync: std::sync::atomic::AtomicBool,
 }
 
+/// The write turn of a [`Storage::long_write_in_turns`].
+pub struct WriteTurn {
+    turns: Arc<tokio::sync::Mutex<()>>,
+    /// Held but for the moment of passing it.
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl WriteTurn {
+    /// Lets the writers that wait for a turn take theirs, in the order they came, then takes
+    /// the next one, blocking the thread meanwhile.
+    pub fn pass(&mut self) {
+        // Released before the next turn is asked for, so that every writer already waiting
+        // comes first: the lock is fair.
+        self.held = None;
+        self.held = Some(self.turns.clone().blocking_lock_owned());
+    }
+}
+
 /// Counts a [`Storage::long_write`] in [`Inner::long_writes`] from before it waits for its turn
 /// until dropped: when it is done, or when the future waiting for its turn is dropped.
 struct LongWrite(Storage);
@@ -721,16 +739,49 @@ impl Storage {
         &self,
         f: impl FnOnce(&Storage) -> T + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
+        self.long_write_in_turns(move |s, _| f(s)).await
+    }
+
+    /// [`long_write`](Self::long_write) for work that can stop between batches: `f` may
+    /// [`pass`](WriteTurn::pass) its turn, so that writers waiting for one commit theirs before
+    /// it goes on, and a client does not wait for the whole of it.
+    ///
+    /// ```
+    /// use rhinobus_dht::{PutRequest, Storage, StorageOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let table = Storage::open(dir.path(), StorageOptions::default())?;
+    /// table
+    ///     .long_write_in_turns(|t, turn| {
+    ///         for key in ["a", "b", "c"] {
+    ///             t.put(PutRequest::new(key, "v"))?;
+    ///             turn.pass();
+    ///         }
+    ///         Ok::<_, rhinobus_dht::StorageError>(())
+    ///     })
+    ///     .await??;
+    /// assert_eq!(table.get(b"c")?.len(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn long_write_in_turns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Storage, &mut WriteTurn) -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
         // Counted while it waits too: a writer that went inline in the hand-over from one
         // long write to the next would block its thread for the whole of the next.
         let counted = LongWrite::counted(self);
-        let turn = self.inner.turns.clone().lock_owned().await;
+        let turns = self.inner.turns.clone();
+        let mut turn = WriteTurn {
+            held: Some(turns.clone().lock_owned().await),
+            turns,
+        };
         let storage = self.clone();
         // The turn ends with `f`, on its thread, even if this future is dropped meanwhile.
         tokio::task::spawn_blocking(move || {
             let _counted = counted;
-            let _turn = turn;
-            f(&storage)
+            f(&storage, &mut turn)
         })
         .await
     }

@@ -405,6 +405,41 @@ fn fsync_durability_with_concurrent_writers() {
     }
 }
 
+/// A long write that passes its turn lets a writer waiting for one commit before it goes on.
+#[tokio::test]
+async fn a_passed_turn_lets_a_waiting_writer_in_before_the_long_write_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    let (started, has_started) = tokio::sync::oneshot::channel();
+    let long = tokio::spawn({
+        let t = t.clone();
+        async move {
+            t.long_write_in_turns(move |t, turn| {
+                let _ = started.send(());
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                let mut passes = 0;
+                while t.get(b"short").unwrap().is_empty() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the waiting writer got no turn in {passes} passes"
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                    turn.pass();
+                    passes += 1;
+                }
+            })
+            .await
+        }
+    });
+    has_started.await.unwrap();
+    t.short_write(|t| t.put(PutRequest::new("short", "v")))
+        .await
+        .unwrap();
+    long.await
+        .unwrap()
+        .expect("the long write saw the short one");
+}
+
 #[test]
 fn replicated_changes_are_idempotent_and_do_not_resurrect() {
     let dir = tempfile::tempdir().unwrap();
