@@ -494,6 +494,7 @@ struct Inner {
 }
 
 /// The write turn of a [`Storage::long_write_in_turns`].
+#[derive(Debug)]
 pub struct WriteTurn {
     turns: Arc<tokio::sync::Mutex<()>>,
     /// Held but for the moment of passing it.
@@ -502,7 +503,8 @@ pub struct WriteTurn {
 
 impl WriteTurn {
     /// Lets the writers that wait for a turn take theirs, in the order they came, then takes
-    /// the next one, blocking the thread meanwhile.
+    /// the next one, blocking the thread meanwhile: the blocking thread that
+    /// [`Storage::long_write_in_turns`] runs its work on, the only place a turn is lent.
     pub fn pass(&mut self) {
         // Released before the next turn is asked for, so that every writer already waiting
         // comes first: the lock is fair.
