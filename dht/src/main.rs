@@ -4,7 +4,9 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use rhinobus::endpoint::wait_for_signal;
 use rhinobus_dht::anti_entropy;
-use rhinobus_dht::replication::outbox::DEFAULT_LINGER;
+use rhinobus_dht::replication::outbox::{
+    DEFAULT_LINGER, DEFAULT_MAX_MESSAGE_BYTES, MIN_MAX_MESSAGE_BYTES,
+};
 use rhinobus_dht::{
     AddItemRequest, Client, ClientError, ClientOptions, ClusterSpec, Durability, ItemId,
     NodeOptions, PutRequest, RangeAssignment, RangeId, RemoveItemRequest, RemoveRequest,
@@ -80,6 +82,15 @@ enum Command {
         /// load; 0: send every write at once).
         #[arg(long, default_value_t = DEFAULT_LINGER.as_millis() as u64)]
         replication_linger_ms: u64,
+        /// The largest message the broker takes, in bytes: its `max_message_size` (16 MiB by
+        /// default on RabbitMQ 4, 128 MiB on RabbitMQ 3). Replication messages stay within it,
+        /// and a write whose value is too long to travel in one is refused.
+        #[arg(
+            long,
+            default_value_t = DEFAULT_MAX_MESSAGE_BYTES as u64,
+            value_parser = clap::value_parser!(u64).range(MIN_MAX_MESSAGE_BYTES as u64..),
+        )]
+        broker_max_message_bytes: u64,
         /// How long the tombstones of superseded versions and removed list items are kept
         /// ("10d", "36h", or "forever"). A replication message held up for longer than this
         /// (or replayed from the error queue after it) brings the version it carries back as
@@ -210,6 +221,7 @@ async fn run(cli: Cli) -> ExitCode {
             durability,
             max_frame,
             replication_linger_ms,
+            broker_max_message_bytes,
             tombstone_grace,
             rebuild,
             anti_entropy_pass,
@@ -222,6 +234,8 @@ async fn run(cli: Cli) -> ExitCode {
                 durability,
                 max_frame,
                 replication_linger: Duration::from_millis(replication_linger_ms),
+                broker_max_message_bytes: usize::try_from(broker_max_message_bytes)
+                    .unwrap_or(usize::MAX),
                 tombstone_grace: tombstone_grace.0,
                 rebuild,
                 anti_entropy_pass,
@@ -281,6 +295,8 @@ struct NodeTuning {
     durability: DurabilityArg,
     max_frame: usize,
     replication_linger: Duration,
+    /// The broker's largest message.
+    broker_max_message_bytes: usize,
     /// How long tombstones are kept; forever when `None`.
     tombstone_grace: Option<Duration>,
     /// Copy this node's ranges from the other replicas before serving.
@@ -300,6 +316,7 @@ async fn run_node(
         durability,
         max_frame,
         replication_linger,
+        broker_max_message_bytes,
         tombstone_grace,
         rebuild,
         anti_entropy_pass,
@@ -383,6 +400,7 @@ async fn run_node(
             Arc::new(topology.clone()),
             ReplicationOptions {
                 linger: replication_linger,
+                max_message_bytes: broker_max_message_bytes,
                 ..ReplicationOptions::rabbitmq(name, amqp)
             },
         )

@@ -7,8 +7,8 @@ use common::{BrokerStopped, NodeProcess, cli};
 use rhinobus_dht::cluster::queue_name;
 use rhinobus_dht::replication::Replicate;
 use rhinobus_dht::{
-    AddItemRequest, Change, Client, ClientOptions, KeyDump, PutRequest, RangeId, RemoveItemRequest,
-    RemoveRequest, Version,
+    AddItemRequest, Change, Client, ClientError, ClientOptions, KeyDump, PutRequest, RangeId,
+    RemoveItemRequest, RemoveRequest, Version, WireError,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -465,6 +465,47 @@ async fn concurrent_writers_leave_the_same_siblings_on_every_replica() {
         })
         .await;
     assert!(expected.values().all(|s| s.len() == WRITERS * PUTS));
+    cluster.cleanup().await;
+}
+
+/// Nodes told that the broker takes messages of at most 1 MiB refuse a write whose value would
+/// not fit in one, saying how long a value may be, rather than take it and leave its
+/// replication stuck; a value that fits reaches every replica. A limit too small for every
+/// change is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_value_too_long_for_the_brokers_messages_is_refused_not_stuck() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    drop(broker().await);
+    const MIB: usize = 1024 * 1024;
+    let cluster = Cluster::with_args(3, &["--broker-max-message-bytes", &MIB.to_string()]);
+    let client = cluster.client().await;
+    let refused = client.put(PutRequest::new("k", vec![0u8; MIB])).await;
+    let Err(ClientError::Rejected(WireError::ValueTooLarge { len, max })) = refused else {
+        panic!("a value as long as a whole message: {refused:?}");
+    };
+    assert_eq!(len, MIB as u64);
+    assert!(max < len, "{max}");
+    let max = usize::try_from(max).expect("a length");
+    // The limit is the value's, with this key: the same key takes a value that long.
+    let fits = (client.put(PutRequest::new("k", vec![1u8; max])).await)
+        .expect("the longest value allowed");
+    cluster
+        .converge(&client, |dump| {
+            // The refused write left nothing: one version, the one that fitted.
+            let versions = versions_of(dump);
+            match versions.get(&b"k"[..]) {
+                Some(v) if v == &BTreeSet::from([fits.version]) => Ok(()),
+                other => Err(format!("versions of k: {other:?}")),
+            }
+        })
+        .await;
+    let too_small = (cluster.node_command(0))
+        .args(["--broker-max-message-bytes", "1000"])
+        .output()
+        .expect("run a node");
+    let stderr = String::from_utf8_lossy(&too_small.stderr);
+    assert!(!too_small.status.success(), "{stderr}");
+    assert!(stderr.contains("broker-max-message-bytes"), "{stderr}");
     cluster.cleanup().await;
 }
 

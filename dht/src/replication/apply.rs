@@ -13,8 +13,8 @@ pub fn apply(storage: &Storage, changes: &[Change]) -> Result<usize, StorageErro
 /// How many changes of a replication message a replica applies in one batch, in one write
 /// turn: a client's write to the replica waits for at most one batch, not for a whole message
 /// of up to [`MAX_CHANGES_PER_MESSAGE`](super::outbox::MAX_CHANGES_PER_MESSAGE). A profile of
-/// `bench dht-put-replicated` put a replica's apply at about 2.5 µs per new key: about
-/// 1.3 ms per batch.
+/// `bench dht-put-replicated` put a replica's apply at 2.5–3 µs per new key: about 1.3 ms per
+/// batch.
 pub const APPLY_BATCH: usize = 500;
 
 /// [`apply`] of every change a replication message carries, borrowed from it, in batches of

@@ -24,7 +24,7 @@ use crate::cluster::queue_name;
 use crate::routing::{RangeId, Topology};
 use crate::shutdown::Shutdown;
 use crate::storage::{
-    Batch, OutboxId, PackedChanges, Storage, StorageError, unpack_array, write_array,
+    Batch, Change, OutboxId, PackedChanges, Storage, StorageError, unpack_array, write_array,
 };
 use rhinobus::Bus;
 use std::collections::{BTreeSet, VecDeque};
@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 /// more than by their bytes, so a message carries a tick's worth of changes at the rate of a
 /// fast host's saturated node; a replica applies it in batches of
 /// [`APPLY_BATCH`](super::apply::APPLY_BATCH), passing its write turn to clients between them.
-/// Under `bench dht-put-replicated`'s load, 2,000 instead of 500 took about a third off the
+/// Under `bench dht-put-replicated`'s load, 2,000 instead of 500 took about 40% off the
 /// broker's CPU per write and raised replicated throughput by about a sixth (README).
 pub const MAX_CHANGES_PER_MESSAGE: usize = 2000;
 /// The most bytes of encoded changes one [`Replicate`] message carries, unless a single change
@@ -45,6 +45,16 @@ pub const MAX_CHANGES_PER_MESSAGE: usize = 2000;
 /// message size (128 MiB), so a run of 16 MiB values never makes a message the broker refuses
 /// again and again.
 pub const MAX_BYTES_PER_MESSAGE: usize = 8 * 1024 * 1024;
+/// The default of the largest message the broker takes: RabbitMQ 4's default
+/// `max_message_size` (RabbitMQ 3's is 128 MiB). A write whose change could not travel in a
+/// message this big is refused, rather than accepted and then stuck in the outbox, its
+/// destination's replication held up behind it.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// The least message limit a node takes: room for any change without a value (keys are up to
+/// 64 KiB), so that only values are ever refused for it.
+pub const MIN_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Room kept in every message for what wraps its changes (the sender's name, field names).
+const MESSAGE_FRAMING: usize = 1024;
 /// How long a sender waits before it tries again after a failed send (or a failed read of
 /// the outbox).
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
@@ -76,6 +86,9 @@ struct Inner {
     destinations: Vec<Option<Destination>>,
     /// Bytes of changes held by queued records, against [`MEMORY_BUDGET`].
     held: Arc<AtomicUsize>,
+    /// The most bytes of encoded changes a message may carry, whatever else: what the broker
+    /// takes, less [`MESSAGE_FRAMING`].
+    max_packed_bytes: usize,
 }
 
 /// One destination's queue: the records it still waits for, oldest first. Only its sender
@@ -146,12 +159,25 @@ impl std::fmt::Debug for ReplicationOutbox {
 
 impl ReplicationOutbox {
     /// The outbox of node `node` in `topology`, with the records `storage` still holds from
-    /// earlier runs queued for sending. Each leftover record is read once, to see which
+    /// earlier runs queued for sending, for a broker that takes messages of up to
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`]. Each leftover record is read once, to see which
     /// destinations it is for, and only its id is kept.
     pub fn open(
         storage: Storage,
         node: &str,
         topology: Arc<Topology>,
+    ) -> Result<Self, StorageError> {
+        Self::open_for_broker(storage, node, topology, DEFAULT_MAX_MESSAGE_BYTES)
+    }
+
+    /// [`open`](Self::open) for a broker that takes messages of up to `max_message_bytes`
+    /// (its `max_message_size`; at least [`MIN_MAX_MESSAGE_BYTES`]): messages stay within
+    /// it, and [`stage`](Self::stage) refuses a write whose change would not fit alone.
+    pub fn open_for_broker(
+        storage: Storage,
+        node: &str,
+        topology: Arc<Topology>,
+        max_message_bytes: usize,
     ) -> Result<Self, StorageError> {
         let destinations = (topology.names.iter())
             .map(|n| {
@@ -169,6 +195,7 @@ impl ReplicationOutbox {
                 topology,
                 destinations,
                 held: Arc::default(),
+                max_packed_bytes: max_message_bytes.saturating_sub(MESSAGE_FRAMING + node.len()),
             }),
         };
         let mut records = 0usize;
@@ -256,6 +283,10 @@ impl ReplicationOutbox {
     /// replica of the keys changed, and takes those changes out of `b`
     /// ([`Batch::take_changes`]), encoded once for the record and every message that will
     /// carry them. `None` when there is nobody to send to.
+    ///
+    /// Fails with [`StorageError::ValueTooLarge`], for the batch to write nothing, when a change
+    /// would not fit in a message alone: its value is longer than the broker's limit (see
+    /// [`open_for_broker`](Self::open_for_broker)) leaves room for, with its key.
     pub fn stage(&self, b: &mut Batch<'_>) -> Result<Option<Staged>, StorageError> {
         if b.changes().is_empty() {
             return Ok(None);
@@ -265,6 +296,7 @@ impl ReplicationOutbox {
         if destinations.is_empty() {
             return Ok(None);
         }
+        self.check_fits(b.changes(), &changes)?;
         b.take_changes();
         let listed: Vec<&str> = (destinations.iter())
             .map(|&i| self.destination(i).name.as_str())
@@ -275,6 +307,23 @@ impl ReplicationOutbox {
             destinations,
             changes,
         }))
+    }
+
+    /// Refuses the first of `changes` (encoded in `packed`) too big for a message alone, saying
+    /// how long its value may be.
+    fn check_fits(&self, changes: &[Change], packed: &PackedChanges) -> Result<(), StorageError> {
+        let max = self.inner.max_packed_bytes;
+        let too_big = (changes.iter().zip(packed.iter())).find(|(_, (_, e))| e.len() > max);
+        match too_big {
+            None => Ok(()),
+            Some((change, (_, encoded))) => {
+                let len = change.value().map_or(0, |v| v.len());
+                Err(StorageError::ValueTooLarge {
+                    len,
+                    max: max.saturating_sub(encoded.len() - len),
+                })
+            }
+        }
     }
 
     /// Queues a committed record for its senders.
@@ -356,6 +405,7 @@ impl ReplicationOutbox {
             },
             |range| self.replicates_to(destination, range),
             front_sent,
+            self.inner.max_packed_bytes.min(MAX_BYTES_PER_MESSAGE),
         )
     }
 
@@ -575,13 +625,14 @@ fn lone_change(packed: &[u8]) -> (String, usize) {
 /// record (`None` past the last) and `keep` the ranges the destination holds (asked only of
 /// records of several changes), the first
 /// `front_sent` kept changes of the front record being confirmed already; at most
-/// [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`] bytes, but at least one
-/// change when there is any. Reads records only as far as the message needs, and copies the
-/// changes' encodings as they are.
+/// [`MAX_CHANGES_PER_MESSAGE`] changes and `max_bytes` bytes of them, but at least one change
+/// when there is any. Reads records only as far as the message needs, and copies the changes'
+/// encodings as they are.
 fn take_message<E>(
     mut record: impl FnMut(usize) -> Result<Option<Arc<PackedChanges>>, E>,
     keep: impl Fn(RangeId) -> bool,
     front_sent: usize,
+    max_bytes: usize,
 ) -> Result<(Taken, ChangeArray), E> {
     let mut records = Vec::new();
     // (record, change) of each change taken.
@@ -597,8 +648,7 @@ fn take_message<E>(
         let kept = (records[i].iter().enumerate()).filter(|(_, (range, _))| all || keep(*range));
         for (j, (n, (_, encoded))) in kept.enumerate().skip(start) {
             if !taken.is_empty()
-                && (taken.len() == MAX_CHANGES_PER_MESSAGE
-                    || bytes + encoded.len() > MAX_BYTES_PER_MESSAGE)
+                && (taken.len() == MAX_CHANGES_PER_MESSAGE || bytes + encoded.len() > max_bytes)
             {
                 outcome = Some(if j == 0 {
                     Taken::Whole(i)
@@ -614,7 +664,7 @@ fn take_message<E>(
             taken.push((i, n));
         }
         // Full: no need to read the next record to find out.
-        if taken.len() == MAX_CHANGES_PER_MESSAGE || bytes >= MAX_BYTES_PER_MESSAGE {
+        if taken.len() == MAX_CHANGES_PER_MESSAGE || bytes >= max_bytes {
             break;
         }
     }
@@ -632,7 +682,7 @@ fn take_message<E>(
 mod tests {
     use super::*;
     use crate::shutdown;
-    use crate::storage::{Change, PutRequest, StorageOptions};
+    use crate::storage::{PutRequest, StorageOptions};
     use rhinobus::Endpoint;
     use rhinobus::transport::InMemory;
 
@@ -708,6 +758,49 @@ mod tests {
         }
     }
 
+    /// A broker taking messages of at most 1 MiB: the longest value a write may carry is what
+    /// its message leaves room for, and the refusal says how long that is.
+    #[test]
+    fn a_write_whose_change_would_not_fit_a_message_alone_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let names = ["a", "b"].map(|n| (n.to_owned(), format!("{n}:1")));
+        let topology = Arc::new(Topology::blocks(1, names));
+        let limit = MIN_MAX_MESSAGE_BYTES;
+        let outbox =
+            ReplicationOutbox::open_for_broker(storage.clone(), "a", topology, limit).unwrap();
+        let put = |len: usize| {
+            storage.batch(|b| {
+                b.put(PutRequest::new("big", vec![0u8; len]))?;
+                outbox.stage(b)
+            })
+        };
+        let Err(StorageError::ValueTooLarge { len, max }) = put(limit) else {
+            panic!("a value as long as the whole message was taken");
+        };
+        assert_eq!(len, limit);
+        assert!(max < limit, "{max}");
+        assert!(
+            storage.get(b"big").unwrap().is_empty(),
+            "the refused write wrote"
+        );
+        assert!(matches!(
+            put(max + 1),
+            Err(StorageError::ValueTooLarge { max: m, .. }) if m == max
+        ));
+        // The longest value allowed goes, in a message within the limit.
+        outbox.committed(put(max).unwrap().expect("a destination"));
+        let (taken, array) = outbox.next_message(1, 0).unwrap();
+        assert_eq!((taken, array.len), (Taken::Whole(1), 1));
+        let message = Replicate {
+            from: "a".into(),
+            changes: Vec::new(),
+            packed: array.bytes.into(),
+        };
+        let body = rhinobus::message::encode(&message).unwrap();
+        assert!(body.len() <= limit, "{} bytes", body.len());
+    }
+
     #[test]
     fn messages_are_limited_in_bytes_and_split_big_records() {
         let put = |len: usize| Change::Put {
@@ -723,12 +816,15 @@ mod tests {
                 .map(|r| Arc::new(PackedChanges::pack(r).unwrap()))
                 .collect()
         };
-        let take = |queue: &[Arc<PackedChanges>], front_sent| {
-            let (taken, array) =
-                take_message::<()>(|i| Ok(queue.get(i).cloned()), |_| true, front_sent).unwrap();
+        let take_within = |queue: &[Arc<PackedChanges>], front_sent, max| {
+            let record = |i| Ok(queue.get(i).cloned());
+            let (taken, array) = take_message::<()>(record, |_| true, front_sent, max).unwrap();
             let changes: Vec<Change> = rmp_serde::from_slice(&array.bytes).unwrap();
             assert_eq!(changes.len(), array.len);
             (taken, changes.len())
+        };
+        let take = |queue: &[Arc<PackedChanges>], front_sent| {
+            take_within(queue, front_sent, MAX_BYTES_PER_MESSAGE)
         };
         // A batch of three 3 MiB values, then a 16 MiB value, then a small one.
         let queue = pack(vec![
@@ -747,6 +843,13 @@ mod tests {
             )
         );
         assert_eq!(take(&queue, 2), (Taken::Whole(1), 1));
+        // A broker taking less: one 3 MiB value per message.
+        let partly = |front_sent| Taken::Partly {
+            whole: 0,
+            front_sent,
+        };
+        assert_eq!(take_within(&queue, 0, 4 * mib), (partly(1), 1));
+        assert_eq!(take_within(&queue, 1, 4 * mib), (partly(2), 1));
         // Too big for the limit alone: it still goes, alone.
         assert_eq!(take(&queue[1..], 0), (Taken::Whole(1), 1));
         assert_eq!(take(&queue[2..], 0), (Taken::Whole(1), 1));
@@ -771,6 +874,7 @@ mod tests {
             },
             |_| true,
             0,
+            MAX_BYTES_PER_MESSAGE,
         )
         .unwrap();
         assert_eq!(array.len, MAX_CHANGES_PER_MESSAGE);
@@ -793,7 +897,13 @@ mod tests {
         let queue = [record];
         let take = |front_sent| {
             let keep = |range| wanted.contains(&range);
-            take_message::<()>(|i| Ok(queue.get(i).cloned()), keep, front_sent).unwrap()
+            take_message::<()>(
+                |i| Ok(queue.get(i).cloned()),
+                keep,
+                front_sent,
+                MAX_BYTES_PER_MESSAGE,
+            )
+            .unwrap()
         };
         let keys = |array: ChangeArray| {
             let changes: Vec<Change> = rmp_serde::from_slice(&array.bytes).unwrap();

@@ -12,7 +12,7 @@
 
 use super::apply::apply_message;
 use super::message::{CatchUpMarker, Replicate};
-use super::outbox::ReplicationOutbox;
+use super::outbox::{DEFAULT_MAX_MESSAGE_BYTES, MIN_MAX_MESSAGE_BYTES, ReplicationOutbox};
 use crate::cluster::queue_name;
 use crate::routing::Topology;
 use crate::shutdown::{self, ShutdownTrigger};
@@ -48,6 +48,10 @@ pub struct ReplicationOptions {
     /// goes with fewer: throughput against replication lag (see
     /// [`ReplicationOutbox::run_senders`]).
     pub linger: Duration,
+    /// The largest message the broker takes (its `max_message_size`), at least
+    /// [`MIN_MAX_MESSAGE_BYTES`]: messages stay within it, and a write with a value too long to
+    /// travel in one is refused (see [`ReplicationOutbox::stage`]).
+    pub max_message_bytes: usize,
 }
 
 impl std::fmt::Debug for ReplicationOptions {
@@ -57,6 +61,7 @@ impl std::fmt::Debug for ReplicationOptions {
             .field("concurrency", &self.concurrency)
             .field("error_queue", &self.error_queue)
             .field("linger", &self.linger)
+            .field("max_message_bytes", &self.max_message_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -77,6 +82,7 @@ impl ReplicationOptions {
             concurrency: 4,
             error_queue: "rhinobus-dht.error".into(),
             linger: super::outbox::DEFAULT_LINGER,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -97,6 +103,17 @@ pub enum ReplicationError {
     /// Catch-up ended before its marker came back.
     #[error("catch-up stopped before the queue was drained")]
     CatchUpInterrupted,
+    /// [`ReplicationOptions::max_message_bytes`] is below [`MIN_MAX_MESSAGE_BYTES`].
+    #[error(
+        "a broker taking messages of at most {bytes} bytes cannot carry every change: at least \
+         {min} are needed"
+    )]
+    MessageLimitTooSmall {
+        /// The limit given.
+        bytes: usize,
+        /// The least limit a node takes.
+        min: usize,
+    },
 }
 
 /// A node's running replication: its queue's endpoint and the outbox senders.
@@ -167,6 +184,12 @@ impl Replication {
         if topology.index_of(&options.node).is_none() {
             return Err(ReplicationError::UnknownNode(options.node));
         }
+        if options.max_message_bytes < MIN_MAX_MESSAGE_BYTES {
+            return Err(ReplicationError::MessageLimitTooSmall {
+                bytes: options.max_message_bytes,
+                min: MIN_MAX_MESSAGE_BYTES,
+            });
+        }
         Self::catch_up(&storage, &options).await?;
         let no_markers: MarkerWaiter = Arc::default();
         let endpoint = endpoint_builder(&storage, &options, options.concurrency.max(1), no_markers)
@@ -176,12 +199,15 @@ impl Replication {
             let storage = storage.clone();
             let node = options.node.clone();
             let topology = topology.clone();
-            tokio::task::spawn_blocking(move || ReplicationOutbox::open(storage, &node, topology))
-                .await
-                .map_err(|e| StorageError::Corrupt {
-                    what: "outbox",
-                    detail: format!("loading task failed: {e}"),
-                })??
+            let limit = options.max_message_bytes;
+            tokio::task::spawn_blocking(move || {
+                ReplicationOutbox::open_for_broker(storage, &node, topology, limit)
+            })
+            .await
+            .map_err(|e| StorageError::Corrupt {
+                what: "outbox",
+                detail: format!("loading task failed: {e}"),
+            })??
         };
         let (stop, stopped) = shutdown::channel();
         let senders = {

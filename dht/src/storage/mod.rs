@@ -401,6 +401,14 @@ impl Change {
         }
     }
 
+    /// The value the change writes, if it writes one.
+    pub fn value(&self) -> Option<&Bytes> {
+        match self {
+            Change::Put { value, .. } | Change::AddItem { value, .. } => Some(value),
+            Change::Remove { .. } | Change::RemoveItem { .. } => None,
+        }
+    }
+
     /// About how many bytes the change takes encoded (in a replication message or an outbox
     /// record): its key and value, 32 per version it names (16 bytes and their MessagePack
     /// framing, generously), and 128 for field names and the rest.
