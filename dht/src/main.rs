@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rhinobus::endpoint::wait_for_signal;
 use rhinobus_dht::anti_entropy;
 use rhinobus_dht::replication::outbox::{
-    DEFAULT_LINGER, DEFAULT_MAX_MESSAGE_BYTES, MIN_MAX_MESSAGE_BYTES,
+    DEFAULT_BROKER_MAX_MESSAGE_BYTES, DEFAULT_LINGER, MIN_BROKER_MAX_MESSAGE_BYTES,
 };
 use rhinobus_dht::{
     AddItemRequest, Client, ClientError, ClientOptions, ClusterSpec, Durability, ItemId,
@@ -87,8 +87,8 @@ enum Command {
         /// and a write whose value is too long to travel in one is refused.
         #[arg(
             long,
-            default_value_t = DEFAULT_MAX_MESSAGE_BYTES as u64,
-            value_parser = clap::value_parser!(u64).range(MIN_MAX_MESSAGE_BYTES as u64..),
+            default_value_t = DEFAULT_BROKER_MAX_MESSAGE_BYTES as u64,
+            value_parser = clap::value_parser!(u64).range(MIN_BROKER_MAX_MESSAGE_BYTES as u64..),
         )]
         broker_max_message_bytes: u64,
         /// How long the tombstones of superseded versions and removed list items are kept

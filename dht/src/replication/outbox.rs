@@ -40,19 +40,19 @@ use tokio::sync::Notify;
 /// Under `bench dht-put-replicated`'s load, 2,000 instead of 500 took about 40% off the
 /// broker's CPU per write and raised replicated throughput by about a sixth (README).
 pub const MAX_CHANGES_PER_MESSAGE: usize = 2000;
-/// The most bytes of encoded changes one [`Replicate`] message carries, unless a single change
-/// is larger: a message always carries at least one. Well under RabbitMQ's default maximum
-/// message size (128 MiB), so a run of 16 MiB values never makes a message the broker refuses
-/// again and again.
+/// The most bytes of encoded changes one [`Replicate`] message carries, fewer when the
+/// broker takes less (see [`ReplicationOutbox::open_for_broker`]); a message always carries at
+/// least one change, and only a change staged before the node was given a lower limit can
+/// be bigger than the broker takes.
 pub const MAX_BYTES_PER_MESSAGE: usize = 8 * 1024 * 1024;
 /// The default of the largest message the broker takes: RabbitMQ 4's default
 /// `max_message_size` (RabbitMQ 3's is 128 MiB). A write whose change could not travel in a
 /// message this big is refused, rather than accepted and then stuck in the outbox, its
 /// destination's replication held up behind it.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+pub const DEFAULT_BROKER_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// The least message limit a node takes: room for any change without a value (keys are up to
 /// 64 KiB), so that only values are ever refused for it.
-pub const MIN_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+pub const MIN_BROKER_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// Room kept in every message for what wraps its changes (the sender's name, field names).
 const MESSAGE_FRAMING: usize = 1024;
 /// How long a sender waits before it tries again after a failed send (or a failed read of
@@ -160,19 +160,22 @@ impl std::fmt::Debug for ReplicationOutbox {
 impl ReplicationOutbox {
     /// The outbox of node `node` in `topology`, with the records `storage` still holds from
     /// earlier runs queued for sending, for a broker that takes messages of up to
-    /// [`DEFAULT_MAX_MESSAGE_BYTES`]. Each leftover record is read once, to see which
+    /// [`DEFAULT_BROKER_MAX_MESSAGE_BYTES`]. Each leftover record is read once, to see which
     /// destinations it is for, and only its id is kept.
     pub fn open(
         storage: Storage,
         node: &str,
         topology: Arc<Topology>,
     ) -> Result<Self, StorageError> {
-        Self::open_for_broker(storage, node, topology, DEFAULT_MAX_MESSAGE_BYTES)
+        Self::open_for_broker(storage, node, topology, DEFAULT_BROKER_MAX_MESSAGE_BYTES)
     }
 
     /// [`open`](Self::open) for a broker that takes messages of up to `max_message_bytes`
-    /// (its `max_message_size`; at least [`MIN_MAX_MESSAGE_BYTES`]): messages stay within
-    /// it, and [`stage`](Self::stage) refuses a write whose change would not fit alone.
+    /// (its `max_message_size`): messages stay within it, and [`stage`](Self::stage) refuses a
+    /// write whose change would not fit alone. Below [`MIN_BROKER_MAX_MESSAGE_BYTES`] even a
+    /// change without a value may not fit ([`Replication::start`](super::Replication::start)
+    /// refuses such limits). A leftover record with a change bigger than the limit is logged
+    /// as an error: it is sent as it is, and refused until the broker takes it.
     pub fn open_for_broker(
         storage: Storage,
         node: &str,
@@ -199,8 +202,26 @@ impl ReplicationOutbox {
             }),
         };
         let mut records = 0usize;
+        let max = outbox.inner.max_packed_bytes;
         storage.resend_outbox(|record| {
             records += 1;
+            // Staged under a higher limit: it will be sent again and again, and refused. (The
+            // estimate is generous; only changes it flags are encoded to make sure.)
+            let exact = |c: &Change| {
+                PackedChanges::pack(std::slice::from_ref(c)).map_or(0, |p| p.byte_len())
+            };
+            let sizes =
+                (record.changes.iter().filter(|c| c.encoded_size() > max)).map(|c| (c, exact(c)));
+            for (change, bytes) in sizes.filter(|&(_, bytes)| bytes > max) {
+                tracing::error!(
+                    key = %String::from_utf8_lossy(change.key()),
+                    bytes,
+                    max,
+                    "a change left in the outbox is too big for the broker's largest message: \
+                     replication behind it waits until the broker takes it (raise its \
+                     max_message_size and --broker-max-message-bytes)"
+                );
+            }
             let ranges = record.changes.iter().map(|c| RangeId::of(c.key()));
             let mut destinations = outbox.destinations_of(ranges);
             // Only the destinations the record names: the others were not owed these changes.
@@ -481,7 +502,8 @@ impl ReplicationOutbox {
                         Some((key, bytes)) => tracing::error!(
                             %destination, %key, bytes, error = %e,
                             "replication of a single change failed; retrying (if the broker \
-                             refuses it for its size, raise its max message size)"
+                             refuses it for its size, raise its max_message_size and the \
+                             node's --broker-max-message-bytes)"
                         ),
                         None => tracing::warn!(
                             %destination, error = %e, "replication send failed; retrying"
@@ -766,7 +788,7 @@ mod tests {
         let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
         let names = ["a", "b"].map(|n| (n.to_owned(), format!("{n}:1")));
         let topology = Arc::new(Topology::blocks(1, names));
-        let limit = MIN_MAX_MESSAGE_BYTES;
+        let limit = MIN_BROKER_MAX_MESSAGE_BYTES;
         let outbox =
             ReplicationOutbox::open_for_broker(storage.clone(), "a", topology, limit).unwrap();
         let put = |len: usize| {

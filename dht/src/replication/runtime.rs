@@ -12,7 +12,9 @@
 
 use super::apply::apply_message;
 use super::message::{CatchUpMarker, Replicate};
-use super::outbox::{DEFAULT_MAX_MESSAGE_BYTES, MIN_MAX_MESSAGE_BYTES, ReplicationOutbox};
+use super::outbox::{
+    DEFAULT_BROKER_MAX_MESSAGE_BYTES, MIN_BROKER_MAX_MESSAGE_BYTES, ReplicationOutbox,
+};
 use crate::cluster::queue_name;
 use crate::routing::Topology;
 use crate::shutdown::{self, ShutdownTrigger};
@@ -49,7 +51,7 @@ pub struct ReplicationOptions {
     /// [`ReplicationOutbox::run_senders`]).
     pub linger: Duration,
     /// The largest message the broker takes (its `max_message_size`), at least
-    /// [`MIN_MAX_MESSAGE_BYTES`]: messages stay within it, and a write with a value too long to
+    /// [`MIN_BROKER_MAX_MESSAGE_BYTES`]: messages stay within it, and a write with a value too long to
     /// travel in one is refused (see [`ReplicationOutbox::stage`]).
     pub max_message_bytes: usize,
 }
@@ -82,7 +84,7 @@ impl ReplicationOptions {
             concurrency: 4,
             error_queue: "rhinobus-dht.error".into(),
             linger: super::outbox::DEFAULT_LINGER,
-            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: DEFAULT_BROKER_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -103,7 +105,7 @@ pub enum ReplicationError {
     /// Catch-up ended before its marker came back.
     #[error("catch-up stopped before the queue was drained")]
     CatchUpInterrupted,
-    /// [`ReplicationOptions::max_message_bytes`] is below [`MIN_MAX_MESSAGE_BYTES`].
+    /// [`ReplicationOptions::max_message_bytes`] is below [`MIN_BROKER_MAX_MESSAGE_BYTES`].
     #[error(
         "a broker taking messages of at most {bytes} bytes cannot carry every change: at least \
          {min} are needed"
@@ -184,10 +186,10 @@ impl Replication {
         if topology.index_of(&options.node).is_none() {
             return Err(ReplicationError::UnknownNode(options.node));
         }
-        if options.max_message_bytes < MIN_MAX_MESSAGE_BYTES {
+        if options.max_message_bytes < MIN_BROKER_MAX_MESSAGE_BYTES {
             return Err(ReplicationError::MessageLimitTooSmall {
                 bytes: options.max_message_bytes,
-                min: MIN_MAX_MESSAGE_BYTES,
+                min: MIN_BROKER_MAX_MESSAGE_BYTES,
             });
         }
         Self::catch_up(&storage, &options).await?;

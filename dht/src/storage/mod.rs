@@ -42,7 +42,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The longest key accepted, in bytes (64 KiB). The empty key is a valid key.
 pub const MAX_KEY_LEN: usize = 64 * 1024;
-/// The largest value or list item accepted, in bytes (16 MiB).
+/// The largest value or list item accepted, in bytes (16 MiB). A node that replicates takes
+/// only as much as a message to its broker leaves room for, with the key (see
+/// [`ReplicationOutbox::stage`](crate::replication::ReplicationOutbox::stage)).
 pub const MAX_VALUE_LEN: usize = 16 * 1024 * 1024;
 /// The most parent versions one put or remove may list.
 pub const MAX_PARENTS: usize = 1024;
@@ -89,7 +91,8 @@ pub enum StorageError {
         /// The limit.
         max: usize,
     },
-    /// The value is longer than [`MAX_VALUE_LEN`].
+    /// The value is longer than [`MAX_VALUE_LEN`], or than a replication message leaves room
+    /// for with its key (`max` is then the longest this key, with the same parents, may take).
     #[error("value is {len} bytes, more than the limit of {max}")]
     ValueTooLarge {
         /// The value's length.

@@ -405,12 +405,14 @@ fn fsync_durability_with_concurrent_writers() {
     }
 }
 
-/// A long write that passes its turn lets a writer waiting for one commit before it goes on.
+/// A long write that passes its turn lets a writer waiting for one commit before it goes on,
+/// and has the turn back afterwards: a writer that comes later waits until it ends.
 #[tokio::test]
-async fn a_passed_turn_lets_a_waiting_writer_in_before_the_long_write_ends() {
+async fn a_passed_turn_lets_a_waiting_writer_in_and_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let t = open(&dir);
     let (started, has_started) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Handle::current();
     let long = tokio::spawn({
         let t = t.clone();
         async move {
@@ -418,7 +420,7 @@ async fn a_passed_turn_lets_a_waiting_writer_in_before_the_long_write_ends() {
                 let _ = started.send(());
                 let deadline = std::time::Instant::now() + Duration::from_secs(10);
                 let mut passes = 0;
-                while t.get(b"short").unwrap().is_empty() {
+                while t.get(b"waiting").unwrap().is_empty() {
                     assert!(
                         std::time::Instant::now() < deadline,
                         "the waiting writer got no turn in {passes} passes"
@@ -427,17 +429,31 @@ async fn a_passed_turn_lets_a_waiting_writer_in_before_the_long_write_ends() {
                     turn.pass();
                     passes += 1;
                 }
+                let late = runtime.spawn({
+                    let t = t.clone();
+                    async move { t.short_write(|t| t.put(PutRequest::new("late", "v"))).await }
+                });
+                std::thread::sleep(Duration::from_millis(50));
+                let late_went_first = !t.get(b"late").unwrap().is_empty();
+                (late, late_went_first)
             })
             .await
         }
     });
     has_started.await.unwrap();
-    t.short_write(|t| t.put(PutRequest::new("short", "v")))
+    t.short_write(|t| t.put(PutRequest::new("waiting", "v")))
         .await
         .unwrap();
-    long.await
+    let (late, late_went_first) = long
+        .await
         .unwrap()
-        .expect("the long write saw the short one");
+        .expect("the long write saw the waiting one");
+    assert!(
+        !late_went_first,
+        "a writer got the turn while the long write held it"
+    );
+    late.await.unwrap().unwrap();
+    assert_eq!(t.get(b"late").unwrap().len(), 1);
 }
 
 #[test]
