@@ -25,7 +25,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-/// Makes a fresh transport. Replication needs two in turn: one for catching up, one for the
+/// Makes a fresh transport for the options it is given, which it may follow (the RabbitMQ
+/// one takes [`ReplicationOptions::max_message_bytes`] from them, whatever they were changed
+/// to after it was made). Replication needs two in turn: one for catching up, one for the
 /// running node.
 ///
 /// Still needed although endpoints sharing a `RabbitMq` now keep its connection open for each
@@ -33,7 +35,7 @@ use tokio::sync::oneshot;
 /// (both consuming the node's queue at once would let messages queued before the marker be
 /// applied after it came back), so it is the *last* endpoint on its transport when it stops,
 /// and that closes the transport for good.
-pub type TransportFactory = Arc<dyn Fn() -> Arc<dyn Transport> + Send + Sync>;
+pub type TransportFactory = Arc<dyn Fn(&ReplicationOptions) -> Arc<dyn Transport> + Send + Sync>;
 
 /// How a node replicates.
 #[derive(Clone)]
@@ -76,9 +78,11 @@ impl ReplicationOptions {
         let name = format!("rhinobus-dht:{node}:{}", std::process::id());
         Self {
             node,
-            transport: Arc::new(move || {
+            transport: Arc::new(move |options: &ReplicationOptions| {
                 Arc::new(
-                    rhinobus::transport::RabbitMq::new(url.clone()).connection_name(name.clone()),
+                    rhinobus::transport::RabbitMq::new(url.clone())
+                        .connection_name(name.clone())
+                        .max_message_bytes(options.max_message_bytes),
                 ) as Arc<dyn Transport>
             }),
             concurrency: 4,
@@ -143,7 +147,7 @@ fn endpoint_builder(
     waiter: MarkerWaiter,
 ) -> rhinobus::EndpointBuilder {
     let applier = storage.clone();
-    Endpoint::builder_shared(queue_name(&options.node), (options.transport)())
+    Endpoint::builder_shared(queue_name(&options.node), (options.transport)(options))
         .concurrency(concurrency)
         .error_queue(options.error_queue.clone())
         .handle(move |m: Replicate, _ctx: Context| {
@@ -272,5 +276,30 @@ impl Replication {
         self.stop.trigger();
         let _ = self.senders.await;
         self.endpoint.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rhinobus::transport::{Destination, OutgoingMessage};
+
+    /// The transport refuses, before it connects, a message bigger than the broker takes,
+    /// the limit set after the options were made.
+    #[tokio::test]
+    async fn the_rabbitmq_transport_takes_the_brokers_limit_from_the_options() {
+        let options = ReplicationOptions {
+            max_message_bytes: MIN_BROKER_MAX_MESSAGE_BYTES,
+            // Nothing listens there: the size is checked first.
+            ..ReplicationOptions::rabbitmq("n1", "amqp://127.0.0.1:1")
+        };
+        let transport = (options.transport)(&options);
+        let message = OutgoingMessage {
+            destination: Destination::Queue("q".into()),
+            headers: Default::default(),
+            body: vec![0; MIN_BROKER_MAX_MESSAGE_BYTES + 1],
+        };
+        let sent = transport.send(vec![message]).await;
+        assert!(matches!(sent, Err(BusError::Invalid(_))), "{sent:?}");
     }
 }
