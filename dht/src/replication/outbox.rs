@@ -174,8 +174,9 @@ impl ReplicationOutbox {
     /// (its `max_message_size`): messages stay within it, and [`stage`](Self::stage) refuses a
     /// write whose change would not fit alone. Below [`MIN_BROKER_MAX_MESSAGE_BYTES`] even a
     /// change without a value may not fit ([`Replication::start`](super::Replication::start)
-    /// refuses such limits). A leftover record with a change bigger than the limit is logged
-    /// as an error: it is sent as it is, and refused until the broker takes it.
+    /// refuses such limits). A leftover record with a change bigger than the limit, staged under
+    /// a higher one, is sent as it is: its sender logs an error, with the change's key and
+    /// size, at every refusal until the broker takes it.
     pub fn open_for_broker(
         storage: Storage,
         node: &str,
@@ -202,26 +203,8 @@ impl ReplicationOutbox {
             }),
         };
         let mut records = 0usize;
-        let max = outbox.inner.max_packed_bytes;
         storage.resend_outbox(|record| {
             records += 1;
-            // Staged under a higher limit: it will be sent again and again, and refused. (The
-            // estimate is generous; only changes it flags are encoded to make sure.)
-            let exact = |c: &Change| {
-                PackedChanges::pack(std::slice::from_ref(c)).map_or(0, |p| p.byte_len())
-            };
-            let sizes =
-                (record.changes.iter().filter(|c| c.encoded_size() > max)).map(|c| (c, exact(c)));
-            for (change, bytes) in sizes.filter(|&(_, bytes)| bytes > max) {
-                tracing::error!(
-                    key = %String::from_utf8_lossy(change.key()),
-                    bytes,
-                    max,
-                    "a change left in the outbox is too big for the broker's largest message: \
-                     replication behind it waits until the broker takes it (raise its \
-                     max_message_size and --broker-max-message-bytes)"
-                );
-            }
             let ranges = record.changes.iter().map(|c| RangeId::of(c.key()));
             let mut destinations = outbox.destinations_of(ranges);
             // Only the destinations the record names: the others were not owed these changes.

@@ -53,8 +53,8 @@ pub struct ReplicationOptions {
     /// [`ReplicationOutbox::run_senders`]).
     pub linger: Duration,
     /// The largest message the broker takes (its `max_message_size`), at least
-    /// [`MIN_BROKER_MAX_MESSAGE_BYTES`]: messages stay within it, and a write with a value too long to
-    /// travel in one is refused (see [`ReplicationOutbox::stage`]).
+    /// [`MIN_BROKER_MAX_MESSAGE_BYTES`]: messages stay within it, and a write with a value too
+    /// long to travel in one is refused (see [`ReplicationOutbox::stage`]).
     pub max_message_bytes: usize,
 }
 
