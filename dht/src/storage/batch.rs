@@ -15,9 +15,10 @@ use super::{
 };
 use crate::routing::key_digest;
 use crate::version::{ItemId, Version};
-use fjall::{Keyspace, Readable, Snapshot};
+use fjall::{Keyspace, Readable, Slice, Snapshot};
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 /// The operations of one atomic batch; see [`Storage::batch`](super::Storage::batch).
 ///
@@ -38,25 +39,29 @@ pub struct Batch<'a> {
     /// The outbox generation `outbox` goes to, once a record is staged.
     outbox_generation: Option<usize>,
     changes: Vec<Change>,
+    /// Where records are encoded before the overlay copies them: one buffer for the batch.
+    scratch: Vec<u8>,
 }
 
 /// A time index key, and its time and entry when it parses.
 type TimedEntry = (Vec<u8>, Option<(u64, EntryKey)>);
 
-/// Pending writes to one keyspace: `None` deletes.
+/// Pending writes to one keyspace: `None` deletes. Keys and values are held as the slices
+/// fjall stores, each copied once, from the caller's bytes, and handed to the commit as they
+/// are.
 #[derive(Default)]
-struct Overlay(BTreeMap<Vec<u8>, Option<Vec<u8>>>);
+struct Overlay(BTreeMap<Slice, Option<Slice>>);
 
 impl Overlay {
-    fn set(&mut self, k: &[u8], v: Vec<u8>) {
-        self.0.insert(k.to_vec(), Some(v));
+    fn set(&mut self, k: &[u8], v: &[u8]) {
+        self.0.insert(Slice::new(k), Some(Slice::new(v)));
     }
 
     fn delete(&mut self, k: &[u8]) {
-        self.0.insert(k.to_vec(), None);
+        self.0.insert(Slice::new(k), None);
     }
 
-    fn get(&self, k: &[u8]) -> Option<&Option<Vec<u8>>> {
+    fn get(&self, k: &[u8]) -> Option<&Option<Slice>> {
         self.0.get(k)
     }
 
@@ -66,15 +71,15 @@ impl Overlay {
         snapshot: &Snapshot,
         keyspace: &Keyspace,
         prefix: &[u8],
-    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StorageError> {
+    ) -> Result<BTreeMap<Slice, Slice>, StorageError> {
         let mut out = BTreeMap::new();
         for kv in snapshot.prefix(keyspace, prefix) {
             let (k, v) = kv.into_inner()?;
-            out.insert(k.to_vec(), v.to_vec());
+            out.insert(k, v);
         }
         for (k, v) in self
             .0
-            .range(prefix.to_vec()..)
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
         {
             match v {
@@ -202,6 +207,7 @@ impl<'a> Batch<'a> {
             outbox: Overlay::default(),
             outbox_generation: None,
             changes: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -230,10 +236,10 @@ impl<'a> Batch<'a> {
         overlay: &Overlay,
         keyspace: &Keyspace,
         k: &[u8],
-    ) -> Result<Option<Vec<u8>>, StorageError> {
+    ) -> Result<Option<Slice>, StorageError> {
         match overlay.get(k) {
             Some(v) => Ok(v.clone()),
-            None => Ok(self.snapshot().get(keyspace, k)?.map(|v| v.to_vec())),
+            None => Ok(self.snapshot().get(keyspace, k)?),
         }
     }
 
@@ -313,10 +319,8 @@ impl<'a> Batch<'a> {
     /// Leaves a tombstone for entry `k` dated `at_ms`, indexed by that time for
     /// [`purge_tombstones`](Self::purge_tombstones).
     fn tombstone_at(&mut self, k: &EntryKey, at_ms: u64) {
-        self.superseded
-            .set(k, layout::tombstone_value(at_ms).to_vec());
-        self.superseded_by_time
-            .set(&timed_key(at_ms, k), Vec::new());
+        self.superseded.set(k, &layout::tombstone_value(at_ms));
+        self.superseded_by_time.set(&timed_key(at_ms, k), &[]);
     }
 
     /// Merges `tombstone`, copied from another replica of its range
@@ -360,10 +364,10 @@ impl<'a> Batch<'a> {
         expires_at_ms: Option<u64>,
     ) {
         if let Some(at) = expires_at_ms {
-            self.expiry.set(&timed_key(at, k), Vec::new());
+            self.expiry.set(&timed_key(at, k), &[]);
         }
-        let record = layout::encode_version_record(key, value, expires_at_ms);
-        self.versions.set(k, record);
+        layout::encode_version_record(&mut self.scratch, key, value, expires_at_ms);
+        self.versions.set(k, &self.scratch);
     }
 
     /// Supersedes `parents` of `key`, returning which of them were current (stored and not
@@ -478,8 +482,8 @@ impl<'a> Batch<'a> {
     }
 
     fn store_item(&mut self, key: &[u8], id: ItemId, value: &[u8]) {
-        let record = layout::encode_item_record(key, value);
-        self.items.set(&item_key(key, id), record);
+        layout::encode_item_record(&mut self.scratch, key, value);
+        self.items.set(&item_key(key, id), &self.scratch);
     }
 
     /// Removes an item from a list; `false` if it was not there.
@@ -626,7 +630,8 @@ impl<'a> Batch<'a> {
         let generation =
             *(self.outbox_generation).get_or_insert_with(|| self.inner.outbox.generations.active());
         let id = OutboxId::fresh(generation);
-        (self.outbox).set(&id.storage_key(), encode_record(destinations, changes));
+        encode_record(&mut self.scratch, destinations, changes);
+        (self.outbox).set(&id.storage_key(), &self.scratch);
         Ok(id)
     }
 

@@ -114,38 +114,42 @@ struct ItemRecordRef<'a> {
 /// Field names, markers, an expiry: what a record adds to its key and value.
 const RECORD_FRAMING: usize = 48;
 
-/// The stored form of a [`VersionRecord`] of `key` and `value`, in a buffer sized for them up
-/// front (not grown a few bytes at a time). Replicas encode one per change they apply.
+/// Writes the stored form of a [`VersionRecord`] of `key` and `value` into `buf`, replacing
+/// what it held: a batch encodes every record into one buffer it reuses, and copies each out
+/// once, into the slice fjall stores. Replicas encode one per change they apply.
 pub(crate) fn encode_version_record(
+    buf: &mut Vec<u8>,
     key: &[u8],
     value: &[u8],
     expires_at_ms: Option<u64>,
-) -> Vec<u8> {
+) {
     let record = VersionRecordRef {
         key: Bin(key),
         value: Bin(value),
         expires_at_ms,
     };
-    let buf = Vec::with_capacity(key.len() + value.len() + RECORD_FRAMING);
-    encode_into(&record, buf)
+    encode_into(buf, &record, key.len() + value.len());
 }
 
-/// The stored form of an [`ItemRecord`] of `key` and `value`.
-pub(crate) fn encode_item_record(key: &[u8], value: &[u8]) -> Vec<u8> {
+/// Writes the stored form of an [`ItemRecord`] of `key` and `value` into `buf`, replacing what
+/// it held.
+pub(crate) fn encode_item_record(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     let record = ItemRecordRef {
         key: Bin(key),
         value: Bin(value),
     };
-    let buf = Vec::with_capacity(key.len() + value.len() + RECORD_FRAMING);
-    encode_into(&record, buf)
+    encode_into(buf, &record, key.len() + value.len());
 }
 
-pub(crate) fn encode_into<T: Serialize>(record: &T, mut buf: Vec<u8>) -> Vec<u8> {
+/// Encodes `record`, whose byte fields add up to `content` bytes, into `buf`, grown once to
+/// fit (not a few bytes at a time).
+fn encode_into<T: Serialize>(buf: &mut Vec<u8>, record: &T, content: usize) {
+    buf.clear();
+    buf.reserve(content + RECORD_FRAMING);
     // Serialising these plain structs into a Vec cannot fail: no maps with non-string keys, no
     // I/O. An empty record would be caught as corrupt on the way back in.
-    match rmp_serde::encode::write_named(&mut buf, record) {
-        Ok(()) => buf,
-        Err(_) => Vec::new(),
+    if rmp_serde::encode::write_named(buf, record).is_err() {
+        buf.clear();
     }
 }
 
@@ -175,7 +179,8 @@ mod tests {
                 value: Bytes::from(vec![b'v'; 300]),
                 expires_at_ms,
             };
-            let encoded = encode_version_record(&r.key, &r.value, r.expires_at_ms);
+            let mut encoded = Vec::new();
+            encode_version_record(&mut encoded, &r.key, &r.value, r.expires_at_ms);
             assert_eq!(encoded, rmp_serde::to_vec_named(&r).unwrap());
             let back: VersionRecord = rmp_serde::from_slice(&encoded).unwrap();
             assert_eq!((back.key, back.value), (r.key, r.value));
@@ -185,7 +190,8 @@ mod tests {
             key: Bytes::from_static(b"list"),
             value: Bytes::from_static(b"item"),
         };
-        let encoded = encode_item_record(&item.key, &item.value);
+        let mut encoded = vec![1, 2, 3];
+        encode_item_record(&mut encoded, &item.key, &item.value);
         assert_eq!(encoded, rmp_serde::to_vec_named(&item).unwrap());
     }
 }

@@ -123,21 +123,25 @@ pub(super) fn check_destinations(destinations: &[impl AsRef<str>]) -> Result<(),
     Ok(())
 }
 
-/// A record as stored: what serde writes for a [`StoredRecord`], its changes copied in
-/// already encoded.
-pub(super) fn encode_record(destinations: &[impl AsRef<str>], changes: &PackedChanges) -> Vec<u8> {
+/// Writes a record as stored into `out`, replacing what it held: what serde writes for a
+/// [`StoredRecord`], its changes copied in already encoded.
+pub(super) fn encode_record(
+    out: &mut Vec<u8>,
+    destinations: &[impl AsRef<str>],
+    changes: &PackedChanges,
+) {
     let names: usize = destinations.iter().map(|d| d.as_ref().len() + 5).sum();
-    let mut out = Vec::with_capacity(32 + names + changes.byte_len());
+    out.clear();
+    out.reserve(32 + names + changes.byte_len());
     // Writing into a Vec cannot fail.
-    let _ = rmp::encode::write_map_len(&mut out, 2);
-    let _ = rmp::encode::write_str(&mut out, "destinations");
-    write_array_len(destinations.len(), &mut out);
+    let _ = rmp::encode::write_map_len(out, 2);
+    let _ = rmp::encode::write_str(out, "destinations");
+    write_array_len(destinations.len(), out);
     for destination in destinations {
-        let _ = rmp::encode::write_str(&mut out, destination.as_ref());
+        let _ = rmp::encode::write_str(out, destination.as_ref());
     }
-    let _ = rmp::encode::write_str(&mut out, "changes");
-    write_array(changes.iter().map(|(_, bytes)| bytes), &mut out);
-    out
+    let _ = rmp::encode::write_str(out, "changes");
+    write_array(changes.iter().map(|(_, bytes)| bytes), out);
 }
 
 impl OutboxRecord {
