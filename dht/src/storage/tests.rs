@@ -376,6 +376,32 @@ fn a_failed_batch_writes_nothing_and_a_good_one_everything() {
 }
 
 #[test]
+fn a_batch_reads_each_key_of_its_own_writes_over_the_stored_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    let stored = t.put(PutRequest::new("k0", "stored")).unwrap();
+    t.batch(|b| {
+        // Many keys pending at once: each read must find its own among the others.
+        for i in 0..50 {
+            b.put(PutRequest::new(format!("k{i}"), format!("new {i}")))?;
+            b.add_item(AddItemRequest::new(format!("l{i}"), format!("item {i}")))?;
+        }
+        b.remove(RemoveRequest::new("k0", vec![stored.version]))?;
+        for i in 0..50 {
+            let siblings = b.get(format!("k{i}").as_bytes())?;
+            let values: Vec<_> = siblings.iter().map(|s| s.value.clone()).collect();
+            assert_eq!(values, [Bytes::from(format!("new {i}"))], "key k{i}");
+            let items = b.get_items(format!("l{i}").as_bytes())?;
+            assert_eq!(items.len(), 1, "list l{i}");
+        }
+        Ok::<_, StorageError>(())
+    })
+    .unwrap();
+    assert_eq!(t.get(b"k0").unwrap()[0].value, Bytes::from_static(b"new 0"));
+    assert_eq!(t.get(b"k0").unwrap().len(), 1);
+}
+
+#[test]
 fn fsync_durability_with_concurrent_writers() {
     let dir = tempfile::tempdir().unwrap();
     let t = Storage::open(
