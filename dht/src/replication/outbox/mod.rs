@@ -8,25 +8,25 @@
 //! ([`ReplicationOutbox::committed`]), with its encoded changes while the outbox holds fewer
 //! than [`MEMORY_BUDGET`] bytes of them, as an id and a counter alone beyond that: however long
 //! a destination stays unreachable, memory holds the budget and a few dozen bytes per record.
-//! One sender per destination takes the queued records (reading back from disk, and encoding
-//! again, those queued without their changes), one at a time, until it has a message's worth
-//! (up to [`MAX_CHANGES_PER_MESSAGE`] changes and [`MAX_BYTES_PER_MESSAGE`] bytes, a big record
-//! split over several messages), and sends it as one [`Replicate`] message; records go out in
-//! commit order. When `Bus::send` returned (the broker confirmed) for the last destination of a
+//! One sender per destination (`sender`) takes the queued records (reading back from disk, and
+//! encoding again, those queued without their changes), one at a time, until it has a
+//! message's worth (`take`: up to [`MAX_CHANGES_PER_MESSAGE`] changes and
+//! [`MAX_BYTES_PER_MESSAGE`] bytes, a big record split over several messages), and sends it as
+//! one [`Replicate`] message; records go out in commit order. When `Bus::send` returned (the broker confirmed) for the last destination of a
 //! record, the storage is told ([`Storage::remove_outbox`]), which drops the record from disk
 //! with the rest of its generation. A crash in between leaves the records on disk; at start-up
 //! their ids are queued again (each record read once, to see who it is for) and they are sent
 //! again, to every destination they list. Sends that fail are retried every
 //! [`RETRY_INTERVAL`].
 
-use super::message::Replicate;
-use crate::cluster::queue_name;
+mod sender;
+mod take;
+
+#[cfg(doc)]
+use crate::replication::message::Replicate;
+
 use crate::routing::{RangeId, Topology};
-use crate::shutdown::Shutdown;
-use crate::storage::{
-    Batch, Change, OutboxId, PackedChanges, Storage, StorageError, unpack_array, write_array,
-};
-use rhinobus::Bus;
+use crate::storage::{Batch, Change, OutboxId, PackedChanges, Storage, StorageError};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -356,172 +356,6 @@ impl ReplicationOutbox {
         true
     }
 
-    /// Runs one sender per destination until `stop`, sending through `bus`.
-    ///
-    /// Senders send on ticks, the moments that are a whole number of `linger`s past the Unix
-    /// epoch, at most one message per tick each: what is queued while a sender waits for the
-    /// next tick goes together in its message (up to a message's worth, which goes at once). A
-    /// record queued when the sender has not sent since the last tick goes at once, so writes
-    /// that come slower than one per `linger` wait for nothing. The broker spends about as
-    /// much on a message as on the changes in it (RabbitMQ syncs each persistent message to
-    /// disk, once per queue), so under load fewer, fuller messages carry several times more
-    /// writes on the same broker; the price is up to `linger` more replication lag under that
-    /// load. The ticks are the same for every sender of every node (as far as their clocks
-    /// agree), so under load their messages reach the broker together and it syncs them
-    /// together. Zero sends every record at once.
-    pub async fn run_senders(&self, bus: Bus, stop: Shutdown, linger: Duration) {
-        let senders: Vec<_> = (0..self.inner.destinations.len())
-            .filter(|&i| self.is_other(i))
-            .map(|i| {
-                let sender = self.clone().send_loop(i, bus.clone(), stop.clone(), linger);
-                tokio::spawn(sender)
-            })
-            .collect();
-        for s in senders {
-            let _ = s.await;
-        }
-    }
-
-    /// The changes of the next message for `destination`, its queued records read back from
-    /// disk where they are not held in memory; the first `front_sent` changes of the front
-    /// record being confirmed already.
-    fn next_message(
-        &self,
-        destination: usize,
-        front_sent: usize,
-    ) -> Result<(Taken, ChangeArray), StorageError> {
-        let d = self.destination(destination);
-        take_message(
-            |i| {
-                // Indexes stay valid: only this destination's sender removes from the queue.
-                let Some(delivery) = d.lock().get(i).cloned() else {
-                    return Ok(None);
-                };
-                if let Some(held) = &delivery.changes {
-                    return Ok(Some(held.changes.clone()));
-                }
-                // A record gone from disk (moved aside as undecodable) has nothing to send.
-                let changes = match self.inner.storage.outbox_record(delivery.id)? {
-                    Some(record) => PackedChanges::pack(&record.changes)?,
-                    None => PackedChanges::default(),
-                };
-                Ok(Some(Arc::new(changes)))
-            },
-            |range| self.replicates_to(destination, range),
-            front_sent,
-            self.inner.max_packed_bytes.min(MAX_BYTES_PER_MESSAGE),
-        )
-    }
-
-    /// Sends to the node at topology index `index`, another node's.
-    async fn send_loop(self, index: usize, bus: Bus, mut stop: Shutdown, linger: Duration) {
-        let d = self.destination(index);
-        let destination = &d.name;
-        let queue = queue_name(destination);
-        // How many changes of the front record this destination already confirmed: a record
-        // larger than one message (a big batch) goes out over several.
-        let mut front_sent = 0;
-        // When the last message went out: the next one waits for the tick after it.
-        let mut last_sent: Option<tokio::time::Instant> = None;
-        loop {
-            if d.lock().is_empty() {
-                tokio::select! {
-                    _ = stop.recv() => return,
-                    // Writers wake the sender with every record they queue.
-                    _ = d.wake.notified() => continue,
-                }
-            }
-            // The rest of a record too big for one message needs no company.
-            let due = last_sent.map(|at| next_tick(at, linger));
-            if front_sent == 0 && !self.linger(d, due, &mut stop).await {
-                return;
-            }
-            let next = {
-                let outbox = self.clone();
-                tokio::task::spawn_blocking(move || outbox.next_message(index, front_sent)).await
-            };
-            let (taken, array) = match next {
-                Ok(Ok(next)) => next,
-                Ok(Err(e)) => {
-                    tracing::warn!(%destination, error = %e, "cannot read the outbox; retrying");
-                    tokio::select! {
-                        _ = stop.recv() => return,
-                        _ = tokio::time::sleep(RETRY_INTERVAL) => continue,
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(%destination, error = %e, "outbox read task failed; retrying");
-                    tokio::select! {
-                        _ = stop.recv() => return,
-                        _ = tokio::time::sleep(RETRY_INTERVAL) => continue,
-                    }
-                }
-            };
-            if array.len == 0 {
-                // Only records with nothing left to send: done without a message.
-                front_sent = self.confirmed(d, taken).await;
-                continue;
-            }
-            let message = Replicate {
-                from: self.inner.node.clone(),
-                changes: Vec::new(),
-                packed: array.bytes.into(),
-            };
-            last_sent = Some(tokio::time::Instant::now());
-            let sent = tokio::select! {
-                _ = stop.recv() => return,
-                sent = bus.send(&queue, &message) => sent,
-            };
-            let alone = (sent.is_err() && array.len == 1).then(|| lone_change(&message.packed));
-            // Up to a message's worth of bytes, not to be held while confirmed records go.
-            drop(message);
-            match sent {
-                Ok(_) => front_sent = self.confirmed(d, taken).await,
-                Err(e) => {
-                    match &alone {
-                        // Loud: if the broker refuses this change for its size, no retry will
-                        // ever get it through and replication to this node is stuck behind it
-                        // (the record stays on disk). Raise the broker's max message size.
-                        Some((key, bytes)) => tracing::error!(
-                            %destination, %key, bytes, error = %e,
-                            "replication of a single change failed; retrying (if the broker \
-                             refuses it for its size, raise its max_message_size and the \
-                             node's --broker-max-message-bytes)"
-                        ),
-                        None => tracing::warn!(
-                            %destination, error = %e, "replication send failed; retrying"
-                        ),
-                    }
-                    tokio::select! {
-                        _ = stop.recv() => return,
-                        _ = tokio::time::sleep(RETRY_INTERVAL) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// Waits until a message's worth of records is queued for `destination`, or until `due`
-    /// (at once when there is none, or it has passed). False when stopped meanwhile.
-    async fn linger(
-        &self,
-        d: &Destination,
-        due: Option<tokio::time::Instant>,
-        stop: &mut Shutdown,
-    ) -> bool {
-        let Some(due) = due.filter(|d| *d > tokio::time::Instant::now()) else {
-            return true;
-        };
-        while d.lock().len() < MAX_CHANGES_PER_MESSAGE {
-            tokio::select! {
-                _ = stop.recv() => return false,
-                _ = tokio::time::sleep_until(due) => return true,
-                _ = d.wake.notified() => {}
-            }
-        }
-        true
-    }
-
     /// The queue of the node at topology index `i`.
     ///
     /// # Panics
@@ -534,59 +368,6 @@ impl ReplicationOutbox {
             _ => panic!("topology index {i} is not another node's"),
         }
     }
-
-    /// Drops from `destination`'s queue what the broker confirmed (`taken`), deletes the
-    /// records every destination has now confirmed, and returns how many changes of the new
-    /// front record are confirmed.
-    async fn confirmed(&self, destination: &Destination, taken: Taken) -> usize {
-        let (whole, front_sent) = match taken {
-            Taken::Whole(n) => (n, 0),
-            Taken::Partly { whole, front_sent } => (whole, front_sent),
-        };
-        // Only this task removes from the front, so these are the records sent.
-        let done: Vec<OutboxId> = destination
-            .lock()
-            .drain(..whole)
-            .filter(|p| p.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
-            .map(|p| p.id)
-            .collect();
-        if !done.is_empty() {
-            // Not a long write: deleting outbox records takes no write lock.
-            let storage = self.inner.storage.clone();
-            let removed = tokio::task::spawn_blocking(move || storage.remove_outbox(done)).await;
-            match removed {
-                Ok(Ok(())) => {}
-                // The records stay on disk and are sent again after a restart:
-                // a duplicate, never a loss.
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot delete sent outbox records"),
-                Err(e) => tracing::warn!(error = %e, "outbox clean-up task failed"),
-            }
-        }
-        front_sent
-    }
-}
-
-/// The first tick after `t`: the next moment that is a whole number of `linger`s past the Unix
-/// epoch by the system clock, the same for every sender of every node.
-fn next_tick(t: tokio::time::Instant, linger: Duration) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
-    let t_since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .saturating_sub(now.saturating_duration_since(t));
-    t + until_next_tick(t_since_epoch, linger)
-}
-
-/// How long after `since_epoch` the next whole multiple of `linger` comes (a whole `linger` when
-/// `since_epoch` is one; nothing when `linger` is zero).
-fn until_next_tick(since_epoch: Duration, linger: Duration) -> Duration {
-    let linger_ns = linger.as_nanos();
-    if linger_ns == 0 {
-        return Duration::ZERO;
-    }
-    let into = since_epoch.as_nanos() % linger_ns;
-    // Below `linger`, which is a Duration: it fits.
-    Duration::from_nanos(u64::try_from(linger_ns - into).unwrap_or(u64::MAX))
 }
 
 impl Destination {
@@ -595,97 +376,13 @@ impl Destination {
     }
 }
 
-/// How much of a destination's queue one message took.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Taken {
-    /// The first `n` records, completely.
-    Whole(usize),
-    /// The first `whole` records completely, and of the next one everything up to its change
-    /// number `front_sent`.
-    Partly { whole: usize, front_sent: usize },
-}
-
-/// The changes of one message: a MessagePack array of their encodings.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct ChangeArray {
-    /// How many changes.
-    len: usize,
-    /// The array.
-    bytes: Vec<u8>,
-}
-
-/// The key and size of the one change in `packed`, for the log of a send that failed.
-fn lone_change(packed: &[u8]) -> (String, usize) {
-    let key = match unpack_array(packed).as_deref() {
-        Ok([change]) => String::from_utf8_lossy(change.key())
-            .chars()
-            .take(200)
-            .collect(),
-        _ => String::new(),
-    };
-    (key, packed.len())
-}
-
-/// The changes of the next message to a destination, `record(i)` giving its `i`th queued
-/// record (`None` past the last) and `keep` the ranges the destination holds (asked only of
-/// records of several changes), the first
-/// `front_sent` kept changes of the front record being confirmed already; at most
-/// [`MAX_CHANGES_PER_MESSAGE`] changes and `max_bytes` bytes of them, but at least one change
-/// when there is any. Reads records only as far as the message needs, and copies the changes'
-/// encodings as they are.
-fn take_message<E>(
-    mut record: impl FnMut(usize) -> Result<Option<Arc<PackedChanges>>, E>,
-    keep: impl Fn(RangeId) -> bool,
-    front_sent: usize,
-    max_bytes: usize,
-) -> Result<(Taken, ChangeArray), E> {
-    let mut records = Vec::new();
-    // (record, change) of each change taken.
-    let mut taken = Vec::new();
-    let mut bytes = 0;
-    let mut outcome = None;
-    'records: while let Some(changes) = record(records.len())? {
-        let i = records.len();
-        records.push(changes);
-        let start = if i == 0 { front_sent } else { 0 };
-        // A record of one change is queued only for the replicas of its key.
-        let all = records[i].len() == 1;
-        let kept = (records[i].iter().enumerate()).filter(|(_, (range, _))| all || keep(*range));
-        for (j, (n, (_, encoded))) in kept.enumerate().skip(start) {
-            if !taken.is_empty()
-                && (taken.len() == MAX_CHANGES_PER_MESSAGE || bytes + encoded.len() > max_bytes)
-            {
-                outcome = Some(if j == 0 {
-                    Taken::Whole(i)
-                } else {
-                    Taken::Partly {
-                        whole: i,
-                        front_sent: j,
-                    }
-                });
-                break 'records;
-            }
-            bytes += encoded.len();
-            taken.push((i, n));
-        }
-        // Full: no need to read the next record to find out.
-        if taken.len() == MAX_CHANGES_PER_MESSAGE || bytes >= max_bytes {
-            break;
-        }
-    }
-    let outcome = outcome.unwrap_or(Taken::Whole(records.len()));
-    let mut array = ChangeArray {
-        len: taken.len(),
-        bytes: Vec::with_capacity(bytes + 5),
-    };
-    let encoded = |&(i, n): &(usize, usize)| records[i].encoded(n);
-    write_array(taken.iter().map(encoded), &mut array.bytes);
-    Ok((outcome, array))
-}
-
 #[cfg(test)]
 mod tests {
+    use super::sender::next_tick;
+    use super::take::Taken;
     use super::*;
+    use crate::cluster::queue_name;
+    use crate::replication::message::Replicate;
     use crate::shutdown;
     use crate::storage::{PutRequest, StorageOptions};
     use rhinobus::Endpoint;
@@ -806,121 +503,6 @@ mod tests {
         assert!(body.len() <= limit, "{} bytes", body.len());
     }
 
-    #[test]
-    fn messages_are_limited_in_bytes_and_split_big_records() {
-        let put = |len: usize| Change::Put {
-            key: "k".into(),
-            version: crate::Version::new(),
-            parents: vec![],
-            value: vec![0u8; len].into(),
-            expires_at: None,
-        };
-        let mib = 1024 * 1024;
-        let pack = |records: Vec<Vec<Change>>| -> Vec<Arc<PackedChanges>> {
-            (records.iter())
-                .map(|r| Arc::new(PackedChanges::pack(r).unwrap()))
-                .collect()
-        };
-        let take_within = |queue: &[Arc<PackedChanges>], front_sent, max| {
-            let record = |i| Ok(queue.get(i).cloned());
-            let (taken, array) = take_message::<()>(record, |_| true, front_sent, max).unwrap();
-            let changes: Vec<Change> = rmp_serde::from_slice(&array.bytes).unwrap();
-            assert_eq!(changes.len(), array.len);
-            (taken, changes.len())
-        };
-        let take = |queue: &[Arc<PackedChanges>], front_sent| {
-            take_within(queue, front_sent, MAX_BYTES_PER_MESSAGE)
-        };
-        // A batch of three 3 MiB values, then a 16 MiB value, then a small one.
-        let queue = pack(vec![
-            vec![put(3 * mib), put(3 * mib), put(3 * mib)],
-            vec![put(16 * mib)],
-            vec![put(1)],
-        ]);
-        assert_eq!(
-            take(&queue, 0),
-            (
-                Taken::Partly {
-                    whole: 0,
-                    front_sent: 2
-                },
-                2
-            )
-        );
-        assert_eq!(take(&queue, 2), (Taken::Whole(1), 1));
-        // A broker taking less: one 3 MiB value per message.
-        let partly = |front_sent| Taken::Partly {
-            whole: 0,
-            front_sent,
-        };
-        assert_eq!(take_within(&queue, 0, 4 * mib), (partly(1), 1));
-        assert_eq!(take_within(&queue, 1, 4 * mib), (partly(2), 1));
-        // Too big for the limit alone: it still goes, alone.
-        assert_eq!(take(&queue[1..], 0), (Taken::Whole(1), 1));
-        assert_eq!(take(&queue[2..], 0), (Taken::Whole(1), 1));
-        // A record with nothing to send (gone from disk) is taken along.
-        assert_eq!(
-            take(&pack(vec![vec![], vec![put(1)]]), 0),
-            (Taken::Whole(2), 1)
-        );
-        assert_eq!(take(&pack(vec![vec![]]), 0), (Taken::Whole(1), 0));
-        assert_eq!(take(&[], 0), (Taken::Whole(0), 0));
-        // Many small changes: the count limit, without reading further than needed.
-        let small = pack(
-            (0..MAX_CHANGES_PER_MESSAGE + 1)
-                .map(|_| vec![put(1)])
-                .collect(),
-        );
-        let mut read = 0;
-        let (taken, array) = take_message::<()>(
-            |i| {
-                read += 1;
-                Ok(small.get(i).cloned())
-            },
-            |_| true,
-            0,
-            MAX_BYTES_PER_MESSAGE,
-        )
-        .unwrap();
-        assert_eq!(array.len, MAX_CHANGES_PER_MESSAGE);
-        assert_eq!(taken, Taken::Whole(MAX_CHANGES_PER_MESSAGE));
-        assert_eq!(read, MAX_CHANGES_PER_MESSAGE, "records read");
-    }
-
-    #[test]
-    fn a_destination_gets_only_the_changes_of_its_ranges() {
-        let put = |key: &str| Change::Put {
-            key: key.to_owned().into(),
-            version: crate::Version::new(),
-            parents: vec![],
-            value: "v".into(),
-            expires_at: None,
-        };
-        let record =
-            Arc::new(PackedChanges::pack(&[put("a"), put("b"), put("c"), put("d")]).unwrap());
-        let wanted = [RangeId::of(b"b"), RangeId::of(b"d")];
-        let queue = [record];
-        let take = |front_sent| {
-            let keep = |range| wanted.contains(&range);
-            take_message::<()>(
-                |i| Ok(queue.get(i).cloned()),
-                keep,
-                front_sent,
-                MAX_BYTES_PER_MESSAGE,
-            )
-            .unwrap()
-        };
-        let keys = |array: ChangeArray| {
-            let changes: Vec<Change> = rmp_serde::from_slice(&array.bytes).unwrap();
-            changes.iter().map(|c| c.key().clone()).collect::<Vec<_>>()
-        };
-        let (taken, array) = take(0);
-        assert_eq!(taken, Taken::Whole(1));
-        assert_eq!(keys(array), ["b", "d"]);
-        // Resuming after the first kept change confirmed: the second only.
-        assert_eq!(keys(take(1).1), ["d"]);
-    }
-
     /// Every change the body of a replication message carries, as values.
     fn changes_of(body: &[u8]) -> Vec<Change> {
         let m: Replicate = rmp_serde::from_slice(body).unwrap();
@@ -1024,23 +606,6 @@ mod tests {
         assert!(next_changes(&broker, &queue).is_none(), "only two messages");
         senders.stop().await;
         endpoint.shutdown().await;
-    }
-
-    #[test]
-    fn ticks_are_whole_lingers_since_the_epoch() {
-        let ms = Duration::from_millis;
-        assert_eq!(until_next_tick(ms(25), ms(20)), ms(15));
-        assert_eq!(
-            until_next_tick(ms(40), ms(20)),
-            ms(20),
-            "on a tick: the next one"
-        );
-        assert_eq!(until_next_tick(ms(0), ms(20)), ms(20));
-        assert_eq!(until_next_tick(ms(39), ms(20)), ms(1));
-        assert_eq!(until_next_tick(ms(39), Duration::ZERO), Duration::ZERO);
-        let now = tokio::time::Instant::now();
-        let next = next_tick(now, ms(20));
-        assert!(next > now && next <= now + ms(20));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
