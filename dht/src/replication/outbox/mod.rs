@@ -12,9 +12,10 @@
 //! encoding again, those queued without their changes), one at a time, until it has a
 //! message's worth (`take`: up to [`MAX_CHANGES_PER_MESSAGE`] changes and
 //! [`MAX_BYTES_PER_MESSAGE`] bytes, a big record split over several messages), and sends it as
-//! one [`Replicate`] message; records go out in commit order. When `Bus::send` returned (the broker confirmed) for the last destination of a
-//! record, the storage is told ([`Storage::remove_outbox`]), which drops the record from disk
-//! with the rest of its generation. A crash in between leaves the records on disk; at start-up
+//! one [`Replicate`] message; records go out in commit order. When `Bus::send` returned (the
+//! broker confirmed) for the last destination of a record, the storage is told
+//! ([`Storage::remove_outbox`]), which drops the record from disk with the rest of its
+//! generation. A crash in between leaves the records on disk; at start-up
 //! their ids are queued again (each record read once, to see who it is for) and they are sent
 //! again, to every destination they list. Sends that fail are retried every
 //! [`RETRY_INTERVAL`].
