@@ -3,7 +3,7 @@
 //! refused one.
 
 use super::{ClientError, ClientOptions, RequestFrameRef, unexpected};
-use crate::connection;
+use crate::connection::{self, FrameReader};
 use crate::frame::{self, Request, Response, ResponseFrame};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -142,6 +142,43 @@ struct Pending {
     waiters: HashMap<u64, oneshot::Sender<ResponseFrame>>,
 }
 
+impl Pending {
+    /// Marks the connection closed and drops every waiter, which tells each caller still
+    /// waiting that the connection is gone.
+    fn close(&mut self) {
+        self.closed = true;
+        self.waiters.clear();
+    }
+}
+
+/// Hands each answer read from the node at `addr` to the caller waiting for it, until the
+/// connection ends or an answer cannot be decoded; then fails the callers still waiting.
+async fn deliver_answers(mut reader: FrameReader, pending: Arc<Mutex<Pending>>, addr: String) {
+    while let Some(Ok(body)) = reader.next().await {
+        let frame = match frame::decode_response(&body) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "undecodable answer; closing connection");
+                break;
+            }
+        };
+        let waiter = (pending.lock().unwrap_or_else(PoisonError::into_inner))
+            .waiters
+            .remove(&frame.id);
+        match waiter {
+            Some(w) => {
+                let _ = w.send(frame);
+            }
+            None => {
+                if let Err(e) = frame.result {
+                    tracing::warn!(%addr, error = %e, "node reported a connection error");
+                }
+            }
+        }
+    }
+    (pending.lock().unwrap_or_else(PoisonError::into_inner)).close();
+}
+
 impl Conn {
     async fn open(addr: &str, options: &ClientOptions) -> Result<Arc<Self>, ClientError> {
         let stream = tokio::time::timeout(options.connect_timeout, TcpStream::connect(addr))
@@ -154,43 +191,9 @@ impl Conn {
                 addr: addr.to_owned(),
                 source,
             })?;
-        let (mut reader, tx, _writer) = connection::split(stream, options.max_frame);
+        let (reader, tx, _writer) = connection::split(stream, options.max_frame);
         let pending = Arc::new(Mutex::new(Pending::default()));
-        let reader_pending = pending.clone();
-        let reader_addr = addr.to_owned();
-        let reader = tokio::spawn(async move {
-            while let Some(Ok(body)) = reader.next().await {
-                match frame::decode_response(&body) {
-                    Ok(frame) => {
-                        let waiter = reader_pending
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .waiters
-                            .remove(&frame.id);
-                        match waiter {
-                            Some(w) => {
-                                let _ = w.send(frame);
-                            }
-                            None => {
-                                if let Err(e) = frame.result {
-                                    tracing::warn!(addr = %reader_addr, error = %e, "node reported a connection error");
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(addr = %reader_addr, error = %e, "undecodable answer; closing connection");
-                        break;
-                    }
-                }
-            }
-            // Dropping the waiters tells every caller still waiting that the connection is gone.
-            let mut p = reader_pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            p.closed = true;
-            p.waiters.clear();
-        });
+        let reader = tokio::spawn(deliver_answers(reader, pending.clone(), addr.to_owned()));
         let conn = Arc::new(Self {
             addr: addr.to_owned(),
             tx,
@@ -265,9 +268,7 @@ impl Conn {
     fn close(&self) {
         tracing::warn!(addr = %self.addr, "request timed out; closing the connection");
         self.reader.abort();
-        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        p.closed = true;
-        p.waiters.clear();
+        (self.pending.lock().unwrap_or_else(PoisonError::into_inner)).close();
     }
 
     fn forget(&self, id: u64) {
