@@ -14,7 +14,8 @@ pub struct NodeStatus {
     #[serde(default)]
     pub node: Option<String>,
     /// For each other node, the writes this one accepted whose replication there the broker
-    /// has not confirmed yet (a record counts once per destination), in name order. They are
+    /// has not confirmed yet (each put, remove or list item change of a key that node holds a
+    /// replica of), in name order. They are
     /// on this node's disk meanwhile: a backlog that grows means the broker or that node's
     /// queue is out of reach. Empty for a node that does not replicate.
     #[serde(default)]
@@ -30,7 +31,7 @@ pub struct NodeStatus {
 pub struct Backlog {
     /// The destination's name in the topology.
     pub destination: String,
-    /// Outbox records not yet confirmed for it.
+    /// Writes whose replication to it is not confirmed yet.
     pub pending: u64,
 }
 
@@ -62,7 +63,8 @@ mod tests {
     use super::*;
     use crate::frame::{Request, Response};
     use crate::request::{execute, execute_replicated};
-    use crate::storage::{PutRequest, Storage, StorageOptions};
+    use crate::routing::RangeId;
+    use crate::storage::{Op, PutRequest, Storage, StorageOptions};
     use std::sync::Arc;
 
     fn status(response: Response) -> NodeStatus {
@@ -102,6 +104,42 @@ mod tests {
             .collect();
         assert_eq!(backlog, [("b", 2), ("c", 2)]);
         assert!(after.outbox_bytes > before.outbox_bytes);
+    }
+
+    /// In a cluster of four, one batch of writes to keys of many ranges: each peer is owed the
+    /// writes to the ranges it holds a replica of, until the broker confirms them.
+    #[test]
+    fn each_peer_is_owed_the_writes_to_its_own_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let topology =
+            Topology::blocks(1, [("a", "a:1"), ("b", "b:1"), ("c", "c:1"), ("d", "d:1")]);
+        let outbox =
+            ReplicationOutbox::open(storage.clone(), "a", Arc::new(topology.clone())).unwrap();
+        let keys: Vec<String> = (0..40).map(|i| format!("key/{i}")).collect();
+        let ops = (keys.iter())
+            .map(|k| Op::Put(PutRequest::new(k.clone(), "v")))
+            .collect();
+        execute_replicated(&storage, &topology, Some(&outbox), Request::Batch { ops }).unwrap();
+        let mut expected = std::collections::BTreeMap::new();
+        for key in &keys {
+            for i in topology.replica_indexes(RangeId::of(key.as_bytes())) {
+                let name = &topology.names[i as usize];
+                if name != "a" {
+                    *expected.entry(name.clone()).or_insert(0u64) += 1;
+                }
+            }
+        }
+        let r = execute_replicated(&storage, &topology, Some(&outbox), Request::Status);
+        let owed: std::collections::BTreeMap<_, _> = (status(r.unwrap()).backlog.into_iter())
+            .map(|b| (b.destination, b.pending))
+            .collect();
+        assert_eq!(owed, expected);
+        assert_eq!(owed.len(), 3, "40 keys reach every other node: {owed:?}");
+        assert!(
+            owed.values().all(|&n| n < 40),
+            "nobody holds every range: {owed:?}"
+        );
     }
 
     #[test]

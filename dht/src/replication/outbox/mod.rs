@@ -28,7 +28,7 @@ use crate::replication::message::Replicate;
 
 use crate::routing::{RangeId, Topology};
 use crate::storage::{Batch, Change, OutboxId, PackedChanges, Storage, StorageError};
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -96,9 +96,22 @@ struct Inner {
 /// removes from the front; writers push at the back.
 struct Destination {
     name: String,
-    queue: Mutex<VecDeque<Arc<Delivery>>>,
+    queue: Mutex<VecDeque<Queued>>,
+    /// The changes of the queued records that are this destination's to apply.
+    owed: AtomicUsize,
     wake: Notify,
 }
+
+/// A record in one destination's queue.
+#[derive(Clone)]
+struct Queued {
+    delivery: Arc<Delivery>,
+    /// How many of its changes are this destination's (keys of ranges it replicates).
+    changes: usize,
+}
+
+/// For each destination (by topology index), how many changes of a record are for it.
+type Owed = BTreeMap<usize, usize>;
 
 /// One stored record and how many of its destinations still wait for it. Which ones have it
 /// is known only here: after a crash, all of them get it again.
@@ -144,8 +157,8 @@ impl Drop for Held {
 #[derive(Debug)]
 pub struct Staged {
     id: OutboxId,
-    /// Topology indexes.
-    destinations: BTreeSet<usize>,
+    /// By topology index, how many changes are for each.
+    destinations: Owed,
     changes: PackedChanges,
 }
 
@@ -189,6 +202,7 @@ impl ReplicationOutbox {
                 (n != node).then(|| Destination {
                     name: n.clone(),
                     queue: Mutex::default(),
+                    owed: AtomicUsize::new(0),
                     wake: Notify::new(),
                 })
             })
@@ -211,7 +225,7 @@ impl ReplicationOutbox {
             // Only the destinations the record names: the others were not owed these changes.
             // A record none of whose changes a listed destination replicates any more is
             // deleted.
-            destinations.retain(|&i| record.destinations.contains(&outbox.destination(i).name));
+            destinations.retain(|&i, _| record.destinations.contains(&outbox.destination(i).name));
             outbox.queue(record.id, &destinations, None)
         })?;
         if records > 0 {
@@ -225,9 +239,9 @@ impl ReplicationOutbox {
         &self.inner.node
     }
 
-    /// How many records wait to be confirmed, counted once per destination.
+    /// How many changes wait to be confirmed, counted once per destination they are for.
     pub fn pending(&self) -> usize {
-        self.others().map(|d| d.lock().len()).sum()
+        self.others().map(Destination::owed).sum()
     }
 
     /// The other nodes' queues.
@@ -235,10 +249,10 @@ impl ReplicationOutbox {
         self.inner.destinations.iter().flatten()
     }
 
-    /// How many records each other node still waits for, by name, in name order.
+    /// How many changes each other node still waits for, by name, in name order.
     pub fn pending_by_destination(&self) -> Vec<(String, usize)> {
         let mut pending: Vec<_> = (self.others())
-            .map(|d| (d.name.clone(), d.lock().len()))
+            .map(|d| (d.name.clone(), d.owed()))
             .collect();
         pending.sort();
         pending
@@ -256,7 +270,7 @@ impl ReplicationOutbox {
         self.others()
             .map(|d| {
                 let queue = d.lock();
-                queue.capacity() * std::mem::size_of::<Arc<Delivery>>()
+                queue.capacity() * std::mem::size_of::<Queued>()
                     + queue.len() * std::mem::size_of::<Delivery>()
             })
             .sum()
@@ -268,13 +282,15 @@ impl ReplicationOutbox {
     }
 
     /// The other replicas (topology indexes) that must receive some of the changes to keys in
-    /// `ranges`: those holding those ranges.
-    fn destinations_of(&self, ranges: impl IntoIterator<Item = RangeId>) -> BTreeSet<usize> {
+    /// `ranges` (one per change), those holding those ranges, with how many changes each.
+    fn destinations_of(&self, ranges: impl IntoIterator<Item = RangeId>) -> Owed {
         let topology = &self.inner.topology;
-        let mut destinations = BTreeSet::new();
+        let mut destinations = Owed::new();
         for range in ranges {
             let replicas = topology.replica_indexes(range).map(|i| i as usize);
-            destinations.extend(replicas.filter(|&i| self.is_other(i)));
+            for i in replicas.filter(|&i| self.is_other(i)) {
+                *destinations.entry(i).or_default() += 1;
+            }
         }
         destinations
     }
@@ -303,7 +319,7 @@ impl ReplicationOutbox {
         }
         self.check_fits(b.changes(), &changes)?;
         b.take_changes();
-        let listed: Vec<&str> = (destinations.iter())
+        let listed: Vec<&str> = (destinations.keys())
             .map(|&i| self.destination(i).name.as_str())
             .collect();
         let id = b.enqueue_packed_outbox(&listed, &changes)?;
@@ -338,9 +354,10 @@ impl ReplicationOutbox {
         self.queue(staged.id, &staged.destinations, held);
     }
 
-    /// Queues record `id` for each of `destinations` (other nodes' topology indexes); false
-    /// when there are none, for the caller to delete the record.
-    fn queue(&self, id: OutboxId, destinations: &BTreeSet<usize>, changes: Option<Held>) -> bool {
+    /// Queues record `id` for each of `destinations` (other nodes' topology indexes, with how
+    /// many of its changes are for each); false when there are none, for the caller to delete
+    /// the record.
+    fn queue(&self, id: OutboxId, destinations: &Owed, changes: Option<Held>) -> bool {
         if destinations.is_empty() {
             return false;
         }
@@ -349,9 +366,13 @@ impl ReplicationOutbox {
             remaining: AtomicUsize::new(destinations.len()),
             changes,
         });
-        for &i in destinations {
+        for (&i, &changes) in destinations {
             let d = self.destination(i);
-            d.lock().push_back(delivery.clone());
+            d.lock().push_back(Queued {
+                delivery: delivery.clone(),
+                changes,
+            });
+            d.owed.fetch_add(changes, Ordering::AcqRel);
             d.wake.notify_one();
         }
         true
@@ -372,8 +393,12 @@ impl ReplicationOutbox {
 }
 
 impl Destination {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Delivery>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued>> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn owed(&self) -> usize {
+        self.owed.load(Ordering::Acquire)
     }
 }
 

@@ -53,7 +53,7 @@ impl ReplicationOutbox {
         take_message(
             |i| {
                 // Indexes stay valid: only this destination's sender removes from the queue.
-                let Some(delivery) = d.lock().get(i).cloned() else {
+                let Some(delivery) = d.lock().get(i).map(|q| q.delivery.clone()) else {
                     return Ok(None);
                 };
                 if let Some(held) = &delivery.changes {
@@ -190,12 +190,15 @@ impl ReplicationOutbox {
             Taken::Partly { whole, front_sent } => (whole, front_sent),
         };
         // Only this task removes from the front, so these are the records sent.
+        let mut changes = 0;
         let done: Vec<OutboxId> = destination
             .lock()
             .drain(..whole)
-            .filter(|p| p.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
-            .map(|p| p.id)
+            .inspect(|q| changes += q.changes)
+            .filter(|q| q.delivery.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
+            .map(|q| q.delivery.id)
             .collect();
+        destination.owed.fetch_sub(changes, Ordering::AcqRel);
         if !done.is_empty() {
             // Not a long write: deleting outbox records takes no write lock.
             let storage = self.inner.storage.clone();
