@@ -2,7 +2,7 @@
 //! batches frames into as few syscalls as the traffic allows.
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::io;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -50,6 +50,12 @@ impl FrameReader {
                 }
             })
         })
+    }
+
+    /// [`next`](Self::next), if it is there without waiting: a frame that already arrived,
+    /// or the end or failure of the connection; `None` when the peer has sent nothing more yet.
+    pub fn ready(&mut self) -> Option<Option<Result<BytesMut, ReadError>>> {
+        self.next().now_or_never()
     }
 }
 

@@ -4,7 +4,10 @@ use crate::frame::{Request, Response, WireError};
 use crate::replication::ReplicationOutbox;
 use crate::routing::Topology;
 use crate::status::NodeStatus;
-use crate::storage::{Batch, PAGE_BYTES, Storage, StorageError};
+use crate::storage::{
+    AddItemRequest, Batch, PAGE_BYTES, PutRequest, RemoveItemRequest, RemoveRequest, Storage,
+    StorageError,
+};
 
 /// Runs a data request against `storage`, without replication. `Hello` and `Topology` are
 /// answered from the node's own state, given here.
@@ -58,12 +61,10 @@ pub fn execute_replicated(
         }
         Request::Get(r) => storage.get(&r.key).map(Response::Siblings),
         Request::GetItems(r) => storage.get_items(&r.key).map(Response::Items),
-        Request::Put(r) => write(storage, outbox, |b| b.put(r)).map(Response::Put),
-        Request::Remove(r) => write(storage, outbox, |b| b.remove(r)).map(Response::Removed),
-        Request::AddItem(r) => write(storage, outbox, |b| b.add_item(r)).map(Response::ItemAdded),
-        Request::RemoveItem(r) => {
-            write(storage, outbox, |b| b.remove_item(r)).map(Response::ItemRemoved)
-        }
+        Request::Put(r) => write_key(storage, outbox, KeyWrite::Put(r)),
+        Request::Remove(r) => write_key(storage, outbox, KeyWrite::Remove(r)),
+        Request::AddItem(r) => write_key(storage, outbox, KeyWrite::AddItem(r)),
+        Request::RemoveItem(r) => write_key(storage, outbox, KeyWrite::RemoveItem(r)),
         Request::Batch { ops } => write(storage, outbox, |b| {
             ops.into_iter()
                 .map(|op| b.execute(op))
@@ -71,12 +72,123 @@ pub fn execute_replicated(
         })
         .map(Response::Batch),
     };
-    result.map_err(|e| {
-        if matches!(e, StorageError::Engine(_) | StorageError::Corrupt { .. }) {
-            tracing::error!(error = %e, "request failed in storage");
+    result.map_err(wire_error)
+}
+
+/// A storage error as the client is told it; engine failures are logged here, where the
+/// client only learns of them as [`WireError::Internal`].
+fn wire_error(e: StorageError) -> WireError {
+    if matches!(e, StorageError::Engine(_) | StorageError::Corrupt { .. }) {
+        tracing::error!(error = %e, "request failed in storage");
+    }
+    WireError::from(e)
+}
+
+/// A write of one key that is not reserved: the requests a node serves in groups
+/// ([`execute_writes`]).
+#[derive(Debug, Clone)]
+pub enum KeyWrite {
+    /// [`Request::Put`].
+    Put(PutRequest),
+    /// [`Request::Remove`].
+    Remove(RemoveRequest),
+    /// [`Request::AddItem`].
+    AddItem(AddItemRequest),
+    /// [`Request::RemoveItem`].
+    RemoveItem(RemoveItemRequest),
+}
+
+impl KeyWrite {
+    /// `request` as a write of one key, or `request` back when it is anything else or its key
+    /// is reserved (served alone, it is refused).
+    pub fn of(request: Request) -> Result<Self, Request> {
+        let write = match request {
+            Request::Put(r) => Self::Put(r),
+            Request::Remove(r) => Self::Remove(r),
+            Request::AddItem(r) => Self::AddItem(r),
+            Request::RemoveItem(r) => Self::RemoveItem(r),
+            other => return Err(other),
+        };
+        if is_reserved(write.key()) {
+            return Err(write.into());
         }
-        WireError::from(e)
-    })
+        Ok(write)
+    }
+
+    fn key(&self) -> &[u8] {
+        match self {
+            Self::Put(r) => &r.key,
+            Self::Remove(r) => &r.key,
+            Self::AddItem(r) => &r.key,
+            Self::RemoveItem(r) => &r.key,
+        }
+    }
+
+    fn apply(self, b: &mut Batch<'_>) -> Result<Response, StorageError> {
+        match self {
+            Self::Put(r) => b.put(r).map(Response::Put),
+            Self::Remove(r) => b.remove(r).map(Response::Removed),
+            Self::AddItem(r) => b.add_item(r).map(Response::ItemAdded),
+            Self::RemoveItem(r) => b.remove_item(r).map(Response::ItemRemoved),
+        }
+    }
+}
+
+impl From<KeyWrite> for Request {
+    fn from(write: KeyWrite) -> Self {
+        match write {
+            KeyWrite::Put(r) => Self::Put(r),
+            KeyWrite::Remove(r) => Self::Remove(r),
+            KeyWrite::AddItem(r) => Self::AddItem(r),
+            KeyWrite::RemoveItem(r) => Self::RemoveItem(r),
+        }
+    }
+}
+
+/// Serves `writes`, consecutive requests of one connection, as one storage batch with one
+/// outbox record: one commit, one journal write and one turn at the write lock for all of
+/// them, where each would take its own. Each is answered as if served alone, in order, each
+/// seeing the ones before it: when any of them fails before the commit, the batch is dropped
+/// (nothing of it reaches the disk) and each is served again on its own, so that only the
+/// failing ones fail.
+///
+/// The writes commit together, so a crash keeps all or none of them: none was acknowledged
+/// before the commit, and a client retries what was not. A sync that fails after the commit
+/// ([`Durability::Fsync`](crate::storage::Durability::Fsync)) fails every one of them, as it
+/// would fail each alone: they are written, but not known to be durable.
+pub fn execute_writes(
+    storage: &Storage,
+    outbox: Option<&ReplicationOutbox>,
+    writes: Vec<KeyWrite>,
+) -> Vec<Result<Response, WireError>> {
+    if writes.len() > 1 {
+        let mut committed = false;
+        let grouped = write_noting_commit(storage, outbox, &mut committed, |b| {
+            (writes.iter().cloned())
+                .map(|w| w.apply(b))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        match grouped {
+            Ok(responses) => return responses.into_iter().map(Ok).collect(),
+            Err(e) if committed => {
+                let e = wire_error(e);
+                return writes.iter().map(|_| Err(e.clone())).collect();
+            }
+            Err(_) => {}
+        }
+    }
+    (writes.into_iter())
+        .map(|w| write_key(storage, outbox, w).map_err(wire_error))
+        .collect()
+}
+
+/// Serves one write of one key in a batch of its own.
+fn write_key(
+    storage: &Storage,
+    outbox: Option<&ReplicationOutbox>,
+    key_write: KeyWrite,
+) -> Result<Response, StorageError> {
+    write(storage, outbox, |b| key_write.apply(b))
 }
 
 /// Whether serving `request` takes the storage's write lock: every write, and every batch,
@@ -122,8 +234,18 @@ fn write<T>(
     outbox: Option<&ReplicationOutbox>,
     f: impl FnOnce(&mut Batch<'_>) -> Result<T, StorageError>,
 ) -> Result<T, StorageError> {
+    write_noting_commit(storage, outbox, &mut false, f)
+}
+
+/// [`write`], setting `committed` once the batch committed: an error after that is the sync's.
+fn write_noting_commit<T>(
+    storage: &Storage,
+    outbox: Option<&ReplicationOutbox>,
+    committed: &mut bool,
+    f: impl FnOnce(&mut Batch<'_>) -> Result<T, StorageError>,
+) -> Result<T, StorageError> {
     let Some(outbox) = outbox else {
-        return storage.batch(f);
+        return storage.batch_then(f, |_| *committed = true);
     };
     let (out, _) = storage.batch_then(
         |b| {
@@ -132,6 +254,7 @@ fn write<T>(
             Ok::<_, StorageError>((out, staged))
         },
         |(_, staged)| {
+            *committed = true;
             if let Some(staged) = staged.take() {
                 outbox.committed(staged);
             }
@@ -142,7 +265,7 @@ fn write<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{GetRequest, Op, OpResult, PutRequest, StorageOptions};
+    use crate::storage::{Durability, GetRequest, Op, OpResult, StorageOptions};
 
     #[test]
     fn batches_and_conflicts_map_to_responses() {
@@ -213,23 +336,140 @@ mod tests {
         execute(&s, &t, Request::Put(PutRequest::new(&b"a\0b"[..], "x"))).unwrap();
     }
 
-    #[test]
-    fn a_write_whose_fsync_failed_still_reaches_the_senders() {
+    /// A storage with the outbox of node `a` in a cluster of three, whose other two nodes
+    /// replicate every range.
+    fn replicating(durability: Durability) -> (tempfile::TempDir, Storage, ReplicationOutbox) {
         let dir = tempfile::tempdir().unwrap();
-        let s = Storage::open(
-            dir.path(),
-            StorageOptions::default().durability(crate::storage::Durability::Fsync),
-        )
-        .unwrap();
+        let s =
+            Storage::open(dir.path(), StorageOptions::default().durability(durability)).unwrap();
         let t = std::sync::Arc::new(Topology::blocks(
             1,
             [("a", "a:1"), ("b", "b:1"), ("c", "c:1")].map(|(n, a)| (n.to_owned(), a.to_owned())),
         ));
-        let outbox = ReplicationOutbox::open(s.clone(), "a", t.clone()).unwrap();
+        let outbox = ReplicationOutbox::open(s.clone(), "a", t).unwrap();
+        (dir, s, outbox)
+    }
+
+    fn put(key: &str) -> KeyWrite {
+        KeyWrite::Put(PutRequest::new(key.to_owned(), "v"))
+    }
+
+    #[test]
+    fn writes_served_together_commit_as_one_batch_with_one_outbox_record() {
+        let (_d, s, outbox) = replicating(Durability::Buffered);
+        s.put(PutRequest::new("gone", "v")).unwrap();
+        let results = execute_writes(
+            &s,
+            Some(&outbox),
+            vec![
+                put("a"),
+                put("b"),
+                KeyWrite::AddItem(AddItemRequest::new("list", "i")),
+                KeyWrite::Remove(RemoveRequest::new(
+                    "gone",
+                    [s.get(b"gone").unwrap()[0].version],
+                )),
+            ],
+        );
+        assert!(
+            matches!(
+                &results[..],
+                [
+                    Ok(Response::Put(_)),
+                    Ok(Response::Put(_)),
+                    Ok(Response::ItemAdded(_)),
+                    Ok(Response::Removed(r)),
+                ] if r.removed.len() == 1
+            ),
+            "{results:?}"
+        );
+        assert_eq!(s.get(b"a").unwrap().len(), 1);
+        assert_eq!(s.get(b"b").unwrap().len(), 1);
+        assert_eq!(s.get_items(b"list").unwrap().len(), 1);
+        assert!(s.get(b"gone").unwrap().is_empty());
+        let records = s.outbox().unwrap();
+        assert_eq!(records.len(), 1, "one record for the four writes");
+        assert_eq!(records[0].changes.len(), 4);
+        assert_eq!(outbox.pending(), 8, "the four writes, for each of b and c");
+    }
+
+    /// Each write is answered as it would be alone, seeing the writes before it; only the
+    /// failing ones fail.
+    #[test]
+    fn a_write_that_fails_in_a_group_fails_alone() {
+        let (_d, s, outbox) = replicating(Durability::Buffered);
+        let results = execute_writes(
+            &s,
+            Some(&outbox),
+            vec![
+                put("a"),
+                put("b"),
+                // "b" has a version now, written just before in the same group.
+                KeyWrite::Put(PutRequest::new("b", "again").optimistic(true)),
+                KeyWrite::Put(PutRequest::new(vec![b'k'; 70_000], "v")),
+                put("c"),
+            ],
+        );
+        assert!(
+            matches!(
+                &results[..],
+                [
+                    Ok(Response::Put(_)),
+                    Ok(Response::Put(_)),
+                    Err(WireError::Conflict(c)),
+                    Err(WireError::KeyTooLarge { len: 70_000, .. }),
+                    Ok(Response::Put(_)),
+                ] if c.current.len() == 1
+            ),
+            "{results:?}"
+        );
+        for key in ["a", "b", "c"] {
+            let siblings = s.get(key.as_bytes()).unwrap();
+            assert_eq!(siblings.len(), 1, "{key}: written once, not twice");
+            assert_eq!(siblings[0].value, "v");
+        }
+        // Served again one by one: a record each for the three that went in.
+        assert_eq!(s.outbox().unwrap().len(), 3);
+        assert_eq!(outbox.pending(), 6);
+    }
+
+    /// A sync that fails after the group committed fails every write of it, as it would each
+    /// alone; they are not served again (which would write each twice).
+    #[test]
+    fn a_failed_sync_fails_the_whole_group_without_writing_it_twice() {
+        let (_d, s, outbox) = replicating(Durability::Fsync);
+        s.fail_syncs(true);
+        let results = execute_writes(&s, Some(&outbox), vec![put("a"), put("b")]);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(WireError::Internal { .. }))),
+            "{results:?}"
+        );
+        assert_eq!(s.get(b"a").unwrap().len(), 1);
+        assert_eq!(s.get(b"b").unwrap().len(), 1);
+        assert_eq!(s.outbox().unwrap().len(), 1);
+        assert_eq!(outbox.pending(), 4, "both writes, for each of b and c");
+    }
+
+    #[test]
+    fn a_write_of_a_reserved_key_is_served_alone_and_refused() {
+        let reserved = Request::Put(PutRequest::new(crate::cluster::TOPOLOGY_KEY, "forged"));
+        assert!(KeyWrite::of(reserved.clone()).is_err());
+        assert!(KeyWrite::of(Request::Get(GetRequest::new("k"))).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let err = execute(&s, &Topology::single("n:1"), reserved).unwrap_err();
+        assert!(matches!(err, WireError::ReservedKey));
+    }
+
+    #[test]
+    fn a_write_whose_fsync_failed_still_reaches_the_senders() {
+        let (_d, s, outbox) = replicating(Durability::Fsync);
         s.fail_syncs(true);
         let err = execute_replicated(
             &s,
-            &t,
+            &Topology::single("a:1"),
             Some(&outbox),
             Request::Put(PutRequest::new("k", "v")),
         )

@@ -151,6 +151,82 @@ async fn many_requests_in_flight_on_one_connection() {
     }
 }
 
+/// Requests sent in one burst reach the node together; the writes among them are served in
+/// batches, and each is still answered as it would be alone. (Answers may come in another
+/// order: a write that waits for its turn at the write lock does not hold up a read behind it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_sent_together_are_each_answered_as_if_alone() {
+    let (_dir, data) = temp_data();
+    let node = NodeProcess::start(&data, &[]);
+    let client = Client::connect(node.addr.clone()).await.unwrap();
+    client.put(PutRequest::new("b", "v")).await.unwrap();
+    let stale = rmp_serde::to_vec_named(&RequestFrame {
+        id: 7,
+        topology: 0,
+        request: Request::Put(PutRequest::new("stale", "v")),
+    })
+    .unwrap();
+    let frames = [
+        request(1, Request::Put(PutRequest::new("a", "v"))),
+        request(2, Request::Put(PutRequest::new("c", "v"))),
+        request(3, Request::Put(PutRequest::new("b", "w").optimistic(true))),
+        request(4, Request::Put(PutRequest::new(&b"\0reserved"[..], "v"))),
+        request(5, Request::Put(PutRequest::new("d", "v"))),
+        request(6, Request::Get(GetRequest::new("b"))),
+        stale,
+        request(8, Request::AddItem(AddItemRequest::new("list", "i"))),
+        request(9, Request::Put(PutRequest::new(vec![b'k'; 70_000], "v"))),
+        request(10, Request::Put(PutRequest::new("e", "v"))),
+    ];
+    let mut burst = Vec::new();
+    for body in &frames {
+        burst.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        burst.extend_from_slice(body);
+    }
+    let mut s = TcpStream::connect(&node.addr).await.unwrap();
+    s.write_all(&burst).await.unwrap();
+    let mut answers = std::collections::BTreeMap::new();
+    for _ in 0..frames.len() {
+        let r = read_raw(&mut s).await.expect("an answer to every request");
+        answers.insert(r.id, r.result);
+    }
+    for id in [1, 2, 5, 10] {
+        assert!(
+            matches!(answers[&id], Ok(Response::Put(_))),
+            "{id}: {:?}",
+            answers[&id]
+        );
+    }
+    assert!(
+        matches!(&answers[&3], Err(WireError::Conflict(c)) if c.current.len() == 1),
+        "{:?}",
+        answers[&3]
+    );
+    assert!(matches!(answers[&4], Err(WireError::ReservedKey)));
+    assert!(
+        matches!(&answers[&6], Ok(Response::Siblings(v)) if v.len() == 1 && v[0].value == "v"),
+        "{:?}",
+        answers[&6]
+    );
+    assert!(matches!(
+        answers[&7],
+        Err(WireError::TopologyChanged { version: 1 })
+    ));
+    assert!(matches!(answers[&8], Ok(Response::ItemAdded(_))));
+    assert!(matches!(
+        answers[&9],
+        Err(WireError::KeyTooLarge { len: 70_000, .. })
+    ));
+
+    for key in ["a", "b", "c", "d", "e"] {
+        let siblings = client.get(key).await.unwrap();
+        assert_eq!(siblings.len(), 1, "{key}");
+        assert_eq!(siblings[0].value, "v", "{key}");
+    }
+    assert!(client.get("stale").await.unwrap().is_empty());
+    assert_eq!(client.get_items("list").await.unwrap().len(), 1);
+}
+
 #[test]
 fn cli_refuses_an_expiry_past_the_end_of_time() {
     let (_dir, data) = temp_data();
