@@ -1,5 +1,6 @@
 //! The node: accepts connections and serves requests against one [`Storage`], many in flight per
-//! connection, until shut down.
+//! connection, until shut down. Writes that arrive together on a connection are served as one
+//! storage batch ([`request::execute_writes`]).
 
 use crate::connection::{self, FrameReader, ReadError};
 use crate::frame::{self, Request, RequestFrame, ResponseFrame, WireError};
