@@ -227,6 +227,36 @@ async fn writes_sent_together_are_each_answered_as_if_alone() {
     assert_eq!(client.get_items("list").await.unwrap().len(), 1);
 }
 
+/// A client that sends a burst of writes and closes its sending half at once still gets every
+/// answer: the end of the stream, read while the writes were gathered, waits for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_writes_then_the_end_of_the_stream_is_answered_whole() {
+    let (_dir, data) = temp_data();
+    let node = NodeProcess::start(&data, &[]);
+    let mut burst = Vec::new();
+    for id in 0..20u64 {
+        let body = request(
+            id,
+            Request::Put(PutRequest::new(format!("burst/{id}"), "v")),
+        );
+        burst.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        burst.extend_from_slice(&body);
+    }
+    let mut s = TcpStream::connect(&node.addr).await.unwrap();
+    s.write_all(&burst).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answered = BTreeSet::new();
+    while let Some(r) = read_raw(&mut s).await {
+        assert!(matches!(r.result, Ok(Response::Put(_))), "{r:?}");
+        answered.insert(r.id);
+    }
+    assert_eq!(answered, (0..20).collect::<BTreeSet<_>>());
+    let client = Client::connect(node.addr.clone()).await.unwrap();
+    for id in 0..20 {
+        assert_eq!(client.get(format!("burst/{id}")).await.unwrap().len(), 1);
+    }
+}
+
 #[test]
 fn cli_refuses_an_expiry_past_the_end_of_time() {
     let (_dir, data) = temp_data();
