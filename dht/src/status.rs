@@ -13,11 +13,11 @@ pub struct NodeStatus {
     /// The node's name in that topology; `None` for a node that does not replicate.
     #[serde(default)]
     pub node: Option<String>,
-    /// For each other node, the writes this one accepted whose replication there the broker
-    /// has not confirmed yet (each put, remove or list item change of a key that node holds a
-    /// replica of), in name order. They are
-    /// on this node's disk meanwhile: a backlog that grows means the broker or that node's
-    /// queue is out of reach. Empty for a node that does not replicate.
+    /// For each other node, in name order, the writes this one accepted whose replication there
+    /// the broker has not confirmed yet: each put, remove and list item change (a client's
+    /// batch counts each of its writes) of a key that node holds a replica of. They are on
+    /// this node's disk meanwhile: a backlog that grows means the broker or that node's queue
+    /// is out of reach. Empty for a node that does not replicate.
     #[serde(default)]
     pub backlog: Vec<Backlog>,
     /// At most how many bytes of memory the outbox's queues take (see

@@ -103,7 +103,6 @@ struct Destination {
 }
 
 /// A record in one destination's queue.
-#[derive(Clone)]
 struct Queued {
     delivery: Arc<Delivery>,
     /// How many of its changes are this destination's (keys of ranges it replicates).
@@ -368,11 +367,13 @@ impl ReplicationOutbox {
         });
         for (&i, &changes) in destinations {
             let d = self.destination(i);
+            // Counted before it can be sent, and confirmed: the count is never below what
+            // the queue holds.
+            d.owed.fetch_add(changes, Ordering::AcqRel);
             d.lock().push_back(Queued {
                 delivery: delivery.clone(),
                 changes,
             });
-            d.owed.fetch_add(changes, Ordering::AcqRel);
             d.wake.notify_one();
         }
         true

@@ -160,7 +160,7 @@ impl ReplicationOutbox {
         }
     }
 
-    /// Waits until a message's worth of records is queued for `destination`, or until `due`
+    /// Waits until a message's worth of changes is queued for `destination`, or until `due`
     /// (at once when there is none, or it has passed). False when stopped meanwhile.
     async fn linger(
         &self,
@@ -171,7 +171,7 @@ impl ReplicationOutbox {
         let Some(due) = due.filter(|d| *d > tokio::time::Instant::now()) else {
             return true;
         };
-        while d.lock().len() < MAX_CHANGES_PER_MESSAGE {
+        while d.owed() < MAX_CHANGES_PER_MESSAGE {
             tokio::select! {
                 _ = stop.recv() => return false,
                 _ = tokio::time::sleep_until(due) => return true,
