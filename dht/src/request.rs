@@ -85,9 +85,9 @@ fn wire_error(e: StorageError) -> WireError {
 }
 
 /// A write of one key that is not reserved: the requests a node serves in groups
-/// ([`execute_writes`]).
+/// ([`execute_writes`]). Made with [`KeyWrite::of`], which refuses reserved keys.
 #[derive(Debug, Clone)]
-pub enum KeyWrite {
+pub(crate) enum KeyWrite {
     /// [`Request::Put`].
     Put(PutRequest),
     /// [`Request::Remove`].
@@ -101,7 +101,7 @@ pub enum KeyWrite {
 impl KeyWrite {
     /// `request` as a write of one key, or `request` back when it is anything else or its key
     /// is reserved (served alone, it is refused).
-    pub fn of(request: Request) -> Result<Self, Request> {
+    pub(crate) fn of(request: Request) -> Result<Self, Request> {
         let write = match request {
             Request::Put(r) => Self::Put(r),
             Request::Remove(r) => Self::Remove(r),
@@ -156,7 +156,7 @@ impl From<KeyWrite> for Request {
 /// before the commit, and a client retries what was not. A sync that fails after the commit
 /// ([`Durability::Fsync`](crate::storage::Durability::Fsync)) fails every one of them, as it
 /// would fail each alone: they are written, but not known to be durable.
-pub fn execute_writes(
+pub(crate) fn execute_writes(
     storage: &Storage,
     outbox: Option<&ReplicationOutbox>,
     writes: Vec<KeyWrite>,
@@ -174,6 +174,8 @@ pub fn execute_writes(
                 let e = wire_error(e);
                 return writes.iter().map(|_| Err(e.clone())).collect();
             }
+            // Whatever failed (a write's own refusal, or the storage before the commit),
+            // serving each alone tells each its own answer.
             Err(_) => {}
         }
     }
@@ -336,17 +338,20 @@ mod tests {
         execute(&s, &t, Request::Put(PutRequest::new(&b"a\0b"[..], "x"))).unwrap();
     }
 
-    /// A storage with the outbox of node `a` in a cluster of three, whose other two nodes
-    /// replicate every range.
+    /// A cluster of three: each node holds a replica of every range.
+    fn three_nodes() -> std::sync::Arc<Topology> {
+        std::sync::Arc::new(Topology::blocks(
+            1,
+            [("a", "a:1"), ("b", "b:1"), ("c", "c:1")].map(|(n, a)| (n.to_owned(), a.to_owned())),
+        ))
+    }
+
+    /// A storage with the outbox of node `a` of [`three_nodes`].
     fn replicating(durability: Durability) -> (tempfile::TempDir, Storage, ReplicationOutbox) {
         let dir = tempfile::tempdir().unwrap();
         let s =
             Storage::open(dir.path(), StorageOptions::default().durability(durability)).unwrap();
-        let t = std::sync::Arc::new(Topology::blocks(
-            1,
-            [("a", "a:1"), ("b", "b:1"), ("c", "c:1")].map(|(n, a)| (n.to_owned(), a.to_owned())),
-        ));
-        let outbox = ReplicationOutbox::open(s.clone(), "a", t).unwrap();
+        let outbox = ReplicationOutbox::open(s.clone(), "a", three_nodes()).unwrap();
         (dir, s, outbox)
     }
 
@@ -391,6 +396,27 @@ mod tests {
         assert_eq!(records.len(), 1, "one record for the four writes");
         assert_eq!(records[0].changes.len(), 4);
         assert_eq!(outbox.pending(), 8, "the four writes, for each of b and c");
+    }
+
+    /// After a restart, the writes owed are counted again from the records left on disk,
+    /// however many writes each holds.
+    #[test]
+    fn the_writes_owed_are_counted_again_after_a_restart() {
+        let (_d, s, outbox) = replicating(Durability::Buffered);
+        execute_writes(&s, Some(&outbox), vec![put("a"), put("b"), put("c")]);
+        let batch = Request::Batch {
+            ops: vec![
+                Op::Put(PutRequest::new("d", "v")),
+                Op::Put(PutRequest::new("e", "v")),
+            ],
+        };
+        execute_replicated(&s, &three_nodes(), Some(&outbox), batch).unwrap();
+        assert_eq!(s.outbox().unwrap().len(), 2);
+        assert_eq!(outbox.pending(), 10);
+        let reopened = ReplicationOutbox::open(s.clone(), "a", three_nodes()).unwrap();
+        assert_eq!(reopened.pending(), 10, "five writes, for each of b and c");
+        let by_destination = reopened.pending_by_destination();
+        assert_eq!(by_destination, [("b".to_owned(), 5), ("c".to_owned(), 5)]);
     }
 
     /// Each write is answered as it would be alone, seeing the writes before it; only the

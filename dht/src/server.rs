@@ -1,6 +1,6 @@
 //! The node: accepts connections and serves requests against one [`Storage`], many in flight per
 //! connection, until shut down. Writes that arrive together on a connection are served as one
-//! storage batch ([`request::execute_writes`]).
+//! storage batch, each still answered as if served alone.
 
 use crate::connection::{self, FrameReader, ReadError};
 use crate::frame::{self, Request, RequestFrame, ResponseFrame, WireError};
@@ -24,9 +24,10 @@ pub struct NodeOptions {
     pub secret: Option<String>,
     /// The largest frame accepted; a longer one closes the connection.
     pub max_frame: usize,
-    /// How many requests one connection may have served off the runtime's threads at once:
-    /// writes waiting for a sync with [`Durability::Fsync`] (they share fsyncs, so more in
-    /// flight means more throughput), requests waiting for the write lock, range dumps.
+    /// How many requests (a batch of writes served together counting as one) one connection
+    /// may have served off the runtime's threads at once: writes waiting for a sync with
+    /// [`Durability::Fsync`] (they share fsyncs, so more in flight means more throughput),
+    /// requests waiting for the write lock, range dumps.
     pub max_in_flight: usize,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
@@ -224,7 +225,8 @@ async fn respond(
 /// The most writes a connection serves as one batch ([`request::execute_writes`]): about a
 /// third of a millisecond at the write lock.
 const MAX_GROUP: usize = 64;
-/// The most bytes of requests gathered into one batch after its first.
+/// Gathering writes into one batch stops once the requests gathered after its first reach
+/// this many bytes.
 const MAX_GROUP_BYTES: usize = 1024 * 1024;
 
 /// What a connection's loop takes up next: what its reader gives, or a frame read and decoded
@@ -268,7 +270,7 @@ impl Node {
 }
 
 /// Gathers, after `first`, the writes of one key that have already arrived on the connection
-/// (up to [`MAX_GROUP`] of them, and about [`MAX_GROUP_BYTES`]), to be served with it as one
+/// (up to [`MAX_GROUP`] of them, until they reach [`MAX_GROUP_BYTES`]), to be served with it as one
 /// batch. The first frame that cannot join them, or the connection's end or failure, is left in
 /// `held` for the connection's loop.
 fn gather(

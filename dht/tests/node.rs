@@ -168,6 +168,8 @@ async fn writes_sent_together_are_each_answered_as_if_alone() {
     .unwrap();
     let frames = [
         request(1, Request::Put(PutRequest::new("a", "v"))),
+        // Between two writes: answered by its id, and the connection goes on.
+        unknown_request(11),
         request(2, Request::Put(PutRequest::new("c", "v"))),
         request(3, Request::Put(PutRequest::new("b", "w").optimistic(true))),
         request(4, Request::Put(PutRequest::new(&b"\0reserved"[..], "v"))),
@@ -217,6 +219,7 @@ async fn writes_sent_together_are_each_answered_as_if_alone() {
         answers[&9],
         Err(WireError::KeyTooLarge { len: 70_000, .. })
     ));
+    assert!(matches!(answers[&11], Err(WireError::Malformed { .. })));
 
     for key in ["a", "b", "c", "d", "e"] {
         let siblings = client.get(key).await.unwrap();
@@ -384,6 +387,26 @@ async fn read_raw(stream: &mut TcpStream) -> Option<ResponseFrame> {
     Some(decode_response(&body).expect("node sends decodable frames"))
 }
 
+/// A well-formed frame asking for something this node does not know.
+fn unknown_request(id: u64) -> Vec<u8> {
+    #[derive(Serialize)]
+    enum FromTheFuture {
+        Teleport { to: String },
+    }
+    #[derive(Serialize)]
+    struct Frame {
+        id: u64,
+        topology: u64,
+        request: FromTheFuture,
+    }
+    rmp_serde::to_vec_named(&Frame {
+        id,
+        topology: 1,
+        request: FromTheFuture::Teleport { to: "mars".into() },
+    })
+    .unwrap()
+}
+
 fn request(id: u64, request: Request) -> Vec<u8> {
     rmp_serde::to_vec_named(&RequestFrame {
         id,
@@ -408,24 +431,8 @@ async fn garbage_oversize_and_abrupt_disconnects_do_not_hurt_the_node() {
     assert!(read_raw(&mut s).await.is_none());
 
     // An unknown request kind keeps its id and the connection stays usable.
-    #[derive(Serialize)]
-    enum FromTheFuture {
-        Teleport { to: String },
-    }
-    #[derive(Serialize)]
-    struct Frame {
-        id: u64,
-        topology: u64,
-        request: FromTheFuture,
-    }
     let mut s = TcpStream::connect(&node.addr).await.unwrap();
-    let body = rmp_serde::to_vec_named(&Frame {
-        id: 99,
-        topology: 1,
-        request: FromTheFuture::Teleport { to: "mars".into() },
-    })
-    .unwrap();
-    send_raw(&mut s, &body).await;
+    send_raw(&mut s, &unknown_request(99)).await;
     let r = read_raw(&mut s).await.unwrap();
     assert_eq!(r.id, 99);
     assert!(matches!(r.result, Err(WireError::Malformed { .. })));
