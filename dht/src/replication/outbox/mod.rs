@@ -39,7 +39,8 @@ use tokio::sync::Notify;
 /// fast host's saturated node; a replica applies it in batches of
 /// [`APPLY_BATCH`](super::apply::APPLY_BATCH), passing its write turn to clients between them.
 /// Under `bench dht-put-replicated`'s load, 2,000 instead of 500 took about 40% off the
-/// broker's CPU per write and raised replicated throughput by about a sixth (README).
+/// broker's CPU per write and raised replicated throughput by about a sixth
+/// (`docs/performance-history.md`).
 pub const MAX_CHANGES_PER_MESSAGE: usize = 2000;
 /// The most bytes of encoded changes one [`Replicate`] message carries, fewer when the
 /// broker takes less (see [`ReplicationOutbox::open_for_broker`]); a message always carries at
@@ -64,7 +65,8 @@ pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// writes that come faster than one per linger wait at all. The broker's work goes mostly by
 /// messages, not by the changes in them: under `bench dht-put-replicated`'s load, 40 ms took
 /// about 45% off the broker's CPU per write against 20 ms and raised replicated throughput by
-/// about a fifth, for about 12 ms more replication lag at the median (README).
+/// about a fifth, for about 12 ms more replication lag at the median
+/// (`docs/performance-history.md`).
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(40);
 /// At most how many bytes of encoded changes an outbox keeps in memory for its senders.
 /// Records queued past it are read back from disk when they are sent, a lookup and a decoding
