@@ -21,7 +21,7 @@
 //! - `expiry`: `expires-at ms ++ digest ++ version` → empty (what to clean up, in time order)
 //! - `items`: `digest ++ item id` → [`ItemRecord`] (list items)
 //! - `outbox`, `outbox-1`: `record id` → MessagePack `{ destinations, changes }`, one record
-//!   per write (replication not yet confirmed by the broker; see
+//!   per storage batch (replication not yet confirmed by the broker; see
 //!   [`OutboxRecord`](super::OutboxRecord)); two generations, used in turn and cleared whole
 //!   once their records are confirmed (see `outbox_generations`).
 //! - `outbox-corrupt`: outbox records that could not be decoded, moved here unchanged.

@@ -3,7 +3,8 @@
 //! the send loses nothing; it leaves the disk once the broker confirmed the send to every
 //! destination it lists.
 //!
-//! One record per write, whatever the number of replicas: the write costs one outbox insert.
+//! One record per storage batch (a write, a client's batch, or the writes a node served together),
+//! whatever the number of replicas: the batch costs one outbox insert.
 //! Confirmed records are not deleted one by one but a keyspace at a time (see
 //! [`outbox_generations`](super::outbox_generations)). Which destination has confirmed is kept
 //! in memory only; after a crash the record is sent to all its destinations again, a duplicate

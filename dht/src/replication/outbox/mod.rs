@@ -1,8 +1,9 @@
 //! [`ReplicationOutbox`]: what this node still owes the other replicas, durable until the
 //! broker confirmed it.
 //!
-//! A write stages one outbox record, listing every destination, in its own storage batch
-//! ([`ReplicationOutbox::stage`]), so the write and the promise to replicate it commit together.
+//! A storage batch (a write, or the writes a node serves together) stages one outbox record,
+//! listing every destination ([`ReplicationOutbox::stage`]), so the writes and the promise to
+//! replicate them commit together.
 //! Its changes are encoded once, there ([`PackedChanges`]): the record and every message copy
 //! those bytes. After the commit the record goes to an in-memory queue per destination
 //! ([`ReplicationOutbox::committed`]), with its encoded changes while the outbox holds fewer
