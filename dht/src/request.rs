@@ -268,6 +268,8 @@ fn write_noting_commit<T>(
 mod tests {
     use super::*;
     use crate::storage::{Durability, GetRequest, Op, OpResult, StorageOptions};
+    use bytes::Bytes;
+    use proptest::prelude::*;
 
     #[test]
     fn batches_and_conflicts_map_to_responses() {
@@ -396,6 +398,149 @@ mod tests {
         assert_eq!(records.len(), 1, "one record for the four writes");
         assert_eq!(records[0].changes.len(), 4);
         assert_eq!(outbox.pending(), 8, "the four writes, for each of b and c");
+    }
+
+    /// One write of a generated sequence: parents, when named, are the key's versions as the
+    /// group it is served in begins.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Put {
+            key: u8,
+            parents: bool,
+            optimistic: bool,
+            key_too_large: bool,
+        },
+        Remove {
+            key: u8,
+            parents: bool,
+            optimistic: bool,
+        },
+        AddItem {
+            key: u8,
+        },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let key = 0u8..3;
+        prop_oneof![
+            4 => (key.clone(), any::<bool>(), any::<bool>(), prop::bool::weighted(0.1)).prop_map(
+                |(key, parents, optimistic, key_too_large)| Step::Put {
+                    key,
+                    parents,
+                    optimistic,
+                    key_too_large
+                }
+            ),
+            2 => (key.clone(), any::<bool>(), any::<bool>()).prop_map(|(key, parents, optimistic)| {
+                Step::Remove {
+                    key,
+                    parents,
+                    optimistic,
+                }
+            }),
+            1 => key.prop_map(|key| Step::AddItem { key }),
+        ]
+    }
+
+    impl Step {
+        fn write(&self, s: &Storage) -> KeyWrite {
+            let current = |key: u8, named: bool| -> Vec<_> {
+                let siblings = if named {
+                    s.get(&[key]).unwrap()
+                } else {
+                    vec![]
+                };
+                siblings.into_iter().map(|v| v.version).collect()
+            };
+            match *self {
+                Step::Put {
+                    key,
+                    parents,
+                    optimistic,
+                    key_too_large,
+                } => {
+                    let k = if key_too_large {
+                        vec![key; 70_000]
+                    } else {
+                        vec![key]
+                    };
+                    let put = PutRequest::new(k, vec![key]).parents(current(key, parents));
+                    KeyWrite::Put(put.optimistic(optimistic))
+                }
+                Step::Remove {
+                    key,
+                    parents,
+                    optimistic,
+                } => KeyWrite::Remove(RemoveRequest {
+                    optimistic,
+                    ..RemoveRequest::new(vec![key], current(key, parents))
+                }),
+                Step::AddItem { key } => KeyWrite::AddItem(AddItemRequest::new(vec![key], "i")),
+            }
+        }
+    }
+
+    /// What an answer says, without the ids a run draws at random.
+    fn shape(answer: &Result<Response, WireError>) -> String {
+        match answer {
+            Ok(Response::Put(o)) => format!("put, superseding {}", o.superseded.len()),
+            Ok(Response::Removed(o)) => format!("removed {}", o.removed.len()),
+            Ok(Response::ItemAdded(_)) => "item added".into(),
+            Err(WireError::Conflict(c)) => {
+                format!(
+                    "conflict: {} named, {} current",
+                    c.parents.len(),
+                    c.current.len()
+                )
+            }
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// Each key's values and list length.
+    fn contents(s: &Storage) -> Vec<(Vec<Bytes>, usize)> {
+        (0u8..3)
+            .map(|k| {
+                let mut values: Vec<_> =
+                    s.get(&[k]).unwrap().into_iter().map(|v| v.value).collect();
+                values.sort();
+                (values, s.get_items(&[k]).unwrap().len())
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Writes served in groups get the answers, and leave the contents, that the same
+        /// writes served one by one do.
+        #[test]
+        fn writes_served_in_groups_do_what_they_do_one_by_one(
+            steps in prop::collection::vec(step(), 1..24),
+            cuts in prop::collection::vec(1usize..6, 24),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let open = |name: &str| Storage::open(dir.path().join(name), StorageOptions::default()).unwrap();
+            let (grouped, alone) = (open("grouped"), open("alone"));
+            let (mut grouped_answers, mut alone_answers) = (Vec::new(), Vec::new());
+            let mut rest = &steps[..];
+            for &cut in &cuts {
+                if rest.is_empty() {
+                    break;
+                }
+                let (group, after) = rest.split_at(cut.min(rest.len()));
+                rest = after;
+                let writes = group.iter().map(|w| w.write(&grouped)).collect();
+                grouped_answers.extend(execute_writes(&grouped, None, writes));
+                let writes: Vec<_> = group.iter().map(|w| w.write(&alone)).collect();
+                for w in writes {
+                    alone_answers.extend(execute_writes(&alone, None, vec![w]));
+                }
+            }
+            let shapes = |answers: &[Result<Response, WireError>]| answers.iter().map(shape).collect::<Vec<_>>();
+            prop_assert_eq!(shapes(&grouped_answers), shapes(&alone_answers));
+            prop_assert_eq!(contents(&grouped), contents(&alone));
+        }
     }
 
     /// After a restart, the writes owed are counted again from the records left on disk,
