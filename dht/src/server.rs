@@ -240,7 +240,7 @@ enum Next {
 enum Work {
     /// One request.
     One(u64, Request),
-    /// Consecutive writes of one key each, served as one batch.
+    /// Two or more consecutive writes of one key each, served as one batch.
     Writes(Vec<(u64, KeyWrite)>),
 }
 
@@ -253,35 +253,45 @@ impl Work {
     }
 }
 
-type Answers = Vec<(u64, Result<frame::Response, WireError>)>;
+type Answer = (u64, Result<frame::Response, WireError>);
+
+/// What a connection sends back for one [`Work`]: a lone request's answer costs no
+/// allocation.
+enum Answers {
+    One(Answer),
+    Many(Vec<Answer>),
+}
 
 impl Node {
     fn serve(&self, work: Work) -> Answers {
         match work {
-            Work::One(id, request) => vec![(id, self.execute(request))],
+            Work::One(id, request) => Answers::One((id, self.execute(request))),
             Work::Writes(writes) => {
                 let (ids, writes): (Vec<u64>, Vec<KeyWrite>) = writes.into_iter().unzip();
                 let results =
                     request::execute_writes(&self.storage, self.options.outbox.as_ref(), writes);
-                ids.into_iter().zip(results).collect()
+                Answers::Many(ids.into_iter().zip(results).collect())
             }
         }
     }
 }
 
-/// Gathers, after `first`, the writes of one key that have already arrived on the connection
-/// (up to [`MAX_GROUP`] of them, until they reach [`MAX_GROUP_BYTES`]), to be served with it as one
-/// batch. The first frame that cannot join them, or the connection's end or failure, is left in
-/// `held` for the connection's loop.
+/// Gathers, after write `first` (request `id`), the writes of one key that have already
+/// arrived on the connection (up to [`MAX_GROUP`] in all, until they reach
+/// [`MAX_GROUP_BYTES`]), to be served with it as one batch; a write that finds none is served
+/// alone, as any request. The first frame that cannot join them, or the connection's end or
+/// failure, is left in `held` for the connection's loop.
 fn gather(
     reader: &mut FrameReader,
-    first: (u64, KeyWrite),
+    id: u64,
+    first: KeyWrite,
     topology: u64,
     held: &mut Option<Next>,
-) -> Vec<(u64, KeyWrite)> {
-    let mut writes = vec![first];
+) -> Work {
+    // The writes after the first; no allocation unless one comes.
+    let mut writes = Vec::new();
     let mut bytes = 0;
-    while writes.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
+    while writes.len() + 1 < MAX_GROUP && bytes < MAX_GROUP_BYTES {
         let Some(read) = reader.ready() else {
             break;
         };
@@ -310,12 +320,21 @@ fn gather(
             }
         }
     }
-    writes
+    if writes.is_empty() {
+        return Work::One(id, first.into());
+    }
+    writes.insert(0, (id, first));
+    Work::Writes(writes)
 }
 
 async fn respond_all(tx: &mpsc::Sender<Bytes>, answers: Answers, max: usize) {
-    for (id, result) in answers {
-        respond(tx, id, result, max).await;
+    match answers {
+        Answers::One((id, result)) => respond(tx, id, result, max).await,
+        Answers::Many(answers) => {
+            for (id, result) in answers {
+                respond(tx, id, result, max).await;
+            }
+        }
     }
 }
 
@@ -411,12 +430,7 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
             );
         // Writes that arrived together are served as one batch, whichever way they go.
         let work = match KeyWrite::of(frame.request) {
-            Ok(write) => Work::Writes(gather(
-                &mut reader,
-                (id, write),
-                node.topology.version,
-                &mut held,
-            )),
+            Ok(write) => gather(&mut reader, id, write, node.topology.version, &mut held),
             Err(request) => Work::One(id, request),
         };
         if after_long_write || blocking {
@@ -435,9 +449,11 @@ async fn serve_connection(stream: TcpStream, node: Arc<Node>, mut stop: Shutdown
                             let failed = WireError::Internal {
                                 message: format!("request task failed: {e}"),
                             };
-                            ids.into_iter()
-                                .map(|id| (id, Err(failed.clone())))
-                                .collect()
+                            Answers::Many(
+                                ids.into_iter()
+                                    .map(|id| (id, Err(failed.clone())))
+                                    .collect(),
+                            )
                         })
                 } else {
                     (node.storage).short_write(|_| node.serve(work)).await
