@@ -62,7 +62,16 @@ pub struct SendOptions {
     /// On RabbitMQ the message waits in durable delay queues, to the second (rounded up), for
     /// up to [`MAX_DELAY`]; see the README's "Delayed delivery".
     pub delay: Option<Duration>,
+    /// How long after it is sent (after it is due, when delayed) the message is still worth
+    /// handling, in place of its type's [`Message::TIME_TO_BE_RECEIVED`]. Up to
+    /// [`MAX_TIME_TO_BE_RECEIVED`]; the end is fixed when the message is built, in its
+    /// `rhinobus-discard-after` header.
+    pub time_to_be_received: Option<Duration>,
 }
+
+/// The longest [`SendOptions::time_to_be_received`]: 2^32 - 1 milliseconds, about 49 days, the
+/// longest per-message TTL RabbitMQ takes.
+pub const MAX_TIME_TO_BE_RECEIVED: Duration = Duration::from_millis(u32::MAX as u64);
 
 /// The longest delay a send can have: 2^28 - 1 seconds, about 8.5 years (RabbitMQ's delay
 /// queues hold one bit of the delay each).
@@ -97,6 +106,33 @@ impl SendOptions {
             delay: Some(delay),
             ..Self::default()
         }
+    }
+
+    /// These options for a message that is to be handled within `time` of being sent (of
+    /// being due, when delayed), or not at all; see [`Message::TIME_TO_BE_RECEIVED`].
+    ///
+    /// ```
+    /// # use rhinobus::{Bus, Message, SendOptions, transport::InMemory};
+    /// # use serde::{Deserialize, Serialize};
+    /// # use std::time::Duration;
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Poll { n: u32 }
+    /// impl Message for Poll { const NAME: &'static str = "demo.poll"; }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), rhinobus::BusError> {
+    /// let broker = InMemory::new();
+    /// broker.declare_queue("poller");
+    /// let bus = Bus::new(broker.clone(), "app");
+    /// let brief = SendOptions::default().time_to_be_received(Duration::from_secs(30));
+    /// bus.send_with("poller", &Poll { n: 1 }, brief).await?;
+    /// let (headers, _) = broker.take("poller").unwrap();
+    /// assert!(headers.contains_key(rhinobus::headers::names::DISCARD_AFTER));
+    /// # Ok(()) }
+    /// ```
+    pub fn time_to_be_received(mut self, time: Duration) -> Self {
+        self.time_to_be_received = Some(time);
+        self
     }
 }
 
@@ -156,6 +192,18 @@ impl Bus {
         Ok(id)
     }
 
+    /// [`Bus::publish`] with extra headers or a time to be received (a publication cannot be
+    /// delayed).
+    pub async fn publish_with<M: Message>(
+        &self,
+        message: &M,
+        options: SendOptions,
+    ) -> Result<Uuid, BusError> {
+        let (id, m) = self.envelope(Destination::Topic(M::NAME.into()), message, None, options)?;
+        self.inner.transport.send(vec![m]).await?;
+        Ok(id)
+    }
+
     /// Sends a body that is already encoded, as message type `message_type`, with the
     /// envelope headers rhinobus gives every message. For tools (`rhinobus send`) and
     /// bridges that do not have the Rust type at hand.
@@ -179,9 +227,10 @@ impl Bus {
         destination: Destination,
         message: &M,
         cause: Option<&Headers>,
-        options: SendOptions,
+        mut options: SendOptions,
     ) -> Result<(Uuid, OutgoingMessage), BusError> {
         let body = encode(message)?;
+        options.time_to_be_received = options.time_to_be_received.or(M::TIME_TO_BE_RECEIVED);
         self.envelope_encoded(destination, M::NAME, body, cause, options)
     }
 
@@ -197,11 +246,15 @@ impl Bus {
         let id_text = id.to_string();
         let now = SystemTime::now();
         let mut headers = options.headers;
-        if let Some(delay) = options.delay {
-            headers.insert(
-                names::DELIVER_AT.into(),
-                deliver_at(&destination, now, delay)?,
-            );
+        let due = match options.delay {
+            Some(delay) => deliver_at(&destination, now, delay)?,
+            None => now,
+        };
+        if options.delay.is_some() {
+            headers.insert(names::DELIVER_AT.into(), format_time(due));
+        }
+        if let Some(time) = options.time_to_be_received {
+            headers.insert(names::DISCARD_AFTER.into(), discard_after(due, time)?);
         }
         let caused = |name: &str| cause.and_then(|h| h.get(name));
         let conversation = caused(names::CONVERSATION_ID)
@@ -248,23 +301,39 @@ pub(crate) fn check_delay(delay: Duration) -> Result<(), BusError> {
     Ok(())
 }
 
-/// The `rhinobus-deliver-at` header of a send delayed by `delay` from `now`.
+/// When a send delayed by `delay` from `now` is due: its `rhinobus-deliver-at` header.
 fn deliver_at(
     destination: &Destination,
     now: SystemTime,
     delay: Duration,
-) -> Result<String, BusError> {
+) -> Result<SystemTime, BusError> {
     if let Destination::Topic(t) = destination {
         return Err(BusError::Invalid(format!(
             "a publication of {t:?} cannot be delayed: delay sends to a queue instead"
         )));
     }
     check_delay(delay)?;
-    // Round up to the millisecond of the header, never down: not a moment early.
-    let at = now + delay;
-    let past_ms = at
+    // Not a moment early.
+    Ok(to_next_millisecond(now + delay))
+}
+
+/// The `rhinobus-discard-after` header of a message due at `due` that is worth handling for
+/// `time` after that.
+fn discard_after(due: SystemTime, time: Duration) -> Result<String, BusError> {
+    if time.is_zero() || time > MAX_TIME_TO_BE_RECEIVED {
+        return Err(BusError::Invalid(format!(
+            "a time to be received of {time:?} is not between 1 ms and \
+             {MAX_TIME_TO_BE_RECEIVED:?}"
+        )));
+    }
+    // Not a moment too soon.
+    Ok(format_time(to_next_millisecond(due + time)))
+}
+
+/// `t` rounded up to the millisecond that the time headers keep.
+fn to_next_millisecond(t: SystemTime) -> SystemTime {
+    let past_ms = t
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() % 1_000_000);
-    let up = Duration::from_nanos(u64::from((1_000_000 - past_ms) % 1_000_000));
-    Ok(format_time(at + up))
+    t + Duration::from_nanos(u64::from((1_000_000 - past_ms) % 1_000_000))
 }

@@ -31,6 +31,11 @@ pub mod names {
     /// When a delayed send is to be delivered, no sooner (RFC 3339, UTC); see
     /// [`crate::SendOptions::delay`].
     pub const DELIVER_AT: &str = "rhinobus-deliver-at";
+    /// When the message stops being worth handling (RFC 3339, UTC): an endpoint that receives
+    /// it later acknowledges it without handling it. Set from
+    /// [`crate::Message::TIME_TO_BE_RECEIVED`] or [`crate::SendOptions::time_to_be_received`];
+    /// a replay from an error queue removes it.
+    pub const DISCARD_AFTER: &str = "rhinobus-discard-after";
     /// The queue a delayed send goes to once its time comes: on RabbitMQ it waits in the delay
     /// queues meanwhile, and this header is how it finds its queue.
     pub const DELIVER_TO: &str = "rhinobus-deliver-to";

@@ -71,7 +71,7 @@ pub mod recoverability;
 mod trace;
 pub mod transport;
 
-pub use bus::{Bus, MAX_DELAY, SendOptions};
+pub use bus::{Bus, MAX_DELAY, MAX_TIME_TO_BE_RECEIVED, SendOptions};
 pub use context::Context;
 pub use endpoint::{Endpoint, EndpointBuilder, ShutdownHandle};
 pub use error::{BusError, ErrorKind, HandlerError};

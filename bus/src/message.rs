@@ -1,6 +1,7 @@
 //! Typed messages with stable wire names, and their MessagePack encoding.
 
 use serde::{Serialize, de::DeserializeOwned};
+use std::time::Duration;
 
 /// A message that travels on the bus.
 ///
@@ -25,6 +26,35 @@ use serde::{Serialize, de::DeserializeOwned};
 pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The stable wire name, e.g. `"billing.call-made"`.
     const NAME: &'static str;
+
+    /// How long after it is sent (after it is due, for a delayed send) a message of this type
+    /// is still worth handling; `None`, the default, is for ever. A message received later is
+    /// acknowledged without being handled: a price or a position that a newer one has
+    /// replaced, a notification nobody waits for any more. On RabbitMQ the broker also drops
+    /// it from a queue it waited in too long, without delivering it. A failed message is kept
+    /// in the error queue whatever its time, and a replay handles it.
+    ///
+    /// [`SendOptions::time_to_be_received`](crate::SendOptions::time_to_be_received) sets it
+    /// for one send. It is checked against the receiving host's clock, so keep it well above
+    /// the skew between hosts.
+    ///
+    /// ```
+    /// use rhinobus::Message;
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct PriceQuoted {
+    ///     sku: String,
+    ///     cents: u64,
+    /// }
+    ///
+    /// impl Message for PriceQuoted {
+    ///     const NAME: &'static str = "catalog.price-quoted";
+    ///     const TIME_TO_BE_RECEIVED: Option<Duration> = Some(Duration::from_secs(30));
+    /// }
+    /// ```
+    const TIME_TO_BE_RECEIVED: Option<Duration> = None;
 
     /// About how many bytes this message takes encoded: [`encode`] starts with a buffer this
     /// big rather than growing one from empty. Worth overriding for big messages (a batch of

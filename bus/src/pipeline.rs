@@ -5,7 +5,7 @@ use crate::bus::Bus;
 use crate::context::Context;
 use crate::error::{BusError, ErrorKind, HandlerError};
 use crate::handler::Handlers;
-use crate::headers::{Headers, format_time, names};
+use crate::headers::{Headers, format_time, names, parse_time};
 use crate::recoverability::{Failure, Recoverability};
 use crate::trace;
 use crate::transport::{DelayQueue, Delivery};
@@ -14,7 +14,7 @@ use rand::Rng;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::SystemTime;
-use tracing::{Instrument, debug, error, field, info_span, warn};
+use tracing::{Instrument, debug, error, field, info, info_span, warn};
 
 /// How long a delivery that could not be settled is held before it goes back to its queue.
 const SETTLE_FAILURE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -28,6 +28,34 @@ pub(crate) struct Pipeline {
     pub(crate) audit_queue: Option<String>,
     /// This process, as audit copies name it ([`names::PROCESSING_HOST`]).
     pub(crate) host: String,
+}
+
+/// Whether the message came after its `rhinobus-discard-after` time: no longer worth
+/// handling. A header that is not a time (set by hand) is ignored: the message is handled.
+fn past_its_time(headers: &Headers, now: SystemTime) -> bool {
+    let Some(text) = headers.get(names::DISCARD_AFTER) else {
+        return false;
+    };
+    match parse_time(text) {
+        Some(at) => now > at,
+        None => {
+            warn!(header = %text, "{} is not an RFC 3339 time; handling the message", names::DISCARD_AFTER);
+            false
+        }
+    }
+}
+
+/// Acknowledges a message that came after its time, without handling it. Should the ack not
+/// reach the broker, it is delivered again and dropped then.
+async fn discard(mut delivery: Box<dyn Delivery>) {
+    let discard_after = delivery.headers().get(names::DISCARD_AFTER).cloned();
+    info!(
+        discard_after,
+        "received after its time to be received; dropped unhandled"
+    );
+    if let Err(e) = delivery.ack().await {
+        warn!(error = %e, "could not drop the message; it will be redelivered");
+    }
 }
 
 /// How a delivery is to be settled.
@@ -62,6 +90,10 @@ impl Pipeline {
         );
         async {
             let started = SystemTime::now();
+            if past_its_time(&headers, started) {
+                discard(delivery).await;
+                return;
+            }
             let outcome = self.handle(delivery.body(), &headers).await;
             self.settle(delivery, &headers, outcome, started).await;
         }

@@ -368,3 +368,138 @@ async fn an_audit_queue_without_a_name_or_named_as_another_of_the_endpoint_s_que
         );
     }
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Quote {
+    n: u32,
+}
+impl Message for Quote {
+    const NAME: &'static str = "tests.quote";
+    const TIME_TO_BE_RECEIVED: Option<Duration> = Some(Duration::from_millis(100));
+}
+
+/// The `rhinobus-discard-after` header of an envelope built with `options`.
+fn discard_after<M: Message>(m: &M, options: rhinobus::SendOptions) -> std::time::SystemTime {
+    let ctx = Context::detached(rhinobus::Bus::new(InMemory::new(), "x"), Headers::new());
+    let built = ctx
+        .envelope(Destination::Queue("q".into()), m, options)
+        .unwrap();
+    rhinobus::headers::parse_time(&built.headers[names::DISCARD_AFTER]).unwrap()
+}
+
+#[tokio::test]
+async fn a_message_received_after_its_time_is_dropped_unhandled_and_one_within_it_is_handled() {
+    let broker = InMemory::new();
+    broker.declare_queue("quotes");
+    let bus = rhinobus::Bus::new(broker.clone(), "app");
+    let brief = || rhinobus::SendOptions::default().time_to_be_received(Duration::from_millis(100));
+    let long = rhinobus::SendOptions::default().time_to_be_received(Duration::from_secs(60));
+    bus.send("quotes", &Quote { n: 1 }).await.unwrap();
+    bus.send_with("quotes", &Work { n: 2 }, brief())
+        .await
+        .unwrap();
+    bus.send_with("quotes", &Quote { n: 3 }, long)
+        .await
+        .unwrap();
+    bus.send("quotes", &Work { n: 4 }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (quotes, works) = (handled.clone(), handled.clone());
+    let ep = Endpoint::builder("quotes", broker.clone())
+        .handle(move |q: Quote, _| {
+            quotes.lock().unwrap().push(q.n);
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .handle(move |w: Work, _| {
+            works.lock().unwrap().push(w.n);
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .start()
+        .await
+        .unwrap();
+    wait_until("the queue to empty", || broker.queue_len("quotes") == 0).await;
+    ep.shutdown().await;
+    let mut handled = handled.lock().unwrap().clone();
+    handled.sort();
+    assert_eq!(
+        handled,
+        [3, 4],
+        "1 (its type's 100 ms) and 2 (its send's 100 ms) came too late"
+    );
+    assert_eq!(broker.queue_len("error"), 0, "dropped, not failed");
+}
+
+#[test]
+fn the_time_to_be_received_counts_from_the_send_or_when_a_delayed_send_is_due() {
+    let now = std::time::SystemTime::now();
+    let by_type = discard_after(&Quote { n: 1 }, Default::default());
+    let by_type = by_type.duration_since(now).unwrap();
+    assert!(
+        (Duration::from_millis(99)..Duration::from_millis(2000)).contains(&by_type),
+        "{by_type:?}"
+    );
+    let options = rhinobus::SendOptions::default().time_to_be_received(Duration::from_secs(60));
+    let by_send = discard_after(&Quote { n: 1 }, options)
+        .duration_since(now)
+        .unwrap();
+    assert!(
+        by_send >= Duration::from_secs(60),
+        "the send's wins: {by_send:?}"
+    );
+
+    let delayed = rhinobus::SendOptions::delayed_by(Duration::from_secs(3600))
+        .time_to_be_received(Duration::from_secs(5));
+    let ctx = Context::detached(rhinobus::Bus::new(InMemory::new(), "x"), Headers::new());
+    let built = ctx
+        .envelope(Destination::Queue("q".into()), &Work { n: 1 }, delayed)
+        .unwrap();
+    let at = |name: &str| rhinobus::headers::parse_time(&built.headers[name]).unwrap();
+    assert_eq!(
+        at(names::DISCARD_AFTER)
+            .duration_since(at(names::DELIVER_AT))
+            .unwrap(),
+        Duration::from_secs(5)
+    );
+    assert!(built.time_left().unwrap().unwrap() > Duration::from_secs(3600));
+
+    for refused in [
+        Duration::ZERO,
+        rhinobus::MAX_TIME_TO_BE_RECEIVED + Duration::from_millis(1),
+    ] {
+        let options = rhinobus::SendOptions::default().time_to_be_received(refused);
+        let built = ctx.envelope(Destination::Queue("q".into()), &Work { n: 1 }, options);
+        assert!(
+            matches!(built, Err(rhinobus::BusError::Invalid(_))),
+            "{refused:?}: {built:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_message_whose_time_runs_out_between_delayed_retries_is_dropped_not_failed() {
+    let broker = InMemory::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let ep = Endpoint::builder("fragile", broker.clone())
+        .immediate_retries(0)
+        .delayed_retries(DelayedRetries {
+            max: 3,
+            delay: Duration::from_millis(600),
+            multiplier: 1,
+        })
+        .handle(counting_failures(&calls))
+        .start()
+        .await
+        .unwrap();
+    let brief = rhinobus::SendOptions::default().time_to_be_received(Duration::from_millis(300));
+    ep.bus()
+        .send_with("fragile", &Work { n: 1 }, brief)
+        .await
+        .unwrap();
+    wait_until("the first attempt", || calls.load(Ordering::SeqCst) == 1).await;
+    // Back from its first delay, 600 ms on: past its time.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    wait_until("the queue to empty", || broker.queue_len("fragile") == 0).await;
+    ep.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "not tried again");
+    assert_eq!(broker.queue_len("error"), 0, "dropped, not failed");
+}

@@ -105,6 +105,7 @@ impl<S: Saga> SagaContext<S> {
         let options = SendOptions {
             headers,
             delay: Some(delay),
+            ..SendOptions::default()
         };
         let queue = self.ctx.endpoint().to_owned();
         self.stage_with(Destination::Queue(queue), message, options)

@@ -47,6 +47,9 @@ enum Command {
         /// Deliver it no sooner than this from now, e.g. 30s, 15m, 2h.
         #[arg(long, value_parser = humantime::parse_duration)]
         delay: Option<Duration>,
+        /// Handle it only within this of being due, e.g. 30s; later it is dropped unhandled.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        time_to_be_received: Option<Duration>,
     },
 }
 
@@ -183,6 +186,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             body,
             headers,
             delay,
+            time_to_be_received,
         } => {
             let json: serde_json::Value = serde_json::from_str(&body)
                 .map_err(|e| format!("--json is not valid JSON: {e}"))?;
@@ -191,6 +195,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let options = SendOptions {
                 headers: headers.into_iter().collect(),
                 delay,
+                time_to_be_received,
             };
             let id = bus
                 .send_encoded(&queue, &message_type, encoded, options)

@@ -325,7 +325,8 @@ async fn settle(
 
 /// The properties of a replayed message: those of a moved copy ([`amqp::moved_copy`]: no TTL,
 /// no user id), failure headers moved aside under `rhinobus-previous-failure-*`, delayed
-/// retries reset, and the replay recorded. A message
+/// retries reset, no time to be received (whoever replays it wants it handled, however late),
+/// and the replay recorded. A message
 /// going back to be handled (`to_source`) also loses the processing headers of a handling
 /// before (an audit copy's); one moved `--to` another queue keeps them.
 fn replay_properties(
@@ -355,6 +356,7 @@ fn replay_properties(
     amqp::with_headers_changed(&props, &extra, |k| {
         k.starts_with(names::FAILURE_PREFIX)
             || k == names::DELAYED_RETRIES
+            || k == names::DISCARD_AFTER
             || (to_source && k.starts_with(names::PROCESSING_PREFIX))
     })
 }

@@ -44,7 +44,7 @@ impl OutgoingMessage {
     /// come. A publication with the header is [`BusError::Invalid`]: it cannot be delayed; so
     /// is a time further off than [`crate::MAX_DELAY`] (a header set by hand).
     pub fn remaining_delay(&self) -> Result<Option<Duration>, BusError> {
-        let Some(at) = self.headers.get(names::DELIVER_AT) else {
+        let Some(at) = self.time_header(names::DELIVER_AT)? else {
             return Ok(None);
         };
         if let Destination::Topic(t) = &self.destination {
@@ -53,17 +53,32 @@ impl OutgoingMessage {
                 names::DELIVER_AT
             )));
         }
-        let at = parse_time(at).ok_or_else(|| {
-            BusError::Invalid(format!(
-                "the {} header {at:?} is not an RFC 3339 time",
-                names::DELIVER_AT
-            ))
-        })?;
         let Ok(remaining) = at.duration_since(SystemTime::now()) else {
             return Ok(None);
         };
         crate::bus::check_delay(remaining)?;
         Ok(Some(remaining).filter(|d| !d.is_zero()))
+    }
+
+    /// How much longer the message is worth handling: the time in its
+    /// `rhinobus-discard-after` header less now (zero once that has passed), or `None` when it
+    /// has none. A header that is not an RFC 3339 time (set by hand) is [`BusError::Invalid`].
+    pub fn time_left(&self) -> Result<Option<Duration>, BusError> {
+        let left = self.time_header(names::DISCARD_AFTER)?;
+        Ok(left.map(|at| at.duration_since(SystemTime::now()).unwrap_or_default()))
+    }
+
+    /// The time in header `name`, if there is one.
+    fn time_header(&self, name: &str) -> Result<Option<SystemTime>, BusError> {
+        let Some(text) = self.headers.get(name) else {
+            return Ok(None);
+        };
+        let at = parse_time(text).ok_or_else(|| {
+            BusError::Invalid(format!(
+                "the {name} header {text:?} is not an RFC 3339 time"
+            ))
+        })?;
+        Ok(Some(at))
     }
 }
 

@@ -288,7 +288,14 @@ impl RabbitMq {
                     (Destination::Queue(q), None) => ("".into(), q.as_str().into()),
                     (Destination::Topic(t), _) => (exchange.into(), t.as_str().into()),
                 };
-                let properties = amqp::properties_for(&m.headers)?;
+                let mut properties = amqp::properties_for(&m.headers)?;
+                // The broker drops a message left in a queue past its time. Not a delayed one:
+                // the broker takes the TTL off a message as its first delay queue passes it on,
+                // so it would never reach the endpoint's queue; the endpoint checks the time.
+                if let (None, Some(left)) = (delay, m.time_left()?) {
+                    let ms = left.min(crate::MAX_TIME_TO_BE_RECEIVED).as_millis();
+                    properties = properties.with_expiration(ms.to_string().into());
+                }
                 Publication::new(&exchange, &routing_key, m.body, properties, routing)
             })
             .collect::<Result<_, _>>()?;
