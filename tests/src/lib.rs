@@ -40,6 +40,26 @@ impl Handler<Work> for ReportWork {
     }
 }
 
+/// An endpoint on `queue`, failing to `error`, that reports the number of every [`Work`] it
+/// handles.
+pub async fn reporting(
+    queue: &str,
+    error: &str,
+) -> (
+    rhinobus::Endpoint,
+    tokio::sync::mpsc::UnboundedReceiver<u32>,
+) {
+    let (tx, handled) = tokio::sync::mpsc::unbounded_channel();
+    let endpoint =
+        rhinobus::Endpoint::builder(queue, rhinobus::transport::RabbitMq::new(amqp_url()))
+            .error_queue(error)
+            .handle(ReportWork(tx))
+            .start()
+            .await
+            .expect("start");
+    (endpoint, handled)
+}
+
 /// The next thing a handler reported, or a panic when none came within 20 seconds.
 pub async fn recv<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
     tokio::time::timeout(Duration::from_secs(20), rx.recv())

@@ -7,7 +7,8 @@ use rhinobus::headers::names;
 use rhinobus::transport::RabbitMq;
 use rhinobus::{Bus, BusError, Context, Endpoint, HandlerError, SendOptions};
 use rhinobus_tests::{
-    RabbitmqctlOnDrop, Raw, ReportWork, Work, amqp_url, init_tracing, recv, rhinobus_cli, unique,
+    RabbitmqctlOnDrop, Raw, ReportWork, Work, amqp_url, init_tracing, recv, reporting,
+    rhinobus_cli, unique,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,18 +21,6 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn rabbit() -> RabbitMq {
     RabbitMq::new(amqp_url())
-}
-
-/// An endpoint on `queue` that reports the number of every [`Work`] it handles.
-async fn reporting(queue: &str, error: &str) -> (Endpoint, mpsc::UnboundedReceiver<u32>) {
-    let (tx, handled) = mpsc::unbounded_channel();
-    let endpoint = Endpoint::builder(queue, rabbit())
-        .error_queue(error)
-        .handle(ReportWork(tx))
-        .start()
-        .await
-        .expect("start");
-    (endpoint, handled)
 }
 
 #[tokio::test]
