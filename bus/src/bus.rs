@@ -320,7 +320,7 @@ fn deliver_at(
 /// The `rhinobus-discard-after` header of a message due at `due` that is worth handling for
 /// `time` after that.
 fn discard_after(due: SystemTime, time: Duration) -> Result<String, BusError> {
-    if time.is_zero() || time > MAX_TIME_TO_BE_RECEIVED {
+    if time < Duration::from_millis(1) || time > MAX_TIME_TO_BE_RECEIVED {
         return Err(BusError::Invalid(format!(
             "a time to be received of {time:?} is not between 1 ms and \
              {MAX_TIME_TO_BE_RECEIVED:?}"

@@ -31,8 +31,10 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// is still worth handling; `None`, the default, is for ever. A message received later is
     /// acknowledged without being handled: a price or a position that a newer one has
     /// replaced, a notification nobody waits for any more. On RabbitMQ the broker also drops
-    /// it from a queue it waited in too long, without delivering it. A failed message is kept
-    /// in the error queue whatever its time, and a replay handles it.
+    /// it from a queue it waited in too long, without delivering it (unless it was delayed, or
+    /// is back from a delayed retry: the endpoint drops those). A message in the error queue
+    /// is kept there whatever its time, and a replay handles it. Not for a saga's timeouts: a
+    /// timeout dropped while its endpoint was down would never come.
     ///
     /// [`SendOptions::time_to_be_received`](crate::SendOptions::time_to_be_received) sets it
     /// for one send. It is checked against the receiving host's clock, so keep it well above

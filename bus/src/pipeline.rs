@@ -31,7 +31,8 @@ pub(crate) struct Pipeline {
 }
 
 /// Whether the message came after its `rhinobus-discard-after` time: no longer worth
-/// handling. A header that is not a time (set by hand) is ignored: the message is handled.
+/// handling. A header that is not a time (from another client: rhinobus refuses to send one)
+/// is ignored: the message is handled.
 fn past_its_time(headers: &Headers, now: SystemTime) -> bool {
     let Some(text) = headers.get(names::DISCARD_AFTER) else {
         return false;

@@ -417,7 +417,8 @@ async fn a_message_received_after_its_time_is_dropped_unhandled_and_one_within_i
         .start()
         .await
         .unwrap();
-    wait_until("the queue to empty", || broker.queue_len("quotes") == 0).await;
+    wait_until("3 and 4", || handled.lock().unwrap().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     ep.shutdown().await;
     let mut handled = handled.lock().unwrap().clone();
     handled.sort();
@@ -427,6 +428,7 @@ async fn a_message_received_after_its_time_is_dropped_unhandled_and_one_within_i
         "1 (its type's 100 ms) and 2 (its send's 100 ms) came too late"
     );
     assert_eq!(broker.queue_len("error"), 0, "dropped, not failed");
+    assert_eq!(broker.queue_len("quotes"), 0, "dropped, not left unstarted");
 }
 
 #[test]
@@ -483,23 +485,28 @@ async fn a_message_whose_time_runs_out_between_delayed_retries_is_dropped_not_fa
         .immediate_retries(0)
         .delayed_retries(DelayedRetries {
             max: 3,
-            delay: Duration::from_millis(600),
+            delay: Duration::from_secs(3),
             multiplier: 1,
         })
         .handle(counting_failures(&calls))
         .start()
         .await
         .unwrap();
-    let brief = rhinobus::SendOptions::default().time_to_be_received(Duration::from_millis(300));
+    let brief = rhinobus::SendOptions::default().time_to_be_received(Duration::from_secs(1));
     ep.bus()
         .send_with("fragile", &Work { n: 1 }, brief)
         .await
         .unwrap();
     wait_until("the first attempt", || calls.load(Ordering::SeqCst) == 1).await;
-    // Back from its first delay, 600 ms on: past its time.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Back from its first delay, 3 s on: past its time.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     wait_until("the queue to empty", || broker.queue_len("fragile") == 0).await;
     ep.shutdown().await;
     assert_eq!(calls.load(Ordering::SeqCst), 1, "not tried again");
+    assert_eq!(
+        broker.queue_len("fragile"),
+        0,
+        "dropped, not left unstarted"
+    );
     assert_eq!(broker.queue_len("error"), 0, "dropped, not failed");
 }

@@ -63,16 +63,17 @@ async fn a_delayed_send_is_handled_within_its_time_counted_from_when_it_is_due()
     let (ep, mut handled) = reporting(&queue, &error).await;
     let sent = Instant::now();
     // Counted from the send, its time would be over before it is due. The delay queues are to
-    // the second, rounded up: a delayed message can come up to a second after it is due.
-    let options = SendOptions::delayed_by(Duration::from_secs(2))
-        .time_to_be_received(Duration::from_millis(1500));
+    // the second, rounded up: a delayed message can come a second after it is due, and more on
+    // a busy host.
+    let options =
+        SendOptions::delayed_by(Duration::from_secs(4)).time_to_be_received(Duration::from_secs(3));
     ep.bus()
         .send_with(&queue, &Work { n: 7 }, options)
         .await
         .unwrap();
     assert_eq!(recv(&mut handled).await, 7, "handled, not dropped");
     assert!(
-        sent.elapsed() >= Duration::from_secs(2),
+        sent.elapsed() >= Duration::from_secs(4),
         "out of the delay queues after {:?}, before its time",
         sent.elapsed()
     );
@@ -104,13 +105,13 @@ async fn a_failed_message_outlives_its_time_in_the_error_queue_and_a_replay_hand
         .start()
         .await
         .expect("start");
-    let brief = within(Duration::from_millis(300));
+    let brief = within(Duration::from_secs(2));
     ep.bus()
         .send_with(&queue, &Work { n: 5 }, brief)
         .await
         .unwrap();
     raw.wait_for_count(&error, 1, WAIT).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         raw.count(&error).await,
         1,

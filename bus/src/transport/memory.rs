@@ -212,6 +212,8 @@ impl Transport for InMemory {
         // Check every destination first so that a batch is all or nothing.
         let mut resolved = Vec::with_capacity(messages.len());
         for m in messages {
+            // A time to be received set by hand is checked as RabbitMQ checks it.
+            m.time_left()?;
             match &m.destination {
                 Destination::Queue(q) => {
                     let delayed = lock(&self.state).delays.contains_key(q);

@@ -289,9 +289,9 @@ impl RabbitMq {
                     (Destination::Topic(t), _) => (exchange.into(), t.as_str().into()),
                 };
                 let mut properties = amqp::properties_for(&m.headers)?;
-                // The broker drops a message left in a queue past its time. Not a delayed one:
-                // the broker takes the TTL off a message as its first delay queue passes it on,
-                // so it would never reach the endpoint's queue; the endpoint checks the time.
+                // The broker drops a message left in a queue past its time. A delayed one gets
+                // no TTL: the broker takes it off as the first delay queue passes the message
+                // on, so it would be of no use; the endpoint checks the time.
                 if let (None, Some(left)) = (delay, m.time_left()?) {
                     let ms = left.min(crate::MAX_TIME_TO_BE_RECEIVED).as_millis();
                     properties = properties.with_expiration(ms.to_string().into());
