@@ -84,6 +84,32 @@ impl EndpointBuilder {
         self
     }
 
+    /// Takes every handler error of Rust type `E` (returned with `?`, or as
+    /// [`HandlerError::unrecoverable`](crate::HandlerError::unrecoverable) does) as one that no
+    /// retry can mend: the message goes to the error queue at once, without immediate or
+    /// delayed retries, as NServiceBus's unrecoverable exceptions do.
+    ///
+    /// ```
+    /// # use rhinobus::{Endpoint, transport::InMemory};
+    /// #[derive(Debug, thiserror::Error)]
+    /// #[error("invalid order: {0}")]
+    /// struct InvalidOrder(String);
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), rhinobus::BusError> {
+    /// let endpoint = Endpoint::builder("orders", InMemory::new())
+    ///     .unrecoverable::<InvalidOrder>()
+    ///     .start()
+    ///     .await?;
+    /// # endpoint.shutdown().await; Ok(()) }
+    /// ```
+    pub fn unrecoverable<E: 'static>(mut self) -> Self {
+        self.recoverability
+            .unrecoverable
+            .push(std::any::type_name::<E>());
+        self
+    }
+
     /// The error queue (default `error`).
     pub fn error_queue(mut self, name: impl Into<String>) -> Self {
         self.recoverability.error_queue = name.into();

@@ -15,13 +15,19 @@ pub enum ErrorKind {
     /// runs again at once on fresh state, with jitter, on a budget of its own that does not
     /// count toward the failure retries.
     Conflict,
+    /// A failure no retry can mend (a message that fails validation, an order for a product
+    /// that does not exist): straight to the error queue, no retries. An endpoint can also
+    /// take every error of a given Rust type as one
+    /// ([`EndpointBuilder::unrecoverable`](crate::EndpointBuilder::unrecoverable)).
+    Unrecoverable,
 }
 
 /// The error a handler returns.
 ///
 /// Any `std::error::Error` converts into it with `?`, as a [`ErrorKind::Failure`]; the Rust
 /// type of the original error is kept for the failure headers. Mark an error as a conflict
-/// with [`HandlerError::conflict`].
+/// with [`HandlerError::conflict`], as one that retries cannot mend with
+/// [`HandlerError::unrecoverable`].
 ///
 /// ```
 /// use rhinobus::HandlerError;
@@ -56,6 +62,27 @@ impl HandlerError {
         }
     }
 
+    /// A failure no retry can mend: the message goes to the error queue at once (see
+    /// [`ErrorKind::Unrecoverable`]).
+    ///
+    /// ```
+    /// use rhinobus::{ErrorKind, HandlerError};
+    ///
+    /// fn check(quantity: u32) -> Result<(), HandlerError> {
+    ///     if quantity == 0 {
+    ///         return Err(HandlerError::unrecoverable("an order line of 0 items"));
+    ///     }
+    ///     Ok(())
+    /// }
+    /// assert_eq!(check(0).unwrap_err().kind(), ErrorKind::Unrecoverable);
+    /// ```
+    pub fn unrecoverable<E: Into<BoxError> + 'static>(error: E) -> Self {
+        Self {
+            kind: ErrorKind::Unrecoverable,
+            ..Self::from_error(error)
+        }
+    }
+
     fn from_error<E: Into<BoxError> + 'static>(error: E) -> Self {
         Self {
             kind: ErrorKind::Failure,
@@ -64,7 +91,7 @@ impl HandlerError {
         }
     }
 
-    /// Whether this is a failure or a conflict.
+    /// Whether this is a failure, a conflict, or a failure no retry can mend.
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
@@ -178,8 +205,12 @@ mod tests {
     }
 
     #[test]
-    fn conflicts_are_marked() {
+    fn conflicts_and_unrecoverable_failures_are_marked() {
         let err = HandlerError::conflict("version moved on");
         assert_eq!(err.kind(), ErrorKind::Conflict);
+        let err = HandlerError::unrecoverable(Outer(std::io::Error::other("no such product")));
+        assert_eq!(err.kind(), ErrorKind::Unrecoverable);
+        assert!(err.error_type().ends_with("Outer"), "{}", err.error_type());
+        assert_eq!(err.causes(), vec!["no such product".to_string()]);
     }
 }

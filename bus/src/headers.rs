@@ -88,8 +88,9 @@ pub mod names {
     /// How many times the handlers ran before it was given up, in its last round of
     /// immediate retries (the delayed rounds before it are counted in [`DELAYED_RETRIES`]).
     pub const FAILURE_ATTEMPTS: &str = "rhinobus-failure-attempts";
-    /// Why it failed, in one word: `handler`, `decode`, `missing-type`, `no-handler`, or
-    /// `audit` (handled, but its audit copy was refused).
+    /// Why it failed, in one word: `handler`, `unrecoverable` (a handler error no retry can
+    /// mend: not retried), `decode`, `missing-type`, `no-handler`, or `audit` (handled, but
+    /// its audit copy was refused).
     pub const FAILURE_REASON: &str = "rhinobus-failure-reason";
     /// Rust type of the error.
     pub const FAILURE_ERROR_TYPE: &str = "rhinobus-failure-error-type";

@@ -147,6 +147,10 @@ impl Pipeline {
                 tokio::time::sleep(std::time::Duration::from_micros(jitter)).await;
                 continue;
             }
+            if self.policy.is_unrecoverable(&error) {
+                error!(error = %error, attempts = attempt, "no retry can mend this; moving to the error queue");
+                return Outcome::Fail(Failure::of_handler("unrecoverable", &error, attempt));
+            }
             failures += 1;
             if failures <= self.policy.immediate_retries {
                 warn!(error = %error, failures, "handler failed; retrying");
@@ -164,13 +168,7 @@ impl Pipeline {
                 };
             }
             error!(error = %error, attempts = attempt, "giving up; moving to the error queue");
-            return Outcome::Fail(Failure {
-                reason: "handler",
-                error_type: error.error_type().into(),
-                message: error.to_string(),
-                causes: error.causes(),
-                attempts: attempt,
-            });
+            return Outcome::Fail(Failure::of_handler("handler", &error, attempt));
         }
     }
 

@@ -1,6 +1,7 @@
-//! What happens when handling fails: immediate retries, delayed retries, the error queue, and
-//! the separate budget for conflicts.
+//! What happens when handling fails: immediate retries, delayed retries, the error queue,
+//! failures no retry can mend, and the separate budget for conflicts.
 
+use crate::error::{ErrorKind, HandlerError};
 use crate::headers::{Headers, format_time, names};
 use crate::transport::DelayQueue;
 use std::time::{Duration, SystemTime};
@@ -41,6 +42,10 @@ pub struct Recoverability {
     pub conflict_jitter: Duration,
     /// Where messages go when every retry failed (default `error`).
     pub error_queue: String,
+    /// Rust types of errors that no retry can mend (as [`HandlerError::error_type`] names
+    /// them): a handler error of one of them sends the message to the error queue at once, as
+    /// [`ErrorKind::Unrecoverable`] does.
+    pub unrecoverable: Vec<&'static str>,
 }
 
 impl Default for Recoverability {
@@ -51,11 +56,17 @@ impl Default for Recoverability {
             conflict_retries: 100,
             conflict_jitter: Duration::from_millis(20),
             error_queue: "error".into(),
+            unrecoverable: Vec::new(),
         }
     }
 }
 
 impl Recoverability {
+    /// Whether `error` goes to the error queue without retries.
+    pub(crate) fn is_unrecoverable(&self, error: &HandlerError) -> bool {
+        error.kind() == ErrorKind::Unrecoverable || self.unrecoverable.contains(&error.error_type())
+    }
+
     /// The delay queues the delayed retries need for an endpoint queue, shortest first.
     ///
     /// A queue is named after its delay, not its round: a broker fixes a queue's message TTL
@@ -82,7 +93,7 @@ impl Recoverability {
 /// Why a message went to the error queue.
 #[derive(Debug, Clone)]
 pub(crate) struct Failure {
-    /// One word: `handler`, `decode`, `no-handler`, `missing-type`, `audit`.
+    /// One word: `handler`, `unrecoverable`, `decode`, `no-handler`, `missing-type`, `audit`.
     pub reason: &'static str,
     pub error_type: String,
     pub message: String,
@@ -91,6 +102,17 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
+    /// The failure of a handler that failed with `error` on attempt `attempts`.
+    pub(crate) fn of_handler(reason: &'static str, error: &HandlerError, attempts: u32) -> Self {
+        Self {
+            reason,
+            error_type: error.error_type().into(),
+            message: error.to_string(),
+            causes: error.causes(),
+            attempts,
+        }
+    }
+
     /// The headers the failed message gains in the error queue.
     pub(crate) fn headers(&self, original: &Headers, endpoint: &str, queue: &str) -> Headers {
         let failed_before = original
