@@ -510,3 +510,64 @@ async fn a_message_whose_time_runs_out_between_delayed_retries_is_dropped_not_fa
     );
     assert_eq!(broker.queue_len("error"), 0, "dropped, not failed");
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid order {0}")]
+struct InvalidOrder(u32);
+
+#[tokio::test]
+async fn failures_no_retry_can_mend_go_to_the_error_queue_at_once_and_others_are_retried() {
+    let broker = InMemory::new();
+    let calls = Arc::new(std::sync::Mutex::new(
+        std::collections::BTreeMap::<u32, u32>::new(),
+    ));
+    let counted = calls.clone();
+    let ep = Endpoint::builder("orders", broker.clone())
+        .immediate_retries(2)
+        .delayed_retries(DelayedRetries {
+            max: 1,
+            delay: Duration::from_millis(20),
+            multiplier: 1,
+        })
+        .unrecoverable::<InvalidOrder>()
+        .handle(move |w: Work, _| {
+            *counted.lock().unwrap().entry(w.n).or_default() += 1;
+            async move {
+                match w.n {
+                    1 => Err(HandlerError::unrecoverable("no such product")),
+                    2 => Err(InvalidOrder(2))?,
+                    _ => Err(HandlerError::msg("the warehouse is down")),
+                }
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    for n in 1..=3 {
+        ep.bus().send("orders", &Work { n }).await.unwrap();
+    }
+    wait_until("the error queue", || broker.queue_len("error") == 3).await;
+    ep.shutdown().await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.into_iter().collect::<Vec<_>>(),
+        [(1, 1), (2, 1), (3, 6)],
+        "3 has two rounds of 1 + 2 attempts"
+    );
+    let mut failed = std::collections::BTreeMap::new();
+    while let Some((headers, body)) = broker.take("error") {
+        failed.insert(rhinobus::message::decode::<Work>(&body).unwrap().n, headers);
+    }
+    let header = |n: u32, name: &str| failed[&n][name].clone();
+    for n in [1, 2] {
+        assert_eq!(header(n, names::FAILURE_REASON), "unrecoverable");
+        assert_eq!(header(n, names::FAILURE_ATTEMPTS), "1");
+        assert!(
+            !failed[&n].contains_key(names::DELAYED_RETRIES),
+            "no delayed round"
+        );
+    }
+    assert_eq!(header(1, names::FAILURE_ERROR_MESSAGE), "no such product");
+    assert!(header(2, names::FAILURE_ERROR_TYPE).ends_with("InvalidOrder"));
+    assert_eq!(header(3, names::FAILURE_REASON), "handler");
+}

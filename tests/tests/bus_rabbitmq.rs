@@ -465,6 +465,43 @@ impl std::error::Error for WrappedError {
     }
 }
 
+#[tokio::test]
+async fn an_error_no_retry_can_mend_goes_to_the_error_queue_after_one_attempt() {
+    let mut raw = Raw::connect().await;
+    let (queue, error) = raw.endpoint_queues("unrecoverable").await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let ep = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .immediate_retries(3)
+        .delayed_retries(DelayedRetries {
+            max: 2,
+            delay: Duration::from_secs(30),
+            multiplier: 1,
+        })
+        .unrecoverable::<WrappedError>()
+        .handle(move |_: Work, _: Context| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Err(WrappedError(std::io::Error::other("no such product")))? }
+        })
+        .start()
+        .await
+        .expect("start");
+    ep.bus().send(&queue, &Work { n: 4 }).await.unwrap();
+    // Retried, it would wait 30 s in a delay queue first.
+    raw.wait_for_count(&error, 1, Duration::from_secs(10)).await;
+    ep.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "not retried");
+    let failed = raw.drain(&error).await;
+    let (h, b) = &failed[0];
+    assert_eq!(rhinobus::message::decode::<Work>(b).unwrap().n, 4);
+    assert_eq!(h[names::FAILURE_REASON], "unrecoverable");
+    assert_eq!(h[names::FAILURE_ATTEMPTS], "1");
+    assert_eq!(h[names::FAILURE_ERROR_CHAIN], "no such product");
+    assert!(h[names::FAILURE_ERROR_TYPE].ends_with("WrappedError"));
+    raw.cleanup().await;
+}
+
 fn rmp_body<M: Message>(m: &M) -> Vec<u8> {
     rhinobus::message::encode(m).expect("encode")
 }
