@@ -76,12 +76,26 @@ pub enum SagaError {
 }
 
 impl SagaError {
-    /// The handler error the bus acts on: a conflict for [`SagaError::Conflict`] (the bus
-    /// re-runs the handler at once, on freshly loaded state), a failure otherwise.
+    /// The handler error the bus acts on:
+    /// - a conflict for [`SagaError::Conflict`]: the bus re-runs the handler at once, on
+    ///   freshly loaded state;
+    /// - [unrecoverable](rhinobus::ErrorKind::Unrecoverable) where running it again cannot end
+    ///   otherwise: a message without an id, a saga that has completed, siblings the
+    ///   optimistic persister cannot merge, state that does not decode or encode. The message
+    ///   goes to the error queue at once, to be replayed once the cause is fixed;
+    /// - a failure, retried, otherwise: the store or the broker failing, or a saga not found,
+    ///   which may just not have been started yet by a message still on its way.
     pub fn into_handler_error(self) -> HandlerError {
         match self {
             SagaError::Conflict(_) => HandlerError::conflict(self),
-            other => HandlerError::from(other),
+            SagaError::MissingMessageId { .. }
+            | SagaError::Completed { .. }
+            | SagaError::Siblings { .. }
+            | SagaError::Corrupt(_)
+            | SagaError::Encode(_) => HandlerError::unrecoverable(self),
+            SagaError::NotFound { .. } | SagaError::Store(_) | SagaError::Bus(_) => {
+                HandlerError::from(self)
+            }
         }
     }
 }

@@ -192,6 +192,11 @@ async fn a_completed_saga_rejects_late_messages_but_recognises_a_redelivery() {
         .expect("a redelivered final message is not an error");
     let err = h.handle(&Add { id: 2, item: 1 }).await.unwrap_err();
     assert!(err.to_string().contains("has completed"), "{err}");
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Unrecoverable,
+        "no retry brings it back"
+    );
 }
 
 #[tokio::test]
@@ -437,6 +442,22 @@ async fn the_optimistic_persister_refuses_siblings_it_cannot_merge() {
     let h = SagaHarness::with_persister(BasketSaga, store, Persister::optimistic);
     let err = h.handle(&Add { id: 7, item: 1 }).await.unwrap_err();
     assert!(err.to_string().contains("2 concurrent versions"), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Unrecoverable, "no retry merges them");
+}
+
+#[tokio::test]
+async fn state_that_does_not_decode_is_a_failure_no_retry_can_mend() {
+    let store = MemoryStore::new();
+    let garbage = SaveRequest {
+        key: saga_key::<BasketSaga>(&8),
+        value: b"\xc1 not MessagePack".to_vec(),
+        ..SaveRequest::default()
+    };
+    store.save(garbage).await.unwrap();
+    let h = SagaHarness::with_persister(BasketSaga, store, Persister::optimistic);
+    let err = h.handle(&Add { id: 8, item: 1 }).await.unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Unrecoverable);
 }
 
 #[tokio::test]
