@@ -89,8 +89,9 @@ pub mod names {
     /// immediate retries (the delayed rounds before it are counted in [`DELAYED_RETRIES`]).
     pub const FAILURE_ATTEMPTS: &str = "rhinobus-failure-attempts";
     /// Why it failed, in one word: `handler`, `unrecoverable` (a handler error no retry can
-    /// mend: not retried), `decode`, `missing-type`, `no-handler`, or `audit` (handled, but
-    /// its audit copy was refused).
+    /// mend: not retried), `decode`, `missing-type`, `no-handler`, `audit` (handled, but its
+    /// audit copy was refused), or `no-request` (a reply that came after its
+    /// [`Requester`](crate::Requester) request gave up).
     pub const FAILURE_REASON: &str = "rhinobus-failure-reason";
     /// Rust type of the error.
     pub const FAILURE_ERROR_TYPE: &str = "rhinobus-failure-error-type";

@@ -17,6 +17,7 @@
 //! - `pipeline`: one message's way through handlers, retries and settlement (and the audit
 //!   copy).
 //! - [`recoverability`]: immediate and delayed retries, conflicts, the error queue.
+//! - [`request`]: [`Requester`], a request sent and its reply awaited.
 //! - [`transport`]: the [`transport::Transport`] trait, [`transport::RabbitMq`] and
 //!   [`transport::InMemory`].
 //! - [`ops`]: error-queue operations (list, group, show, replay, archive, purge) behind the
@@ -68,6 +69,7 @@ pub mod message;
 pub mod ops;
 mod pipeline;
 pub mod recoverability;
+pub mod request;
 mod trace;
 pub mod transport;
 
@@ -79,3 +81,4 @@ pub use handler::Handler;
 pub use headers::Headers;
 pub use message::Message;
 pub use recoverability::{DelayedRetries, Recoverability};
+pub use request::Requester;

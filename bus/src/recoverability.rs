@@ -93,7 +93,8 @@ impl Recoverability {
 /// Why a message went to the error queue.
 #[derive(Debug, Clone)]
 pub(crate) struct Failure {
-    /// One word: `handler`, `unrecoverable`, `decode`, `no-handler`, `missing-type`, `audit`.
+    /// One word: `handler`, `unrecoverable`, `decode`, `no-handler`, `missing-type`, `audit`,
+    /// `no-request`.
     pub reason: &'static str,
     pub error_type: String,
     pub message: String,

@@ -1,0 +1,322 @@
+//! [`Requester`]: a request sent and its reply awaited, as MassTransit's request client and
+//! NServiceBus's callbacks do: for the caller that must answer someone now (a web request, a
+//! command-line tool) and so cannot wait for the reply in a handler of its own.
+//!
+//! A requester owns a queue. Each request names it as the reply address and carries its
+//! timeout as its time to be received ([`crate::Message::TIME_TO_BE_RECEIVED`]), so a
+//! responder that falls behind drops the requests nobody waits for any more instead of
+//! answering them. The responder answers with [`Context::reply`](crate::Context::reply),
+//! which names the request in its correlation id; the requester hands the reply to whoever
+//! waits for that request. A reply nobody waits for (its request timed out, or the requester
+//! restarted meanwhile) goes to the requester's error queue with reason `no-request`: late,
+//! but not lost.
+
+use crate::bus::{Bus, MAX_TIME_TO_BE_RECEIVED, SendOptions};
+use crate::error::BusError;
+use crate::headers::{Headers, names};
+use crate::message::{CodecError, Message, decode};
+use crate::recoverability::Failure;
+use crate::transport::{Deliveries, Delivery, Destination, EndpointTopology, Transport};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How many replies a requester takes from the broker ahead of handing them out.
+const PREFETCH: u16 = 64;
+
+/// Sends requests and awaits their replies on a queue of its own.
+///
+/// The queue is an endpoint queue like any other (declared durable as the requester starts),
+/// and a reply goes to whoever consumes it: give each process its own, with a name that
+/// tells it apart (a host name, an instance number), not one shared by the instances of a
+/// scaled-out service.
+///
+/// ```
+/// use rhinobus::request::Requester;
+/// use rhinobus::{Context, Endpoint, HandlerError, Message, transport::InMemory};
+/// use serde::{Deserialize, Serialize};
+/// use std::time::Duration;
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct GetPrice { sku: String }
+/// impl Message for GetPrice { const NAME: &'static str = "catalog.get-price"; }
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Price { cents: u64 }
+/// impl Message for Price { const NAME: &'static str = "catalog.price"; }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = InMemory::new();
+/// let catalog = Endpoint::builder("catalog", broker.clone())
+///     .handle(|_: GetPrice, ctx: Context| async move {
+///         ctx.reply(&Price { cents: 1250 })?;
+///         Ok::<_, HandlerError>(())
+///     })
+///     .start()
+///     .await?;
+/// let web = Requester::builder("web-1.replies", broker.clone()).start().await?;
+/// let ask = GetPrice { sku: "A-1".into() };
+/// let price: Price = web.request("catalog", &ask, Duration::from_secs(5)).await?;
+/// assert_eq!(price.cents, 1250);
+/// web.shutdown().await;
+/// catalog.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Requester {
+    bus: Bus,
+    waiting: Waiting,
+    stop: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+/// Who waits for the reply to which request (by the request's message id).
+type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
+
+fn lock(waiting: &Waiting) -> MutexGuard<'_, HashMap<String, oneshot::Sender<Reply>>> {
+    waiting.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Builds a [`Requester`]; see [`Requester::builder`].
+pub struct RequesterBuilder {
+    queue: String,
+    error_queue: String,
+    transport: Arc<dyn Transport>,
+}
+
+/// A reply as it came: its envelope headers and its body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// Its envelope headers.
+    pub headers: Headers,
+    /// Its body, byte for byte.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// Its message type (wire name), if it has one.
+    pub fn message_type(&self) -> Option<&str> {
+        self.headers.get(names::MESSAGE_TYPE).map(String::as_str)
+    }
+
+    /// Its body decoded as `M`.
+    pub fn decode<M: Message>(&self) -> Result<M, CodecError> {
+        decode(&self.body)
+    }
+}
+
+/// Why a request got no reply of the type asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The request could not be sent (it was not confirmed by the broker).
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// No reply came in time. One that comes later goes to the requester's error queue.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The reply is of another type than the one asked for (an error reply, say): here whole.
+    #[error("the reply is a {:?}, not a {expected}", .reply.message_type().unwrap_or("message without a type"))]
+    OtherType {
+        /// The type asked for.
+        expected: &'static str,
+        /// The reply.
+        reply: Reply,
+    },
+    /// The reply has the type asked for but its body does not decode as it: here whole.
+    #[error("the reply does not decode: {source}")]
+    Undecodable {
+        /// The reply.
+        reply: Reply,
+        /// What the decoder said.
+        source: CodecError,
+    },
+    /// The requester stopped taking replies (its transport ended) before the reply came.
+    #[error("the requester has been shut down")]
+    ShutDown,
+}
+
+impl RequesterBuilder {
+    /// Where replies nobody waits for go (default `error`).
+    pub fn error_queue(mut self, name: impl Into<String>) -> Self {
+        self.error_queue = name.into();
+        self
+    }
+
+    /// Declares the reply queue and starts taking replies from it.
+    pub async fn start(self) -> Result<Requester, BusError> {
+        if self.queue.is_empty() || self.queue == self.error_queue {
+            return Err(BusError::Config(
+                "a requester's queue needs a name, other than its error queue's".into(),
+            ));
+        }
+        let topology = EndpointTopology {
+            endpoint: self.queue.clone(),
+            queue: self.queue.clone(),
+            subscriptions: Vec::new(),
+            error_queue: self.error_queue.clone(),
+            audit_queue: None,
+            delay_queues: Vec::new(),
+            prefetch: PREFETCH,
+        };
+        let stop = CancellationToken::new();
+        let deliveries = self.transport.start(&topology, stop.clone()).await?;
+        let waiting = Waiting::default();
+        let done = tokio::spawn(take_replies(
+            deliveries,
+            waiting.clone(),
+            topology,
+            stop.clone(),
+            self.transport.clone(),
+        ));
+        info!(queue = %self.queue, "requester started");
+        Ok(Requester {
+            bus: Bus::from_shared(self.transport, self.queue),
+            waiting,
+            stop,
+            done,
+        })
+    }
+}
+
+impl Requester {
+    /// A requester taking its replies from `queue`.
+    pub fn builder(queue: impl Into<String>, transport: impl Transport) -> RequesterBuilder {
+        RequesterBuilder {
+            queue: queue.into(),
+            error_queue: "error".into(),
+            transport: Arc::new(transport),
+        }
+    }
+
+    /// Sends `request` to `queue` and waits up to `timeout` for its reply, which must be an
+    /// `R`. The request carries `timeout` (at most [`MAX_TIME_TO_BE_RECEIVED`]) as its time
+    /// to be received. A reply of another type, or one that does not decode, comes back whole
+    /// in the error.
+    pub async fn request<M: Message, R: Message>(
+        &self,
+        queue: &str,
+        request: &M,
+        timeout: Duration,
+    ) -> Result<R, RequestError> {
+        let options =
+            SendOptions::default().time_to_be_received(timeout.min(MAX_TIME_TO_BE_RECEIVED));
+        let destination = Destination::Queue(queue.into());
+        let (id, message) = self.bus.envelope(destination, request, None, options)?;
+        // Waiting before it is sent: the reply can come before the broker's confirm.
+        let (tx, rx) = oneshot::channel();
+        let _waits = WaitsFor::register(&self.waiting, id.to_string(), tx);
+        let reply = tokio::time::timeout(timeout, async {
+            self.bus.transport().send(vec![message]).await?;
+            rx.await.map_err(|_| RequestError::ShutDown)
+        })
+        .await
+        .map_err(|_| RequestError::Timeout(timeout))??;
+        if reply.message_type() != Some(R::NAME) {
+            return Err(RequestError::OtherType {
+                expected: R::NAME,
+                reply,
+            });
+        }
+        reply
+            .decode()
+            .map_err(|source| RequestError::Undecodable { reply, source })
+    }
+
+    /// Stops taking replies and closes the requester's connection; requests still waiting
+    /// fail with [`RequestError::ShutDown`].
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
+    }
+}
+
+/// A caller waiting for a reply; no longer waiting once dropped (a timeout, a caller that
+/// gave up), so that a reply coming after that is not taken for a waited one.
+struct WaitsFor<'a> {
+    waiting: &'a Waiting,
+    id: String,
+}
+
+impl<'a> WaitsFor<'a> {
+    fn register(waiting: &'a Waiting, id: String, tx: oneshot::Sender<Reply>) -> Self {
+        lock(waiting).insert(id.clone(), tx);
+        Self { waiting, id }
+    }
+}
+
+impl Drop for WaitsFor<'_> {
+    fn drop(&mut self) {
+        lock(self.waiting).remove(&self.id);
+    }
+}
+
+/// Hands each reply to whoever waits for it until `stop`, then lets the waiting know that
+/// nothing more comes.
+async fn take_replies(
+    mut deliveries: Deliveries,
+    waiting: Waiting,
+    topology: EndpointTopology,
+    stop: CancellationToken,
+    transport: Arc<dyn Transport>,
+) {
+    loop {
+        let delivery = tokio::select! {
+            _ = stop.cancelled() => break,
+            d = deliveries.recv() => match d {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        hand_over(delivery, &waiting, &topology).await;
+    }
+    // Replies taken but not handed over go back to the queue as they are dropped.
+    drop(deliveries);
+    lock(&waiting).clear();
+    transport.close().await;
+    info!(queue = %topology.queue, "requester stopped");
+}
+
+/// Gives a reply to whoever waits for it and removes it from the queue, or moves it to the
+/// error queue when nobody does.
+async fn hand_over(
+    mut delivery: Box<dyn Delivery>,
+    waiting: &Waiting,
+    topology: &EndpointTopology,
+) {
+    let headers = delivery.headers().clone();
+    let waiter = (headers.get(names::CORRELATION_ID)).and_then(|id| lock(waiting).remove(id));
+    let reply = Reply {
+        headers: (*headers).clone(),
+        body: delivery.body().to_vec(),
+    };
+    let taken = waiter.is_some_and(|tx| tx.send(reply).is_ok());
+    let settled = if taken {
+        delivery.ack().await
+    } else {
+        let failure = Failure {
+            reason: "no-request",
+            error_type: "rhinobus::UnclaimedReply".into(),
+            message: format!(
+                "a reply to request {:?}, which nobody waits for (it timed out, or the \
+                 requester restarted since)",
+                headers
+                    .get(names::CORRELATION_ID)
+                    .map_or("", String::as_str)
+            ),
+            causes: Vec::new(),
+            attempts: 0,
+        };
+        warn!(queue = %topology.queue, "a reply nobody waits for; moving it to the error queue");
+        let extra = failure.headers(&headers, &topology.endpoint, &topology.queue);
+        delivery.forward(&topology.error_queue, extra).await
+    };
+    if let Err(e) = settled {
+        // Back to the queue once dropped; nobody will wait for it then.
+        warn!(error = %e, "could not settle a reply; it will be delivered again");
+    }
+}
