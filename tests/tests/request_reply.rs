@@ -1,0 +1,94 @@
+//! Requests and replies against a real RabbitMQ: concurrent requests each get their own
+//! reply, and a reply that comes after its request gave up waits in the requester's error
+//! queue.
+
+use rhinobus::headers::names;
+use rhinobus::request::{RequestError, Requester};
+use rhinobus::transport::RabbitMq;
+use rhinobus::{Context, Endpoint, HandlerError, Message};
+use rhinobus_tests::{Raw, amqp_url, init_tracing};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Square {
+    n: u64,
+    /// How long the responder takes.
+    think_ms: u64,
+}
+impl Message for Square {
+    const NAME: &'static str = "tests.square";
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Squared {
+    n: u64,
+    square: u64,
+}
+impl Message for Squared {
+    const NAME: &'static str = "tests.squared";
+}
+
+fn rabbit() -> RabbitMq {
+    RabbitMq::new(amqp_url())
+}
+
+#[tokio::test]
+async fn concurrent_requests_each_get_their_own_reply_and_a_late_one_is_kept() {
+    init_tracing();
+    let mut raw = Raw::connect().await;
+    let (queue, error) = raw.endpoint_queues("squares").await;
+    let (replies, reply_errors) = raw.endpoint_queues("squares-client").await;
+    let responder = Endpoint::builder(&queue, rabbit())
+        .error_queue(&error)
+        .concurrency(16)
+        .handle(|s: Square, ctx: Context| async move {
+            tokio::time::sleep(Duration::from_millis(s.think_ms)).await;
+            ctx.reply(&Squared {
+                n: s.n,
+                square: s.n * s.n,
+            })?;
+            Ok::<_, HandlerError>(())
+        })
+        .start()
+        .await
+        .expect("start");
+    let requester = Requester::builder(&replies, rabbit())
+        .error_queue(&reply_errors)
+        .start()
+        .await
+        .expect("start the requester");
+    let asks = (1..=40).map(|n| {
+        let (requester, queue) = (&requester, &queue);
+        async move {
+            let ask = Square { n, think_ms: 0 };
+            let reply: Squared = requester
+                .request(queue, &ask, Duration::from_secs(20))
+                .await
+                .expect("a reply");
+            reply
+        }
+    });
+    let replies = futures_util::future::join_all(asks).await;
+    for (n, reply) in (1..=40).zip(replies) {
+        assert_eq!(reply, Squared { n, square: n * n });
+    }
+    let slow = Square {
+        n: 9,
+        think_ms: 1000,
+    };
+    let late = requester
+        .request::<_, Squared>(&queue, &slow, Duration::from_millis(300))
+        .await;
+    assert!(matches!(late, Err(RequestError::Timeout(_))), "{late:?}");
+    raw.wait_for_count(&reply_errors, 1, Duration::from_secs(20))
+        .await;
+    let kept = raw.drain(&reply_errors).await;
+    let (headers, body) = &kept[0];
+    assert_eq!(headers[names::FAILURE_REASON], "no-request");
+    let reply: Squared = rhinobus::message::decode(body).unwrap();
+    assert_eq!(reply, Squared { n: 9, square: 81 });
+    requester.shutdown().await;
+    responder.shutdown().await;
+    raw.cleanup().await;
+}
