@@ -1,5 +1,6 @@
 //! [`Endpoint`]: a queue, its handlers and subscriptions, and the loop that feeds them.
 
+use crate::behavior::Behavior;
 use crate::bus::Bus;
 use crate::error::BusError;
 use crate::handler::{Handler, Handlers};
@@ -21,6 +22,7 @@ pub struct EndpointBuilder {
     transport: Arc<dyn Transport>,
     concurrency: u16,
     handlers: Handlers,
+    behaviors: Vec<Arc<dyn Behavior>>,
     subscriptions: BTreeSet<String>,
     recoverability: Recoverability,
     audit_queue: Option<String>,
@@ -50,6 +52,13 @@ impl EndpointBuilder {
     /// order they were added, and the message counts as handled only when all succeeded.
     pub fn handle<M: Message, H: Handler<M>>(mut self, handler: H) -> Self {
         self.handlers.add::<M, H>(handler);
+        self
+    }
+
+    /// Runs `behavior` around every attempt at handling a message here (see
+    /// [`Behavior`]). The first added is the outermost: it runs first and finishes last.
+    pub fn wrap(mut self, behavior: impl Behavior) -> Self {
+        self.behaviors.push(Arc::new(behavior));
         self
     }
 
@@ -210,6 +219,7 @@ impl EndpointBuilder {
         let pipeline = Arc::new(Pipeline {
             bus: bus.clone(),
             handlers: self.handlers,
+            behaviors: self.behaviors,
             policy: self.recoverability,
             queue,
             delay_queues,
@@ -296,6 +306,7 @@ impl Endpoint {
             transport,
             concurrency: 8,
             handlers: Handlers::default(),
+            behaviors: Vec::new(),
             subscriptions: BTreeSet::new(),
             recoverability: Recoverability::default(),
             audit_queue: None,

@@ -13,6 +13,7 @@
 //! - [`bus`]: [`Bus`], sending and publishing, and the envelope every message gets.
 //! - [`context`]: [`Context`], a handler's view of the message and its staged sends.
 //! - [`handler`]: the [`Handler`] trait and per-type dispatch.
+//! - [`behavior`]: [`behavior::Behavior`], code around every attempt at handling a message.
 //! - [`endpoint`]: [`Endpoint`] and its builder: topology, receive loop, graceful shutdown.
 //! - `pipeline`: one message's way through handlers, retries and settlement (and the audit
 //!   copy).
@@ -59,6 +60,7 @@
 
 #![warn(missing_docs)]
 
+pub mod behavior;
 pub mod bus;
 pub mod context;
 pub mod endpoint;

@@ -1,6 +1,7 @@
 //! The per-message pipeline of an endpoint: find the handlers, run them with retries, send
 //! what they sent, and settle the delivery (ack, delay, or error queue).
 
+use crate::behavior::{Behavior, Next, catching_panics};
 use crate::bus::Bus;
 use crate::context::Context;
 use crate::error::{BusError, ErrorKind, HandlerError};
@@ -9,9 +10,7 @@ use crate::headers::{Headers, format_time, names, parse_time};
 use crate::recoverability::{Failure, Recoverability};
 use crate::trace;
 use crate::transport::{DelayQueue, Delivery};
-use futures_util::FutureExt;
 use rand::Rng;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tracing::{Instrument, debug, error, field, info, info_span, warn};
@@ -22,6 +21,8 @@ const SETTLE_FAILURE_PAUSE: std::time::Duration = std::time::Duration::from_secs
 pub(crate) struct Pipeline {
     pub(crate) bus: Bus,
     pub(crate) handlers: Handlers,
+    /// Around every attempt, outermost first.
+    pub(crate) behaviors: Vec<Arc<dyn Behavior>>,
     pub(crate) policy: Recoverability,
     pub(crate) queue: String,
     pub(crate) delay_queues: Vec<DelayQueue>,
@@ -123,7 +124,7 @@ impl Pipeline {
             attempt += 1;
             tracing::Span::current().record("attempt", attempt);
             let ctx = Context::new(self.bus.clone(), headers.clone(), attempt);
-            let error = match run(handlers, body, &ctx).await {
+            let error = match run(&self.behaviors, handlers, body, &ctx).await {
                 Ok(()) => match self.bus.transport().send(ctx.take_outgoing()).await {
                     Ok(()) => return Outcome::Handled { attempts: attempt },
                     Err(e) => HandlerError::from(e),
@@ -284,25 +285,17 @@ pub(crate) fn this_process() -> String {
 
 /// Runs every handler of the message once, in registration order, sharing one context.
 async fn run(
+    behaviors: &[Arc<dyn Behavior>],
     handlers: &[crate::handler::ErasedHandler],
     body: &[u8],
     ctx: &Context,
 ) -> Result<(), RunError> {
-    let mut runs = Vec::with_capacity(handlers.len());
+    let mut handlings = Vec::with_capacity(handlers.len());
     for h in handlers {
-        runs.push(h(body, ctx.clone()).map_err(RunError::Decode)?);
+        handlings.push(h(body, ctx.clone()).map_err(RunError::Decode)?);
     }
-    for handling in runs {
-        AssertUnwindSafe(handling)
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| Err(panicked(panic)))
-            .map_err(RunError::Handler)?;
-    }
-    Ok(())
-}
-
-fn panicked(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
-    let text = crate::message::panic_text(panic.as_ref());
-    HandlerError::msg(format!("handler panicked: {text}"))
+    // A behavior that panics fails the attempt as a handler would.
+    catching_panics(Next::new(behaviors, ctx, handlings).run())
+        .await
+        .map_err(RunError::Handler)
 }
