@@ -17,13 +17,13 @@ use crate::headers::{Headers, names};
 use crate::message::{CodecError, Message, decode};
 use crate::recoverability::Failure;
 use crate::transport::{Deliveries, Delivery, Destination, EndpointTopology, Transport};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How many replies a requester takes from the broker ahead of handing them out.
 const PREFETCH: u16 = 64;
@@ -67,20 +67,38 @@ const PREFETCH: u16 = 64;
 /// catalog.shutdown().await;
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Requester {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     bus: Bus,
     waiting: Waiting,
     stop: CancellationToken,
-    done: JoinHandle<()>,
+    done: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Who waits for the reply to which request (by the request's message id).
-type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
+impl Drop for Inner {
+    /// The last clone gone: replies stop being taken (they wait in the queue).
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
 
-fn lock(waiting: &Waiting) -> MutexGuard<'_, HashMap<String, oneshot::Sender<Reply>>> {
+/// Who waits for the reply to which request (by the request's message id); `None` once the
+/// requester stopped taking replies.
+type Waiting = Arc<Mutex<Option<HashMap<String, oneshot::Sender<Reply>>>>>;
+
+fn lock(waiting: &Waiting) -> MutexGuard<'_, Option<HashMap<String, oneshot::Sender<Reply>>>> {
     waiting.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+/// How many replies a requester remembers having handed over, to know a second copy of one
+/// (redelivered after a lost ack or a reconnect, or sent twice by a responder that ran
+/// twice) for what it is.
+const REMEMBERED_REPLIES: usize = 4096;
 
 /// Builds a [`Requester`]; see [`Requester::builder`].
 pub struct RequesterBuilder {
@@ -113,7 +131,8 @@ impl Reply {
 /// Why a request got no reply of the type asked for.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    /// The request could not be sent (it was not confirmed by the broker).
+    /// The request could not be built or sent: a timeout under 1 ms, a queue that does not
+    /// exist, a body that does not encode, a broker that did not confirm it.
     #[error(transparent)]
     Bus(#[from] BusError),
     /// No reply came in time. One that comes later goes to the requester's error queue.
@@ -135,7 +154,7 @@ pub enum RequestError {
         /// What the decoder said.
         source: CodecError,
     },
-    /// The requester stopped taking replies (its transport ended) before the reply came.
+    /// The requester was shut down (or stopped taking replies) before the reply came.
     #[error("the requester has been shut down")]
     ShutDown,
 }
@@ -165,7 +184,7 @@ impl RequesterBuilder {
         };
         let stop = CancellationToken::new();
         let deliveries = self.transport.start(&topology, stop.clone()).await?;
-        let waiting = Waiting::default();
+        let waiting: Waiting = Arc::new(Mutex::new(Some(HashMap::new())));
         let done = tokio::spawn(take_replies(
             deliveries,
             waiting.clone(),
@@ -175,10 +194,12 @@ impl RequesterBuilder {
         ));
         info!(queue = %self.queue, "requester started");
         Ok(Requester {
-            bus: Bus::from_shared(self.transport, self.queue),
-            waiting,
-            stop,
-            done,
+            inner: Arc::new(Inner {
+                bus: Bus::from_shared(self.transport, self.queue),
+                waiting,
+                stop,
+                done: tokio::sync::Mutex::new(Some(done)),
+            }),
         })
     }
 }
@@ -194,24 +215,25 @@ impl Requester {
     }
 
     /// Sends `request` to `queue` and waits up to `timeout` for its reply, which must be an
-    /// `R`. The request carries `timeout` (at most [`MAX_TIME_TO_BE_RECEIVED`]) as its time
-    /// to be received. A reply of another type, or one that does not decode, comes back whole
-    /// in the error.
+    /// `R`. The request carries `timeout` as its time to be received (or its type's own, when
+    /// shorter; at most [`MAX_TIME_TO_BE_RECEIVED`]). A reply of another type, or one that
+    /// does not decode, comes back whole in the error.
     pub async fn request<M: Message, R: Message>(
         &self,
         queue: &str,
         request: &M,
         timeout: Duration,
     ) -> Result<R, RequestError> {
-        let options =
-            SendOptions::default().time_to_be_received(timeout.min(MAX_TIME_TO_BE_RECEIVED));
+        let inner = &self.inner;
+        let ttbr = M::TIME_TO_BE_RECEIVED.map_or(timeout, |own| own.min(timeout));
+        let options = SendOptions::default().time_to_be_received(ttbr.min(MAX_TIME_TO_BE_RECEIVED));
         let destination = Destination::Queue(queue.into());
-        let (id, message) = self.bus.envelope(destination, request, None, options)?;
+        let (id, message) = inner.bus.envelope(destination, request, None, options)?;
         // Waiting before it is sent: the reply can come before the broker's confirm.
         let (tx, rx) = oneshot::channel();
-        let _waits = WaitsFor::register(&self.waiting, id.to_string(), tx);
+        let _waits = WaitsFor::register(&inner.waiting, id.to_string(), tx)?;
         let reply = tokio::time::timeout(timeout, async {
-            self.bus.transport().send(vec![message]).await?;
+            inner.bus.transport().send(vec![message]).await?;
             rx.await.map_err(|_| RequestError::ShutDown)
         })
         .await
@@ -227,11 +249,13 @@ impl Requester {
             .map_err(|source| RequestError::Undecodable { reply, source })
     }
 
-    /// Stops taking replies and closes the requester's connection; requests still waiting
-    /// fail with [`RequestError::ShutDown`].
-    pub async fn shutdown(self) {
-        self.stop.cancel();
-        let _ = self.done.await;
+    /// Stops taking replies and closes the requester's connection; requests waiting, on
+    /// this clone or another, fail with [`RequestError::ShutDown`], and so do later ones.
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        if let Some(done) = self.inner.done.lock().await.take() {
+            let _ = done.await;
+        }
     }
 }
 
@@ -243,15 +267,24 @@ struct WaitsFor<'a> {
 }
 
 impl<'a> WaitsFor<'a> {
-    fn register(waiting: &'a Waiting, id: String, tx: oneshot::Sender<Reply>) -> Self {
-        lock(waiting).insert(id.clone(), tx);
-        Self { waiting, id }
+    /// Waits for the reply to request `id`, unless the requester stopped taking replies.
+    fn register(
+        waiting: &'a Waiting,
+        id: String,
+        tx: oneshot::Sender<Reply>,
+    ) -> Result<Self, RequestError> {
+        let mut waiting_now = lock(waiting);
+        let by_id = waiting_now.as_mut().ok_or(RequestError::ShutDown)?;
+        by_id.insert(id.clone(), tx);
+        Ok(Self { waiting, id })
     }
 }
 
 impl Drop for WaitsFor<'_> {
     fn drop(&mut self) {
-        lock(self.waiting).remove(&self.id);
+        if let Some(by_id) = lock(self.waiting).as_mut() {
+            by_id.remove(&self.id);
+        }
     }
 }
 
@@ -264,6 +297,7 @@ async fn take_replies(
     stop: CancellationToken,
     transport: Arc<dyn Transport>,
 ) {
+    let mut answered = Answered::default();
     loop {
         let delivery = tokio::select! {
             _ = stop.cancelled() => break,
@@ -272,51 +306,79 @@ async fn take_replies(
                 None => break,
             },
         };
-        hand_over(delivery, &waiting, &topology).await;
+        hand_over(delivery, &waiting, &mut answered, &topology).await;
     }
     // Replies taken but not handed over go back to the queue as they are dropped.
     drop(deliveries);
-    lock(&waiting).clear();
+    lock(&waiting).take();
     transport.close().await;
     info!(queue = %topology.queue, "requester stopped");
 }
 
-/// Gives a reply to whoever waits for it and removes it from the queue, or moves it to the
-/// error queue when nobody does.
+/// The requests whose replies were handed over lately, oldest first.
+#[derive(Default)]
+struct Answered {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Answered {
+    fn note(&mut self, id: &str) {
+        if self.ids.insert(id.to_owned()) {
+            self.order.push_back(id.to_owned());
+        }
+        while self.order.len() > REMEMBERED_REPLIES {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// Gives a reply to whoever waits for it and removes it from the queue; removes a second copy
+/// of one already handed over; moves one nobody waits for to the error queue.
 async fn hand_over(
     mut delivery: Box<dyn Delivery>,
     waiting: &Waiting,
+    answered: &mut Answered,
     topology: &EndpointTopology,
 ) {
     let headers = delivery.headers().clone();
-    let waiter = (headers.get(names::CORRELATION_ID)).and_then(|id| lock(waiting).remove(id));
+    let request = headers
+        .get(names::CORRELATION_ID)
+        .map_or("", String::as_str);
+    let waiter = lock(waiting).as_mut().and_then(|w| w.remove(request));
     let reply = Reply {
         headers: (*headers).clone(),
         body: delivery.body().to_vec(),
     };
     let taken = waiter.is_some_and(|tx| tx.send(reply).is_ok());
-    let settled = if taken {
+    let settled = if taken || answered.ids.contains(request) {
+        if !taken {
+            debug!(
+                request,
+                "a second copy of a reply already handed over; removed"
+            );
+        }
+        answered.note(request);
         delivery.ack().await
     } else {
         let failure = Failure {
             reason: "no-request",
             error_type: "rhinobus::UnclaimedReply".into(),
             message: format!(
-                "a reply to request {:?}, which nobody waits for (it timed out, or the \
-                 requester restarted since)",
-                headers
-                    .get(names::CORRELATION_ID)
-                    .map_or("", String::as_str)
+                "a reply to request {request:?}, which nobody waits for (it timed out, or \
+                 the requester restarted since)"
             ),
             causes: Vec::new(),
             attempts: 0,
         };
-        warn!(queue = %topology.queue, "a reply nobody waits for; moving it to the error queue");
+        warn!(queue = %topology.queue, request, "a reply nobody waits for; moving it to the error queue");
         let extra = failure.headers(&headers, &topology.endpoint, &topology.queue);
         delivery.forward(&topology.error_queue, extra).await
     };
     if let Err(e) = settled {
-        // Back to the queue once dropped; nobody will wait for it then.
+        // Back to the queue once dropped, and known for a copy when it comes again.
         warn!(error = %e, "could not settle a reply; it will be delivered again");
     }
 }
