@@ -112,10 +112,10 @@ impl EndpointBuilder {
     ///     .await?;
     /// # endpoint.shutdown().await; Ok(()) }
     /// ```
-    pub fn unrecoverable<E: 'static>(mut self) -> Self {
+    pub fn unrecoverable<E: std::error::Error + 'static>(mut self) -> Self {
         self.recoverability
             .unrecoverable
-            .push(std::any::type_name::<E>());
+            .push(std::any::TypeId::of::<E>());
         self
     }
 

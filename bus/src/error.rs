@@ -1,5 +1,6 @@
 //! Errors: what a handler returns, and what sending and running an endpoint can fail with.
 
+use std::any::TypeId;
 use std::error::Error as StdError;
 use std::fmt;
 
@@ -8,6 +9,7 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// How the bus treats a handler error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// A real failure: counts toward the immediate and delayed retries, then the error queue.
     Failure,
@@ -41,6 +43,9 @@ pub enum ErrorKind {
 pub struct HandlerError {
     kind: ErrorKind,
     error_type: &'static str,
+    /// The original error's type, for [`EndpointBuilder::unrecoverable`](crate::EndpointBuilder::unrecoverable);
+    /// none for [`HandlerError::msg`].
+    type_id: Option<TypeId>,
     error: BoxError,
 }
 
@@ -50,6 +55,7 @@ impl HandlerError {
         Self {
             kind: ErrorKind::Failure,
             error_type: "rhinobus::HandlerError",
+            type_id: None,
             error: message.to_string().into(),
         }
     }
@@ -87,6 +93,7 @@ impl HandlerError {
         Self {
             kind: ErrorKind::Failure,
             error_type: std::any::type_name::<E>(),
+            type_id: Some(TypeId::of::<E>()),
             error: error.into(),
         }
     }
@@ -99,6 +106,11 @@ impl HandlerError {
     /// The Rust type of the original error.
     pub fn error_type(&self) -> &'static str {
         self.error_type
+    }
+
+    /// The original error's type id, if it had a type.
+    pub(crate) fn type_id(&self) -> Option<TypeId> {
+        self.type_id
     }
 
     /// The original error.

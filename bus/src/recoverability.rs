@@ -4,6 +4,7 @@
 use crate::error::{ErrorKind, HandlerError};
 use crate::headers::{Headers, format_time, names};
 use crate::transport::DelayQueue;
+use std::any::TypeId;
 use std::time::{Duration, SystemTime};
 
 /// Delayed retries: after the immediate retries are spent, the message waits and comes back
@@ -42,10 +43,11 @@ pub struct Recoverability {
     pub conflict_jitter: Duration,
     /// Where messages go when every retry failed (default `error`).
     pub error_queue: String,
-    /// Rust types of errors that no retry can mend (as [`HandlerError::error_type`] names
-    /// them): a handler error of one of them sends the message to the error queue at once, as
+    /// Rust types of errors that no retry can mend, as
+    /// [`EndpointBuilder::unrecoverable`](crate::EndpointBuilder::unrecoverable) adds them: a
+    /// handler error of one of them sends the message to the error queue at once, as
     /// [`ErrorKind::Unrecoverable`] does.
-    pub unrecoverable: Vec<&'static str>,
+    pub unrecoverable: Vec<TypeId>,
 }
 
 impl Default for Recoverability {
@@ -64,7 +66,8 @@ impl Default for Recoverability {
 impl Recoverability {
     /// Whether `error` goes to the error queue without retries.
     pub(crate) fn is_unrecoverable(&self, error: &HandlerError) -> bool {
-        error.kind() == ErrorKind::Unrecoverable || self.unrecoverable.contains(&error.error_type())
+        error.kind() == ErrorKind::Unrecoverable
+            || (error.type_id()).is_some_and(|t| self.unrecoverable.contains(&t))
     }
 
     /// The delay queues the delayed retries need for an endpoint queue, shortest first.
