@@ -80,22 +80,25 @@ impl SagaError {
     /// - a conflict for [`SagaError::Conflict`]: the bus re-runs the handler at once, on
     ///   freshly loaded state;
     /// - [unrecoverable](rhinobus::ErrorKind::Unrecoverable) where running it again cannot end
-    ///   otherwise: a message without an id, a saga that has completed, siblings the
-    ///   optimistic persister cannot merge, state that does not decode or encode. The message
-    ///   goes to the error queue at once, to be replayed once the cause is fixed;
-    /// - a failure, retried, otherwise: the store or the broker failing, or a saga not found,
-    ///   which may just not have been started yet by a message still on its way.
+    ///   otherwise: a message without an id, a saga that has completed, state that does not
+    ///   encode. The message goes to the error queue at once. (Replaying a message for a
+    ///   completed saga once its completion marker is gone, after `completed_retention`, has
+    ///   it handled as if the saga had never been: started again by an initiating message.);
+    /// - a failure, retried, otherwise: the store or the broker failing; a saga not found,
+    ///   which may just not have been started yet by a message still on its way; state that
+    ///   does not decode, which an upgraded instance may read (a rolling deploy); siblings the
+    ///   optimistic persister cannot merge, which a merging instance may merge meanwhile.
     pub fn into_handler_error(self) -> HandlerError {
         match self {
             SagaError::Conflict(_) => HandlerError::conflict(self),
             SagaError::MissingMessageId { .. }
             | SagaError::Completed { .. }
-            | SagaError::Siblings { .. }
-            | SagaError::Corrupt(_)
             | SagaError::Encode(_) => HandlerError::unrecoverable(self),
-            SagaError::NotFound { .. } | SagaError::Store(_) | SagaError::Bus(_) => {
-                HandlerError::from(self)
-            }
+            SagaError::NotFound { .. }
+            | SagaError::Corrupt(_)
+            | SagaError::Siblings { .. }
+            | SagaError::Store(_)
+            | SagaError::Bus(_) => HandlerError::from(self),
         }
     }
 }

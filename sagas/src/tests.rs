@@ -442,11 +442,15 @@ async fn the_optimistic_persister_refuses_siblings_it_cannot_merge() {
     let h = SagaHarness::with_persister(BasketSaga, store, Persister::optimistic);
     let err = h.handle(&Add { id: 7, item: 1 }).await.unwrap_err();
     assert!(err.to_string().contains("2 concurrent versions"), "{err}");
-    assert_eq!(err.kind(), ErrorKind::Unrecoverable, "no retry merges them");
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Failure,
+        "retried: a merging instance may merge them meanwhile"
+    );
 }
 
 #[tokio::test]
-async fn state_that_does_not_decode_is_a_failure_no_retry_can_mend() {
+async fn state_that_does_not_decode_is_retried_for_an_upgraded_instance_may_read_it() {
     let store = MemoryStore::new();
     let garbage = SaveRequest {
         key: saga_key::<BasketSaga>(&8),
@@ -457,7 +461,7 @@ async fn state_that_does_not_decode_is_a_failure_no_retry_can_mend() {
     let h = SagaHarness::with_persister(BasketSaga, store, Persister::optimistic);
     let err = h.handle(&Add { id: 8, item: 1 }).await.unwrap_err();
     assert!(err.to_string().contains("corrupt"), "{err}");
-    assert_eq!(err.kind(), ErrorKind::Unrecoverable);
+    assert_eq!(err.kind(), ErrorKind::Failure);
 }
 
 #[tokio::test]
