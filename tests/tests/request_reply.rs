@@ -8,13 +8,15 @@ use rhinobus::transport::RabbitMq;
 use rhinobus::{Context, Endpoint, HandlerError, Message};
 use rhinobus_tests::{Raw, amqp_url, init_tracing};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Square {
     n: u64,
-    /// How long the responder takes.
-    think_ms: u64,
+    /// Whether the responder waits for the test to let it answer.
+    held: bool,
 }
 impl Message for Square {
     const NAME: &'static str = "tests.square";
@@ -39,16 +41,23 @@ async fn concurrent_requests_each_get_their_own_reply_and_a_late_one_is_kept() {
     let mut raw = Raw::connect().await;
     let (queue, error) = raw.endpoint_queues("squares").await;
     let (replies, reply_errors) = raw.endpoint_queues("squares-client").await;
+    let gate = Arc::new(Notify::new());
+    let held = gate.clone();
     let responder = Endpoint::builder(&queue, rabbit())
         .error_queue(&error)
         .concurrency(16)
-        .handle(|s: Square, ctx: Context| async move {
-            tokio::time::sleep(Duration::from_millis(s.think_ms)).await;
-            ctx.reply(&Squared {
-                n: s.n,
-                square: s.n * s.n,
-            })?;
-            Ok::<_, HandlerError>(())
+        .handle(move |s: Square, ctx: Context| {
+            let held = held.clone();
+            async move {
+                if s.held {
+                    held.notified().await;
+                }
+                ctx.reply(&Squared {
+                    n: s.n,
+                    square: s.n * s.n,
+                })?;
+                Ok::<_, HandlerError>(())
+            }
         })
         .start()
         .await
@@ -61,7 +70,7 @@ async fn concurrent_requests_each_get_their_own_reply_and_a_late_one_is_kept() {
     let asks = (1..=40).map(|n| {
         let (requester, queue) = (&requester, &queue);
         async move {
-            let ask = Square { n, think_ms: 0 };
+            let ask = Square { n, held: false };
             let reply: Squared = requester
                 .request(queue, &ask, Duration::from_secs(20))
                 .await
@@ -73,14 +82,12 @@ async fn concurrent_requests_each_get_their_own_reply_and_a_late_one_is_kept() {
     for (n, reply) in (1..=40).zip(replies) {
         assert_eq!(reply, Squared { n, square: n * n });
     }
-    let slow = Square {
-        n: 9,
-        think_ms: 1000,
-    };
+    let slow = Square { n: 9, held: true };
     let late = requester
-        .request::<_, Squared>(&queue, &slow, Duration::from_millis(300))
+        .request::<_, Squared>(&queue, &slow, Duration::from_secs(2))
         .await;
     assert!(matches!(late, Err(RequestError::Timeout(_))), "{late:?}");
+    gate.notify_one();
     raw.wait_for_count(&reply_errors, 1, Duration::from_secs(20))
         .await;
     let kept = raw.drain(&reply_errors).await;
