@@ -464,14 +464,31 @@ async fn state_that_does_not_decode_is_retried_for_an_upgraded_instance_may_read
     assert_eq!(err.kind(), ErrorKind::Failure);
 }
 
+/// Counts the attempts it runs around.
+struct Attempts(Arc<AtomicUsize>);
+
+#[async_trait]
+impl rhinobus::behavior::Behavior for Attempts {
+    async fn around(
+        &self,
+        _: &rhinobus::Context,
+        next: rhinobus::behavior::Next<'_>,
+    ) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        next.run().await
+    }
+}
+
 #[tokio::test]
 async fn on_an_endpoint_a_message_for_a_missing_saga_lands_in_the_error_queue() {
     use rhinobus::transport::InMemory;
     use rhinobus::{Bus, Endpoint};
     let broker = InMemory::new();
     broker.declare_queue("audit");
+    let attempts = Arc::new(AtomicUsize::new(0));
     let ep = Endpoint::builder("baskets", broker.clone())
         .immediate_retries(0)
+        .wrap(Attempts(attempts.clone()))
         .saga(BasketSaga, Persister::optimistic(MemoryStore::new()))
         .start()
         .await
@@ -496,6 +513,11 @@ async fn on_an_endpoint_a_message_for_a_missing_saga_lands_in_the_error_queue() 
         "{reason}"
     );
     assert_eq!(broker.queue_len("audit"), 1);
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        3,
+        "behaviors wrap sagas too"
+    );
 }
 
 #[tokio::test]
