@@ -11,7 +11,7 @@ use rhinobus_dht::replication::outbox::DEFAULT_LINGER;
 use rhinobus_samples::report::Report;
 use rhinobus_samples::scenarios::amqp::{self, Load, Metadata};
 use rhinobus_samples::scenarios::dht_cluster;
-use rhinobus_samples::scenarios::{dht, errors, redis, sagas};
+use rhinobus_samples::scenarios::{dht, errors, redis, request, sagas};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -25,6 +25,9 @@ enum Scenario {
     BusAudit,
     /// rhinobus on the in-memory transport.
     BusInmemory,
+    /// Requests awaited with a Requester, answered by an endpoint on RabbitMQ (--messages / 5
+    /// round trips by --concurrency callers; baseline: bus, whose messages are one way).
+    RequestReply,
     /// rhinobus-dht GET against one in-process node (baseline: redis-benchmark GET).
     DhtGet,
     /// rhinobus-dht PUT, buffered durability (baseline: redis-benchmark SET).
@@ -133,6 +136,7 @@ async fn run(args: &Args) -> Result<(), BenchError> {
     // The bus figure, measured (and printed) once, whoever needs it first; bus-audit runs
     // right after it, so that both see the broker in the same state.
     let wants_bus_baseline = wants(Scenario::BusAudit)
+        || wants(Scenario::RequestReply)
         || wants(Scenario::SagaOptimistic)
         || wants(Scenario::SagaMerging);
     if wants_bus_baseline && bus_report.is_none() {
@@ -142,6 +146,10 @@ async fn run(args: &Args) -> Result<(), BenchError> {
     }
     if let (true, Some(baseline)) = (wants(Scenario::BusAudit), &bus_report) {
         print(&amqp::bus_audit(&load).await?.with_baseline(baseline));
+    }
+    if let (true, Some(baseline)) = (wants(Scenario::RequestReply), &bus_report) {
+        let round_trips = request::request_reply(&load, args.messages / 5).await?;
+        print(&round_trips.with_baseline(baseline));
     }
     if wants(Scenario::BusInmemory) {
         print(&amqp::bus_inmemory(&load).await?);

@@ -5,4 +5,5 @@ pub mod dht;
 pub mod dht_cluster;
 pub mod errors;
 pub mod redis;
+pub mod request;
 pub mod sagas;
