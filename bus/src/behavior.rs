@@ -21,6 +21,16 @@ use std::sync::Arc;
 /// [`Context::attempt`] tells them apart. Behaviors run only for a message that decodes and
 /// has handlers here; the others go to the error queue before any behavior sees them.
 ///
+/// What the handlers send ([`Context::send`] and the others) is staged, and leaves only once
+/// the whole chain returned `Ok`, confirmed by the broker, before the message is
+/// acknowledged: a behavior's code after `next.run()` runs before that, so a unit of work
+/// that commits there commits before the sends are confirmed (and a failed send retries the
+/// attempt). When `next.run()` fails, what was staged inside it is taken back, even if the
+/// behavior then returns `Ok`: a behavior that swallows an error does not let half a
+/// handling's sends go out. Whatever a behavior stages itself leaves only with an `Ok`, so a
+/// refusal cannot answer; a behavior that must answer what it refuses replies and returns
+/// `Ok` (the message then counts as handled, audited too).
+///
 /// A behavior hands values to the handlers through a task-local, since the handlers run
 /// inside its call to `next.run()`:
 ///
@@ -79,6 +89,7 @@ pub trait Behavior: Send + Sync + 'static {
 pub struct Next<'a> {
     behaviors: &'a [Arc<dyn Behavior>],
     ctx: &'a Context,
+    body: &'a [u8],
     handlings: Vec<BoxFuture<'static, Result<(), HandlerError>>>,
 }
 
@@ -87,53 +98,68 @@ impl<'a> Next<'a> {
     pub(crate) fn new(
         behaviors: &'a [Arc<dyn Behavior>],
         ctx: &'a Context,
+        body: &'a [u8],
         handlings: Vec<BoxFuture<'static, Result<(), HandlerError>>>,
     ) -> Self {
         Self {
             behaviors,
             ctx,
+            body,
             handlings,
         }
     }
 
+    /// The message's body, byte for byte as it came (its type is the
+    /// [`MESSAGE_TYPE`](crate::headers::names::MESSAGE_TYPE) header), for a behavior that
+    /// checks, logs or hashes it.
+    pub fn body(&self) -> &[u8] {
+        self.body
+    }
+
     /// Runs the behaviors inside the one calling and then the handlers, in the order they
     /// were added, stopping at the first error. A handler that panics fails the attempt
-    /// with the panic's message, as an error would.
+    /// with the panic's message, as an error would. On an error, what was staged meanwhile is
+    /// taken back.
     pub async fn run(self) -> Result<(), HandlerError> {
-        match self.behaviors.split_first() {
+        let ctx = self.ctx;
+        let staged = ctx.staged();
+        let result = match self.behaviors.split_first() {
             Some((outer, inner)) => {
-                let ctx = self.ctx;
-                outer
-                    .around(
-                        ctx,
-                        Next {
-                            behaviors: inner,
-                            ..self
-                        },
-                    )
-                    .await
+                let rest = Next {
+                    behaviors: inner,
+                    ..self
+                };
+                outer.around(ctx, rest).await
             }
-            None => {
-                for handling in self.handlings {
-                    catching_panics(handling).await?;
-                }
-                Ok(())
-            }
+            None => run_handlers(self.handlings).await,
+        };
+        if result.is_err() {
+            ctx.unstage_after(staged);
         }
+        result
     }
 }
 
-/// `f`'s result, or a panic in it as an error.
+/// Runs the handlings one after the other, stopping at the first error.
+async fn run_handlers(
+    handlings: Vec<BoxFuture<'static, Result<(), HandlerError>>>,
+) -> Result<(), HandlerError> {
+    for handling in handlings {
+        catching_panics("handler", handling).await?;
+    }
+    Ok(())
+}
+
+/// `f`'s result, or a panic in it as an error saying that `what` panicked.
 pub(crate) async fn catching_panics(
+    what: &str,
     f: impl Future<Output = Result<(), HandlerError>>,
 ) -> Result<(), HandlerError> {
     AssertUnwindSafe(f)
         .catch_unwind()
         .await
-        .unwrap_or_else(|panic| Err(panicked(panic)))
-}
-
-fn panicked(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
-    let text = crate::message::panic_text(panic.as_ref());
-    HandlerError::msg(format!("handler panicked: {text}"))
+        .unwrap_or_else(|panic| {
+            let text = crate::message::panic_text(panic.as_ref());
+            Err(HandlerError::msg(format!("{what} panicked: {text}")))
+        })
 }

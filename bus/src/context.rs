@@ -162,6 +162,23 @@ impl Context {
             .retain(keep);
     }
 
+    /// How many messages are staged.
+    pub(crate) fn staged(&self) -> usize {
+        self.outbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Takes back the messages staged after the first `kept`: what a part of the handling
+    /// that failed had sent.
+    pub(crate) fn unstage_after(&self, kept: usize) {
+        self.outbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .truncate(kept);
+    }
+
     /// Everything sent so far, taken out of the context.
     pub fn take_outgoing(&self) -> Vec<OutgoingMessage> {
         std::mem::take(&mut *self.outbox.lock().unwrap_or_else(PoisonError::into_inner))

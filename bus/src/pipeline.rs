@@ -295,7 +295,10 @@ async fn run(
         handlings.push(h(body, ctx.clone()).map_err(RunError::Decode)?);
     }
     // A behavior that panics fails the attempt as a handler would.
-    catching_panics(Next::new(behaviors, ctx, handlings).run())
-        .await
-        .map_err(RunError::Handler)
+    catching_panics(
+        "a behavior",
+        Next::new(behaviors, ctx, body, handlings).run(),
+    )
+    .await
+    .map_err(RunError::Handler)
 }
