@@ -40,7 +40,8 @@ impl Behavior for Noting {
     }
 }
 
-/// Refuses job 0 before any handler runs, and panics on job 13.
+/// Refuses job 0 before any handler runs, skips job 1 as handled, panics on job 13, and
+/// takes any failure of the rest as handled.
 struct Gate;
 
 #[async_trait::async_trait]
@@ -48,8 +49,16 @@ impl Behavior for Gate {
     async fn around(&self, ctx: &Context, next: Next<'_>) -> Result<(), HandlerError> {
         match ctx.header("job") {
             Some("0") => Err(HandlerError::unrecoverable("job 0 is not a job")),
+            Some("1") => Ok(()),
             Some("13") => panic!("unlucky"),
-            _ => next.run().await,
+            _ => {
+                assert!(
+                    !next.body().is_empty(),
+                    "the body, for behaviors that read it"
+                );
+                let _ = next.run().await;
+                Ok(())
+            }
         }
     }
 }
@@ -115,21 +124,32 @@ async fn behaviors_run_outermost_first_around_every_attempt() {
 }
 
 #[tokio::test]
-async fn a_behavior_can_refuse_a_message_and_one_that_panics_fails_it() {
+async fn a_behavior_can_refuse_skip_or_swallow_and_one_that_panics_fails_only_its_message() {
     let broker = InMemory::new();
+    broker.declare_queue("out");
     let handled = Log::default();
     let log = handled.clone();
     let ep = Endpoint::builder("gated", broker.clone())
+        .concurrency(1)
         .immediate_retries(2)
         .wrap(Gate)
-        .handle(move |job: Job, _| {
+        .handle(move |job: Job, ctx: Context| {
             note(&log, format!("handled {}", job.n));
-            async { Ok::<_, HandlerError>(()) }
+            // Job 6 sends, then fails; the behavior swallows the failure, and the send is
+            // taken back.
+            let sent = ctx.send("out", &Job { n: job.n });
+            async move {
+                sent?;
+                if job.n == 6 {
+                    return Err(HandlerError::msg("half done"));
+                }
+                Ok(())
+            }
         })
         .start()
         .await
         .unwrap();
-    for n in [0, 13, 7] {
+    for n in [0, 1, 13, 6, 7] {
         let mut options = rhinobus::SendOptions::default();
         options.headers.insert("job".into(), n.to_string());
         ep.bus()
@@ -137,10 +157,16 @@ async fn a_behavior_can_refuse_a_message_and_one_that_panics_fails_it() {
             .await
             .unwrap();
     }
-    wait_until("two failures", || broker.queue_len("error") == 2).await;
-    wait_until("job 7", || handled.lock().unwrap().len() == 1).await;
+    wait_until("job 7, after the panic", || {
+        handled.lock().unwrap().last().map(String::as_str) == Some("handled 7")
+    })
+    .await;
     ep.shutdown().await;
-    assert_eq!(*handled.lock().unwrap(), ["handled 7"]);
+    assert_eq!(*handled.lock().unwrap(), ["handled 6", "handled 7"]);
+    assert_eq!(broker.queue_len("gated"), 0, "1 and 6 count as handled");
+    let (_, body) = broker.take("out").unwrap();
+    assert_eq!(rhinobus::message::decode::<Job>(&body).unwrap().n, 7);
+    assert_eq!(broker.queue_len("out"), 0, "6's send went with its failure");
     let mut failed = Vec::new();
     while let Some((headers, _)) = broker.take("error") {
         failed.push((
@@ -151,21 +177,82 @@ async fn a_behavior_can_refuse_a_message_and_one_that_panics_fails_it() {
         ));
     }
     failed.sort();
+    let failure = |job: &str, reason: &str, attempts: &str, message: &str| {
+        (job.into(), reason.into(), attempts.into(), message.into())
+    };
     assert_eq!(
         failed,
         [
-            (
-                "0".into(),
-                "unrecoverable".into(),
-                "1".into(),
-                "job 0 is not a job".into()
-            ),
-            (
-                "13".into(),
-                "handler".into(),
-                "3".into(),
-                "handler panicked: unlucky".into()
-            ),
+            failure("0", "unrecoverable", "1", "job 0 is not a job"),
+            failure("13", "handler", "3", "a behavior panicked: unlucky"),
         ]
+    );
+}
+
+/// A conflict on the first attempt, as a saga's store would report one.
+struct ConflictFirst;
+
+#[async_trait::async_trait]
+impl Behavior for ConflictFirst {
+    async fn around(&self, ctx: &Context, next: Next<'_>) -> Result<(), HandlerError> {
+        if ctx.attempt() == 1 {
+            return Err(HandlerError::conflict("moved on meanwhile"));
+        }
+        next.run().await
+    }
+}
+
+#[tokio::test]
+async fn a_behavior_s_conflict_is_re_run_and_a_handler_s_panic_is_its_error() {
+    let broker = InMemory::new();
+    let log = Log::default();
+    let handled = log.clone();
+    let ep = Endpoint::builder("conflicted", broker.clone())
+        .immediate_retries(0)
+        .wrap(Noting {
+            name: "outer",
+            log: log.clone(),
+        })
+        .wrap(ConflictFirst)
+        .handle(move |job: Job, ctx: Context| {
+            note(
+                &handled,
+                format!("handler {} attempt {}", job.n, ctx.attempt()),
+            );
+            async move {
+                if job.n == 2 {
+                    panic!("handler down");
+                }
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    ep.bus().send("conflicted", &Job { n: 1 }).await.unwrap();
+    wait_until("job 1", || log.lock().unwrap().len() == 5).await;
+    ep.bus().send("conflicted", &Job { n: 2 }).await.unwrap();
+    wait_until("the error queue", || broker.queue_len("error") == 1).await;
+    ep.shutdown().await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "outer before 1",
+            "outer after: failed",
+            "outer before 2",
+            "handler 1 attempt 2",
+            "outer after: ok",
+            "outer before 1",
+            "outer after: failed",
+            "outer before 2",
+            "handler 2 attempt 2",
+            "outer after: failed",
+        ],
+        "the conflict is not a failure; the handler's panic is an error to the behaviors"
+    );
+    let (headers, _) = broker.take("error").unwrap();
+    assert_eq!(
+        headers[names::FAILURE_ERROR_MESSAGE],
+        "handler panicked: handler down"
     );
 }

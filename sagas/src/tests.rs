@@ -486,7 +486,9 @@ async fn on_an_endpoint_a_message_for_a_missing_saga_lands_in_the_error_queue() 
     let broker = InMemory::new();
     broker.declare_queue("audit");
     let attempts = Arc::new(AtomicUsize::new(0));
+    // One at a time: `Add { id: 2 }` after the `Start` that initiates its saga.
     let ep = Endpoint::builder("baskets", broker.clone())
+        .concurrency(1)
         .immediate_retries(0)
         .wrap(Attempts(attempts.clone()))
         .saga(BasketSaga, Persister::optimistic(MemoryStore::new()))
