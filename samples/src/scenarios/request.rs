@@ -35,7 +35,10 @@ impl Message for Answer {
 /// endpoint handling as many at once.
 pub async fn request_reply(load: &Load, requests: u64) -> Result<Report, BenchError> {
     let run = uuid::Uuid::now_v7().simple().to_string();
-    let (queue, replies) = (format!("bench-answers-{run}"), format!("bench-asks-{run}"));
+    let (queue, replies) = (
+        format!("bench-questions-{run}"),
+        format!("bench-answers-{run}"),
+    );
     let errors = format!("{queue}-error");
     let responder = Endpoint::builder(queue.as_str(), RabbitMq::new(&load.amqp_url))
         .concurrency(load.concurrency)
@@ -63,11 +66,12 @@ pub async fn request_reply(load: &Load, requests: u64) -> Result<Report, BenchEr
             Ok(())
         }
     })
-    .await
-    .map_err(|e| e as BenchError)?;
+    .await;
     requester.shutdown().await;
     responder.shutdown().await;
+    // Durable queues: deleted whether the run succeeded or not.
     delete_queues(&load.amqp_url, &[&queue, &replies, &errors]).await?;
+    let driven = driven.map_err(|e| e as BenchError)?;
     Ok(
         Report::new("request-reply", requests, driven.elapsed, driven.latencies)
             .with_cpu(&driven.cpu)
