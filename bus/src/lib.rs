@@ -15,8 +15,8 @@
 //! - [`handler`]: the [`Handler`] trait and per-type dispatch.
 //! - [`behavior`]: [`behavior::Behavior`], code around every attempt at handling a message.
 //! - [`endpoint`]: [`Endpoint`] and its builder: topology, receive loop, graceful shutdown.
-//! - `pipeline`: one message's way through handlers, retries and settlement (and the audit
-//!   copy).
+//! - `pipeline`: one message's way through behaviors, handlers, retries and settlement (and
+//!   the audit copy), or straight out when it comes past its time to be received.
 //! - [`recoverability`]: immediate and delayed retries, conflicts, the error queue.
 //! - [`request`]: [`Requester`], a request sent and its reply awaited.
 //! - [`transport`]: the [`transport::Transport`] trait, [`transport::RabbitMq`] and

@@ -1,5 +1,6 @@
-//! The per-message pipeline of an endpoint: find the handlers, run them with retries, send
-//! what they sent, and settle the delivery (ack, delay, or error queue).
+//! The per-message pipeline of an endpoint: drop a message past its time to be received, find
+//! the handlers, run them inside the behaviors with retries, send what they sent, and settle
+//! the delivery (ack, delay, or error queue).
 
 use crate::behavior::{Behavior, Next, catching_panics};
 use crate::bus::Bus;
