@@ -1,6 +1,6 @@
 //! A small shop on rhinobus: `sales` publishes `OrderPlaced`, `shipping` subscribes and
 //! replies `OrderShipped`. Shipping fails now and then, so retries show, and one order is
-//! poison, so the error queue shows.
+//! poison, no retry can mend it, so the error queue shows.
 //!
 //! ```text
 //! cargo run -p rhinobus-samples --bin shop                       # embedded, no broker
@@ -8,6 +8,7 @@
 //! ```
 
 use clap::Parser;
+use rhinobus::headers::names;
 use rhinobus::transport::{InMemory, RabbitMq, Transport};
 use rhinobus::{BusError, Context, Endpoint, HandlerError, Message};
 use serde::{Deserialize, Serialize};
@@ -41,11 +42,11 @@ struct Args {
     orders: u32,
 }
 
-/// Shipping's handler: the order whose item is "anvil" is poison; every third order fails
-/// on its first attempt and goes through on a retry.
+/// Shipping's handler: the order whose item is "anvil" is poison, and no retry changes
+/// that; every third order fails on its first attempt and goes through on a retry.
 async fn ship(placed: OrderPlaced, ctx: Context) -> Result<(), HandlerError> {
     if placed.item == "anvil" {
-        return Err(HandlerError::msg(format!(
+        return Err(HandlerError::unrecoverable(format!(
             "order {}: anvils do not fit in a van",
             placed.order
         )));
@@ -131,10 +132,12 @@ async fn run<T: Transport>(
     match embedded {
         Some(broker) => {
             let (headers, _) = broker.take(&error_queue).expect("the poison order");
+            let header = |name: &str| headers[name].clone();
             println!(
-                "  failed {} times: {}",
-                headers[rhinobus::headers::names::FAILURE_ATTEMPTS],
-                headers[rhinobus::headers::names::FAILURE_ERROR_MESSAGE]
+                "  {} after {} attempt(s): {}",
+                header(names::FAILURE_REASON),
+                header(names::FAILURE_ATTEMPTS),
+                header(names::FAILURE_ERROR_MESSAGE)
             );
         }
         None => println!("  see it with: rhinobus errors --queue {error_queue} list"),
