@@ -224,9 +224,52 @@ impl Requester {
         request: &M,
         timeout: Duration,
     ) -> Result<R, RequestError> {
+        self.request_with(queue, request, timeout, SendOptions::default())
+            .await
+    }
+
+    /// [`Requester::request`] with extra headers (a tenant, a user for the responder's
+    /// behaviors to read), and a time to be received if shorter than `timeout`. A request
+    /// cannot be delayed: a delay is [`BusError::Invalid`].
+    ///
+    /// ```
+    /// # use rhinobus::{Message, SendOptions, Requester, request::RequestError, transport::InMemory};
+    /// # use serde::{Deserialize, Serialize};
+    /// # use std::time::Duration;
+    /// # #[derive(Serialize, Deserialize)]
+    /// # struct GetPrice { sku: String }
+    /// # impl Message for GetPrice { const NAME: &'static str = "catalog.get-price"; }
+    /// # #[derive(Serialize, Deserialize)]
+    /// # struct Price { cents: u64 }
+    /// # impl Message for Price { const NAME: &'static str = "catalog.price"; }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let broker = InMemory::new();
+    /// # broker.declare_queue("catalog");
+    /// # let web = Requester::builder("web-1.replies", broker.clone()).start().await?;
+    /// let mut for_acme = SendOptions::default();
+    /// for_acme.headers.insert("tenant".into(), "acme".into());
+    /// let ask = GetPrice { sku: "A-1".into() };
+    /// let price = web.request_with::<_, Price>("catalog", &ask, Duration::from_millis(50), for_acme);
+    /// # assert!(matches!(price.await, Err(RequestError::Timeout(_))));
+    /// # Ok(()) }
+    /// ```
+    pub async fn request_with<M: Message, R: Message>(
+        &self,
+        queue: &str,
+        request: &M,
+        timeout: Duration,
+        mut options: SendOptions,
+    ) -> Result<R, RequestError> {
+        if options.delay.is_some() {
+            return Err(BusError::Invalid("a request cannot be delayed".into()).into());
+        }
         let inner = &self.inner;
-        let ttbr = M::TIME_TO_BE_RECEIVED.map_or(timeout, |own| own.min(timeout));
-        let options = SendOptions::default().time_to_be_received(ttbr.min(MAX_TIME_TO_BE_RECEIVED));
+        let shortest = [options.time_to_be_received, M::TIME_TO_BE_RECEIVED]
+            .into_iter()
+            .flatten()
+            .fold(timeout, Duration::min);
+        options.time_to_be_received = Some(shortest.min(MAX_TIME_TO_BE_RECEIVED));
         let destination = Destination::Queue(queue.into());
         let (id, message) = inner.bus.envelope(destination, request, None, options)?;
         // Waiting before it is sent: the reply can come before the broker's confirm.

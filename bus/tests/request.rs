@@ -304,3 +304,45 @@ async fn a_reply_that_comes_before_the_send_is_confirmed_is_taken() {
     catalog.shutdown().await;
     assert_eq!(broker.queue_len("error"), 0);
 }
+
+#[tokio::test]
+async fn a_request_carries_the_headers_it_is_given_and_cannot_be_delayed() {
+    let broker = InMemory::new();
+    let pricing = Endpoint::builder("pricing", broker.clone())
+        .handle(|get: GetPrice, ctx: Context| async move {
+            let cents = match ctx.header("tenant") {
+                Some("acme") => 99,
+                _ => 100,
+            };
+            ctx.reply(&Price {
+                sku: get.sku,
+                cents,
+            })?;
+            Ok::<_, HandlerError>(())
+        })
+        .start()
+        .await
+        .unwrap();
+    let web = Requester::builder("web.replies", broker.clone())
+        .start()
+        .await
+        .unwrap();
+    let mut for_acme = rhinobus::SendOptions::default();
+    for_acme.headers.insert("tenant".into(), "acme".into());
+    let ask = GetPrice { sku: 8 };
+    let price: Price = web
+        .request_with("pricing", &ask, Duration::from_secs(10), for_acme)
+        .await
+        .unwrap();
+    assert_eq!(price.cents, 99);
+    let later = rhinobus::SendOptions::delayed_by(Duration::from_secs(1));
+    let refused = web
+        .request_with::<_, Price>("pricing", &ask, Duration::from_secs(10), later)
+        .await;
+    assert!(
+        matches!(refused, Err(RequestError::Bus(BusError::Invalid(_)))),
+        "{refused:?}"
+    );
+    web.shutdown().await;
+    pricing.shutdown().await;
+}
