@@ -205,6 +205,7 @@ impl EndpointBuilder {
             audit_queue: self.audit_queue.clone(),
             delay_queues: delay_queues.clone(),
             prefetch: self.concurrency,
+            queue_expires: None,
         };
         let stop = CancellationToken::new();
         let deliveries = self.transport.start(&topology, stop.clone()).await?;

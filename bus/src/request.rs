@@ -104,6 +104,7 @@ const REMEMBERED_REPLIES: usize = 4096;
 pub struct RequesterBuilder {
     queue: String,
     error_queue: String,
+    expires: Option<Duration>,
     transport: Arc<dyn Transport>,
 }
 
@@ -166,6 +167,16 @@ impl RequesterBuilder {
         self
     }
 
+    /// Has the broker delete the reply queue, with any replies still in it, once no requester
+    /// has taken from it for `idle` (RabbitMQ's `x-expires`): for a process whose queue name
+    /// never comes back (an autoscaled instance named at random), whose queue would otherwise
+    /// stay. Make `idle` longer than a restart takes. A queue declared before without it, or
+    /// with another time, makes [`start`](Self::start) fail: delete it first.
+    pub fn expires_after_idle(mut self, idle: Duration) -> Self {
+        self.expires = Some(idle);
+        self
+    }
+
     /// Declares the reply queue and starts taking replies from it.
     pub async fn start(self) -> Result<Requester, BusError> {
         if self.queue.is_empty() || self.queue == self.error_queue {
@@ -181,6 +192,7 @@ impl RequesterBuilder {
             audit_queue: None,
             delay_queues: Vec::new(),
             prefetch: PREFETCH,
+            queue_expires: self.expires,
         };
         let stop = CancellationToken::new();
         let deliveries = self.transport.start(&topology, stop.clone()).await?;
@@ -210,6 +222,7 @@ impl Requester {
         RequesterBuilder {
             queue: queue.into(),
             error_queue: "error".into(),
+            expires: None,
             transport: Arc::new(transport),
         }
     }

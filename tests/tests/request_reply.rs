@@ -99,3 +99,55 @@ async fn concurrent_requests_each_get_their_own_reply_and_a_late_one_is_kept() {
     responder.shutdown().await;
     raw.cleanup().await;
 }
+
+/// Whether queue `name` exists, asked on a channel of its own (a failed passive declare
+/// closes its channel).
+async fn exists(name: &str) -> bool {
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let channel = conn.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = (channel
+        .queue_declare(name.into(), passive, Default::default())
+        .await)
+        .is_ok();
+    let _ = conn.close(200, "done".into()).await;
+    found
+}
+
+#[tokio::test]
+async fn a_reply_queue_set_to_expire_goes_once_idle_and_a_clash_of_settings_is_an_error() {
+    init_tracing();
+    let mut raw = Raw::connect().await;
+    let (replies, reply_errors) = raw.endpoint_queues("expiring-asks").await;
+    // `endpoint_queues` declared it without an expiry: a requester wanting one cannot use it.
+    let clash = Requester::builder(&replies, rabbit())
+        .error_queue(&reply_errors)
+        .expires_after_idle(Duration::from_secs(1))
+        .start()
+        .await;
+    let clash = clash.expect_err("declared with other settings");
+    assert!(clash.to_string().contains("x-expires"), "says why: {clash}");
+    let fresh = format!("{replies}-fresh");
+    raw.forget_later(&fresh);
+    let requester = Requester::builder(&fresh, rabbit())
+        .error_queue(&reply_errors)
+        .expires_after_idle(Duration::from_secs(1))
+        .start()
+        .await
+        .expect("start the requester");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(exists(&fresh).await, "in use: kept");
+    requester.shutdown().await;
+    // Untouched meanwhile: a declare, even a passive one, renews the queue's lease.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !exists(&fresh).await,
+        "idle for 4 s with an expiry of 1 s: gone"
+    );
+    raw.cleanup().await;
+}

@@ -108,6 +108,10 @@ pub struct EndpointTopology {
     pub delay_queues: Vec<DelayQueue>,
     /// How many unacknowledged deliveries the endpoint takes at once.
     pub prefetch: u16,
+    /// Delete `queue` (with what it holds) once it has had no consumer for this long; `None`,
+    /// for every endpoint, keeps it for ever. RabbitMQ's `x-expires`; the in-memory transport
+    /// keeps its queues for the life of the broker whatever this says.
+    pub queue_expires: Option<std::time::Duration>,
 }
 
 /// A message received from a queue, owned by the endpoint until it is settled.

@@ -511,12 +511,13 @@ async fn declare(channel: &Channel, exchange: &str, t: &EndpointTopology) -> Res
         ..QueueDeclareOptions::default()
     };
     for queue in [&t.queue, &t.error_queue].into_iter().chain(&t.audit_queue) {
+        let mut args = FieldTable::default();
+        if let (true, Some(idle)) = (queue == &t.queue, t.queue_expires) {
+            let ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX).max(1);
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+        }
         channel
-            .queue_declare(
-                amqp::short("queue name", queue)?,
-                durable,
-                FieldTable::default(),
-            )
+            .queue_declare(amqp::short("queue name", queue)?, durable, args)
             .await?;
     }
     for d in &t.delay_queues {
