@@ -123,8 +123,20 @@ impl<'a> Next<'a> {
     pub async fn run(self) -> Result<(), HandlerError> {
         let ctx = self.ctx;
         let staged = ctx.staged();
-        let result = match self.behaviors.split_first() {
+        let result = self.run_outermost().await;
+        if result.is_err() {
+            ctx.unstage_after(staged);
+        }
+        result
+    }
+
+    /// [`run`](Self::run) for the whole chain, called by no behavior: its failure discards
+    /// the attempt's sends whole, so there is nothing to count and take back here (and an
+    /// endpoint without behaviors pays nothing for them).
+    pub(crate) async fn run_outermost(self) -> Result<(), HandlerError> {
+        match self.behaviors.split_first() {
             Some((outer, inner)) => {
+                let ctx = self.ctx;
                 let rest = Next {
                     behaviors: inner,
                     ..self
@@ -132,11 +144,7 @@ impl<'a> Next<'a> {
                 outer.around(ctx, rest).await
             }
             None => run_handlers(self.handlings).await,
-        };
-        if result.is_err() {
-            ctx.unstage_after(staged);
         }
-        result
     }
 }
 

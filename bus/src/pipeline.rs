@@ -298,7 +298,7 @@ async fn run(
     // A behavior that panics fails the attempt as a handler would.
     catching_panics(
         "a behavior",
-        Next::new(behaviors, ctx, body, handlings).run(),
+        Next::new(behaviors, ctx, body, handlings).run_outermost(),
     )
     .await
     .map_err(RunError::Handler)
